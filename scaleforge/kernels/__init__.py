@@ -1,0 +1,1 @@
+"""Triton kernel library shared by training and inference. Imports neither ``platform`` nor ``models``."""

@@ -1,0 +1,1 @@
+"""Command-line entry points (``launch``, ``scaleforge``) and job submission (local, multi-node, Slurm)."""

@@ -1,0 +1,363 @@
+"""Typed job configuration: omegaconf YAML (+ base-config inheritance + dotlist overrides) validated
+into dataclasses.
+
+A job config has the sections ``run``, ``model``, ``data``, ``optim``, ``trainer``, ``parallel``,
+``checkpoint``, ``metrics`` and ``cluster``. ``model.recipe`` names a recipe; the rest of ``model`` is
+validated against that recipe's own dataclass (``Recipe.config_class``), which the launcher supplies
+through ``recipe_config`` so that this module never imports a recipe.
+
+Inheritance: a YAML file may start with ``defaults: [base.yaml, other.yaml]``; paths are relative to
+the file, then to ``configs/``. Bases merge first (in order), then the file, then the command line.
+
+Every error is a ``ConfigError`` whose message names the key's full path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from scaleforge.platform.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any worker starts."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Replaced at load time by the recipe's own dataclass (which also has ``recipe``)."""
+
+    recipe: str = MISSING
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "scaleforge"
+    entity: Optional[str] = None
+
+
+@dataclass
+class MetricsConfig:
+    jsonl: bool = True
+    progress_bar: bool = True
+    plot: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | (recipes may register more, e.g. came8bit)
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine | linear | constant (each after linear warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final LR / peak LR for cosine and linear
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.0  # > 0 keeps a sharded EMA of the weights (saved in checkpoints)
+    fused: bool = False  # fused AdamW kernel (GPU)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    log_interval: int = 1
+    checkpoint_interval: int = 0  # 0: only at the end and on signals
+    eval_interval: int = 0
+    max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
+    collective_timeout_s: int = 600
+    deterministic: bool = True  # torch.use_deterministic_algorithms(warn_only) + fixed seeds
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "fsdp2"  # fsdp2 | deepspeed
+    dp_shard: int = -1  # -1: world_size // dp_replicate
+    dp_replicate: int = 1  # > 1: HSDP (replicate across groups, shard within)
+    activation_checkpointing: str = "none"  # none | full
+    compile: bool = False  # torch.compile per block
+    mixed_precision: str = "bf16"  # bf16 | fp32 (parameters stay fp32; compute dtype)
+    reduce_dtype: str = "fp32"
+    reshard_after_forward: bool = True
+    fp8: str = "none"  # none | coat
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints (0: only at the end and on signals)
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every M-th step's checkpoint (0: none)
+    async_save: bool = False
+    resume: str = "auto"  # auto | none | PATH
+    save_final: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    kind: str = "local"  # local | slurm
+    nodes: int = 1
+    procs_per_node: int = 1
+    gpus_per_node: int = 0  # 0 on CPU
+    cpus_per_task: int = 0  # 0: let Slurm decide
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_limit: str = "01:00:00"
+    preempt_grace_s: int = 120  # Slurm sends SIGUSR1 this many seconds before the end
+    requeue: bool = True
+    max_requeues: int = 20
+    mem: Optional[str] = None
+    constraint: Optional[str] = None
+    extra_sbatch: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: Any = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(JobConfig)}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "parallel.engine": ("fsdp2", "deepspeed"),
+    "parallel.activation_checkpointing": ("none", "full"),
+    "parallel.mixed_precision": ("bf16", "fp32"),
+    "parallel.reduce_dtype": ("fp32", "bf16"),
+    "parallel.fp8": ("none", "coat"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "metrics.wandb.mode": ("offline", "online", "disabled"),
+    "cluster.kind": ("local", "slurm"),
+}
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+def find_config(name: str) -> Path:
+    """``nvila_8b.yaml`` -> ./nvila_8b.yaml if it exists, else configs/nvila_8b.yaml."""
+    candidates = [Path(name)]
+    if not Path(name).is_absolute():
+        candidates.append(CONFIG_DIR / name)
+        if not name.endswith((".yaml", ".yml")):
+            candidates += [Path(name + ".yaml"), CONFIG_DIR / (name + ".yaml")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    shipped = sorted(p.name for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    hint = difflib.get_close_matches(Path(name).name, shipped, n=1)
+    msg = f"config file {name!r} not found (looked in . and {CONFIG_DIR})"
+    if hint:
+        msg += f"; did you mean {hint[0]}?"
+    raise ConfigError(msg)
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: circular 'defaults' inheritance via {' -> '.join(map(str, chain))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    bases = raw.pop("defaults", []) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create({})
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            base_path = find_config(base)
+        merged = OmegaConf.merge(merged, _read_yaml(base_path, chain + (path,)))
+    return OmegaConf.merge(merged, OmegaConf.create(raw))
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    m = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {m[0]}?" if m else f" (valid keys: {', '.join(sorted(valid))})"
+
+
+def _check_keys(node: Any, schema: Any, path: str) -> None:
+    """Unknown keys, with the closest valid key, before omegaconf's own (terser) validation."""
+    if not isinstance(node, DictConfig) or schema is None:
+        return
+    if not (dataclasses.is_dataclass(schema) and isinstance(schema, type)):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            valid = [f"{path}.{k}" if path else k for k in fields]
+            raise ConfigError(f"{full}: unknown key{_nearest(full, valid)}")
+        ftype = _field_type(schema, key)
+        if ftype is not None:
+            _check_keys(node[key], ftype, full)
+
+
+def _field_type(schema: type, name: str) -> Any:
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    t = hints.get(name)
+    if dataclasses.is_dataclass(t):
+        return t
+    return None
+
+
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: list[str] = (),
+    recipe_config: Callable[[str], type] | None = None,
+) -> JobConfig:
+    """Load, merge and validate. ``recipe_config(name)`` returns a recipe's model dataclass."""
+    base = _read_yaml(find_config(str(path))) if path is not None else OmegaConf.create({})
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not of the form key=value")
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {e}") from None
+    raw = OmegaConf.merge(base, cli)
+    return validate(raw, recipe_config)
+
+
+def validate(raw: DictConfig, recipe_config: Callable[[str], type] | None = None) -> JobConfig:
+    raw = raw.copy()
+    model_schema: type = ModelConfig
+    recipe = OmegaConf.select(raw, "model.recipe", default=None)
+    if recipe is None:
+        raise ConfigError("model.recipe: missing; name the recipe (e.g. model.recipe=llm)")
+    if recipe_config is not None:
+        model_schema = recipe_config(str(recipe))
+    schema_fields = {f.name: f for f in dataclasses.fields(JobConfig)}
+    for key in raw.keys():
+        if key not in schema_fields:
+            raise ConfigError(f"{key}: unknown section{_nearest(str(key), list(schema_fields))}")
+    for name, f in schema_fields.items():
+        if name in raw:
+            _check_keys(raw[name], model_schema if name == "model" else _field_type(JobConfig, name), name)
+
+    schema = OmegaConf.structured(JobConfig)
+    OmegaConf.set_struct(schema, False)
+    schema.model = OmegaConf.structured(model_schema)
+    OmegaConf.set_struct(schema, True)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: required value missing")
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_format_omegaconf_error(e)) from None
+    check_choices(cfg)
+    return cfg
+
+
+def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).split("\n")[0]
+    m = re.search(r"Value '(.*)' (?:of type '(\w+)' )?could not be converted to (\w+)", msg)
+    if m:
+        return f"{key}: expected {m.group(3)}, got {m.group(1)!r}"
+    m = re.search(r"Invalid type assigned: (\w+) is not a subclass of (\w+)", msg)
+    if m:
+        return f"{key}: expected {m.group(2)}, got {m.group(1)}"
+    return f"{key}: {msg}" if key else msg
+
+
+def check_choices(cfg: JobConfig) -> None:
+    for path, choices in CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), path)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+    if cfg.trainer.max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps: must be positive, got {cfg.trainer.max_steps}")
+    if cfg.trainer.micro_batch_size <= 0 or cfg.trainer.global_batch_size <= 0:
+        raise ConfigError("trainer.global_batch_size and trainer.micro_batch_size must be positive")
+    if cfg.optim.lr < 0:
+        raise ConfigError(f"optim.lr: must be >= 0, got {cfg.optim.lr}")
+    if cfg.optim.ema_decay and not 0.0 < cfg.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay: must be in (0, 1), got {cfg.optim.ema_decay}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Derived layout: mesh and batch arithmetic
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    dp_replicate: int
+    dp_shard: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+
+def derive_layout(cfg: JobConfig, world_size: int) -> Layout:
+    """Mesh and gradient accumulation from the config and the world size; explains impossibilities."""
+    p, t = cfg.parallel, cfg.trainer
+    if p.dp_replicate < 1:
+        raise ConfigError(f"parallel.dp_replicate: must be >= 1, got {p.dp_replicate}")
+    if world_size % p.dp_replicate:
+        raise ConfigError(
+            f"parallel.dp_replicate={p.dp_replicate} does not divide the world size {world_size}"
+        )
+    shard = p.dp_shard if p.dp_shard != -1 else world_size // p.dp_replicate
+    if shard < 1 or p.dp_replicate * shard != world_size:
+        raise ConfigError(
+            f"parallel.dp_replicate ({p.dp_replicate}) x parallel.dp_shard ({shard}) = "
+            f"{p.dp_replicate * shard} processes, but the job has {world_size} "
+            f"(nodes x procs_per_node); the mesh must cover every process exactly once"
+        )
+    dp = world_size
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+            f"trainer.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = {per_step}; "
+            f"choose a global batch that is a multiple of {per_step}"
+        )
+    return Layout(world_size, p.dp_replicate, shard, t.micro_batch_size, t.global_batch_size // per_step,
+                  t.global_batch_size)
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
