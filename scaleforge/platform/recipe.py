@@ -133,6 +133,11 @@ class Recipe(ABC):
         Written-down formula in the recipe's docstring."""
         return None
 
+    def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool) -> int | None:
+        """Peak activation memory of one micro-batch on one device (for the dry-run memory estimate);
+        None when the recipe has no model of it."""
+        return None
+
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """Extra lines for the dry-run plan (parameters per component, tokens per sample...)."""
         return {}

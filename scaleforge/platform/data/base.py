@@ -24,6 +24,15 @@ class StatefulIterator(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def load_resharded_state_dict(self, states: list[dict[str, Any]]) -> str:
+        """Resume from the states of ALL ranks of a run with a different number of data-parallel
+        ranks (``states[r]`` is old rank r's ``state_dict()``). Returns one line saying what happens to
+        the data order; the trainer prints it. Iterators that cannot do this raise a clear error."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot resume at a different data-parallel size "
+            f"(checkpoint has {len(states)} ranks); resume with the same number of processes"
+        )
+
     def metrics(self) -> dict[str, float]:
         """Counters to log (per-source sample counts, bad samples...). Cumulative values."""
         return {}

@@ -1,0 +1,214 @@
+"""Distributed checkpoints: sharded model/optimizer/EMA state through torch.distributed.checkpoint,
+plus per-rank state (RNG, data-loader cursor) and the trainer state.
+
+Layout of ``<run_dir>/checkpoints/``::
+
+    step_00000008/            a complete checkpoint (it only ever appears complete, see below)
+        .metadata, *.distcp   DCP shards: model, optim, ema
+        rank_state/rank_00000.pt   torch/CUDA/numpy/python RNG, data-loader state (one file per rank)
+        trainer.json          step, world size, data-parallel size, schedule state
+        config.yaml           the resolved config of the run that wrote it
+        COMPLETE              written last
+    latest                    text file naming the newest complete checkpoint
+
+A save writes into ``step_XXXXXXXX.tmp`` and, once every rank has finished, rank 0 writes COMPLETE,
+renames the folder and then replaces ``latest`` atomically. A save interrupted at any point (SIGKILL,
+node failure) leaves at most a ``.tmp`` folder, which is never loaded and is removed by the next save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+COMPLETE = "COMPLETE"
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / ".metadata").is_file()
+
+
+def list_complete(ckpt_root: Path) -> list[tuple[int, Path]]:
+    out = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            m = STEP_RE.match(p.name)
+            if m and p.is_dir() and is_complete(p):
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_latest(ckpt_root: Path) -> Path | None:
+    """The checkpoint ``latest`` names if it is complete; otherwise the newest complete one."""
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        p = ckpt_root / pointer.read_text().strip()
+        if is_complete(p):
+            return p
+    done = list_complete(ckpt_root)
+    return done[-1][1] if done else None
+
+
+def resolve_resume(spec: str, run_dir: Path) -> Path | None:
+    """``checkpoint.resume``: ``auto`` (latest in the run directory, if any), ``none``, or a path to a
+    checkpoint folder or to another run directory."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return find_latest(run_dir / "checkpoints")
+    path = Path(spec)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if path.name == "checkpoints" or (path / "latest").exists():
+        found = find_latest(path)
+        if found is None:
+            raise CheckpointError(f"--resume {spec}: no complete checkpoint under {path}")
+        return found
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {spec}: no such checkpoint folder")
+    if not is_complete(path):
+        raise CheckpointError(f"--resume {spec}: checkpoint is incomplete (no {COMPLETE} marker); "
+                              f"it was interrupted while being written and cannot be used")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _clone_for_async(obj: Any) -> Any:
+    """Async saves write in a background thread while training mutates parameters in place; give
+    DCP a private copy so the checkpoint is a consistent snapshot."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_for_async(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_for_async(v) for v in obj]
+    return obj
+
+
+@dataclass
+class PendingSave:
+    step: int
+    tmp: Path
+    final: Path
+    future: Any
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: Path, ckpt_cfg, rank: int, world_size: int, config_yaml: str):
+        self.root = run_dir / "checkpoints"
+        self.cfg = ckpt_cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.config_yaml = config_yaml
+        self.pending: PendingSave | None = None
+        # Async saves run collectives from a background thread: give them their own gloo group so
+        # they never interleave with the training collectives on the default group.
+        self._pg = dist.new_group(backend="gloo") if (ckpt_cfg.async_save and dist.is_initialized()) else None
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- save -------------------------------------------------------------------------------------
+    def save(self, step: int, dcp_state: dict[str, Any], rank_state: dict[str, Any],
+             trainer_state: dict[str, Any], blocking: bool = False) -> None:
+        self.wait()  # at most one save in flight
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (final.name + ".tmp")
+        if self.rank == 0:
+            for stale in self.root.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
+                shutil.rmtree(final)
+            tmp.mkdir(parents=True)
+            (tmp / "rank_state").mkdir()
+        dist.barrier()
+        torch.save(rank_state, tmp / "rank_state" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+            (tmp / "config.yaml").write_text(self.config_yaml)
+        if self.cfg.async_save and not blocking:
+            fut = dcp.async_save(_clone_for_async(dcp_state), checkpoint_id=str(tmp), process_group=self._pg)
+            self.pending = PendingSave(step, tmp, final, fut)
+        else:
+            dcp.save(dcp_state, checkpoint_id=str(tmp))
+            self._finalize(PendingSave(step, tmp, final, None))
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            p, self.pending = self.pending, None
+            p.future.result()
+            self._finalize(p)
+
+    def _finalize(self, p: PendingSave) -> None:
+        dist.barrier()
+        if self.rank == 0:
+            with open(p.tmp / COMPLETE, "w") as f:
+                f.write(f"{time.time()}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(p.tmp, p.final)
+            pointer_tmp = self.root / "latest.tmp"
+            pointer_tmp.write_text(p.final.name + "\n")
+            os.replace(pointer_tmp, self.root / "latest")
+            self._retain()
+        dist.barrier()
+
+    def _retain(self) -> None:
+        done = list_complete(self.root)
+        keep = {s for s, _ in done[-self.cfg.keep_last:]} if self.cfg.keep_last > 0 else {s for s, _ in done}
+        if self.cfg.keep_every > 0:
+            keep |= {s for s, _ in done if s % self.cfg.keep_every == 0}
+        for s, path in done:
+            if s not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- load ---------------------------------------------------------------------------------------
+    def load(self, path: Path, dcp_state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Load sharded state into ``dcp_state`` in place (DCP reshards to this world size) and
+        return (trainer_state, per-rank states of the run that saved it)."""
+        if not is_complete(path):
+            raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
+        trainer_state = json.loads((path / "trainer.json").read_text())
+        dcp.load(dcp_state, checkpoint_id=str(path))
+        rank_files = sorted((path / "rank_state").glob("rank_*.pt"))
+        if len(rank_files) != trainer_state["world_size"]:
+            raise CheckpointError(f"{path}: expected {trainer_state['world_size']} rank_state files, "
+                                  f"found {len(rank_files)}")
+        if trainer_state["world_size"] == self.world_size:
+            own = torch.load(rank_files[self.rank], weights_only=False)
+            return trainer_state, [own]
+        return trainer_state, [torch.load(f, weights_only=False) for f in rank_files]

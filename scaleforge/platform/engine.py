@@ -1,0 +1,237 @@
+"""Training engines: how a recipe's model is parallelized, optimized and checkpointed.
+
+``Engine`` is the seam between the recipe-agnostic train loop and the sharding technology.
+``FSDP2Engine`` implements it with ``fully_shard`` over a ``DeviceMesh`` (HSDP when
+``parallel.dp_replicate > 1``); a DeepSpeed ZeRO engine implements the same methods (backward,
+clip, step, state dicts, full state dict for export).
+
+Order of the parallelize step (torchtitan's): build on meta -> freeze -> activation checkpointing ->
+per-block compile -> fully_shard per unit, then the root -> ``to_empty`` -> seeded ``init_weights`` (or
+load pretrained weights) -> optimizer over the trainable parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from scaleforge.platform.config import ConfigError, JobConfig, Layout
+from scaleforge.platform.dist import DistInfo
+from scaleforge.platform.optim import build_optimizer
+from scaleforge.platform.recipe import ParallelPlan, ParamGroupRule, Recipe
+from scaleforge.platform.schedule import build_lr_scheduler
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+class Engine(ABC):
+    """What the train loop needs from a sharding engine."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def scale_grads(self, factor: float) -> None:
+        """Multiply every gradient by ``factor`` (global token-count normalization)."""
+
+    @abstractmethod
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Total gradient norm over all ranks (before clipping); clips when ``max_norm > 0``."""
+
+    @abstractmethod
+    def optimizer_step(self) -> None: ...
+
+    @abstractmethod
+    def zero_grad(self) -> None: ...
+
+    @abstractmethod
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Sharded model + optimizer state for torch.distributed.checkpoint."""
+
+    @abstractmethod
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded model state dict on CPU (rank 0 gets it; others may get an empty dict)."""
+
+    def no_sync(self, is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------
+def build_mesh(layout: Layout, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if layout.dp_replicate > 1:
+        return init_device_mesh(device.type, (layout.dp_replicate, layout.dp_shard),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
+    return init_device_mesh(device.type, (layout.dp_shard,), mesh_dim_names=("dp_shard",))
+
+
+def apply_freeze(model: nn.Module, plan: ParallelPlan) -> None:
+    names = dict(model.named_modules())
+    for prefix in plan.frozen:
+        if prefix not in names:
+            raise ConfigError(f"frozen module {prefix!r} does not exist in the model "
+                              f"(top-level modules: {', '.join(n for n, _ in model.named_children())})")
+        names[prefix].requires_grad_(False)
+
+
+def apply_activation_checkpointing(modules: list[nn.Module]) -> None:
+    """Recompute each block's activations in backward. Patching the instance's ``forward`` (rather
+    than wrapping the module) keeps parameter names, so checkpoints and exports are unaffected."""
+    from torch.utils.checkpoint import checkpoint
+
+    for m in modules:
+        inner = m.forward
+
+        @functools.wraps(inner)
+        def forward(*args, __inner=inner, **kwargs):
+            return checkpoint(__inner, *args, use_reentrant=False, **kwargs)
+
+        m.forward = forward
+
+
+def apply_compile(modules: list[nn.Module]) -> None:
+    for m in modules:
+        m.compile(fullgraph=False)
+
+
+def default_no_decay(fqn: str, p: nn.Parameter) -> bool:
+    """Biases, norm weights, and other 1-D parameters are not decayed (the usual GPT/Llama rule)."""
+    return p.ndim < 2 or fqn.endswith(".bias")
+
+
+def build_param_groups(model: nn.Module, rules: list[ParamGroupRule], base_lr: float,
+                       base_wd: float) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, float, float], dict[str, Any]] = {}
+    for fqn, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        rule = next((r for r in rules if r.matches(fqn, p)), None)
+        lr_mult = rule.lr_mult if rule else 1.0
+        if rule is not None and rule.weight_decay is not None:
+            wd = rule.weight_decay
+        else:
+            wd = 0.0 if default_no_decay(fqn, p) else base_wd
+        name = rule.name if rule else "default"
+        key = (name, lr_mult, wd)
+        g = groups.setdefault(key, {"params": [], "param_names": [], "lr": base_lr * lr_mult,
+                                    "weight_decay": wd, "lr_mult": lr_mult, "group_name": name})
+        g["params"].append(p)
+        g["param_names"].append(fqn)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters (every module is frozen)")
+    return list(groups.values())
+
+
+class FSDP2Engine(Engine):
+    def __init__(self, cfg: JobConfig, layout: Layout, info: DistInfo, recipe: Recipe):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.cfg, self.layout, self.info, self.recipe = cfg, layout, info, recipe
+        self.mesh = build_mesh(layout, info.device)
+        pcfg = cfg.parallel
+
+        with torch.device("meta"):
+            model = recipe.build_model(torch.device("meta"))
+        plan = recipe.parallel_plan(model)
+        self.plan = plan
+        apply_freeze(model, plan)
+        ckpt_units = plan.checkpoint_units if plan.checkpoint_units is not None else plan.fsdp_units
+        if pcfg.activation_checkpointing == "full":
+            apply_activation_checkpointing(ckpt_units)
+        if pcfg.compile:
+            apply_compile(ckpt_units)
+
+        mp = MixedPrecisionPolicy(param_dtype=_DTYPES[pcfg.mixed_precision],
+                                  reduce_dtype=_DTYPES[pcfg.reduce_dtype])
+        kwargs = dict(mesh=self.mesh, mp_policy=mp)
+        for unit in plan.fsdp_units:
+            fully_shard(unit, reshard_after_forward=pcfg.reshard_after_forward, **kwargs)
+        # The root: parameters outside the units (embeddings, final norm...); no reshard after forward
+        # because backward needs them first.
+        fully_shard(model, reshard_after_forward=False, **kwargs)
+
+        model.to_empty(device=info.device)
+        # Same seed on every rank: parameters that are replicated (none under FSDP, but buffers) agree.
+        with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
+            torch.manual_seed(cfg.run.seed)
+            recipe.init_weights(model)
+        init_from = getattr(recipe.cfg, "init_from", None)
+        if init_from:
+            recipe.load_pretrained(model, init_from)
+        for name in plan.eval_modules:
+            dict(model.named_modules())[name].eval()
+        self.model = model
+
+        groups = build_param_groups(model, plan.param_groups, cfg.optim.lr, cfg.optim.weight_decay)
+        self.param_groups_summary = [(g["group_name"], len(g["params"]), g["lr_mult"], g["weight_decay"])
+                                     for g in groups]
+        for g in groups:
+            g.pop("param_names")
+        self.optimizer = build_optimizer(groups, cfg.optim)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
+
+    # -- step pieces ------------------------------------------------------------------------------
+    def trainable_params(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def scale_grads(self, factor: float) -> None:
+        grads = [p.grad for p in self.trainable_params() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_([g.to_local() if hasattr(g, "to_local") else g for g in grads], factor)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        params = [p for p in self.trainable_params() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        if max_norm > 0 and math.isfinite(float(norm)):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return norm
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- state ----------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
+
+
+def build_engine(cfg: JobConfig, layout: Layout, info: DistInfo, recipe: Recipe) -> Engine:
+    if cfg.parallel.engine == "fsdp2":
+        return FSDP2Engine(cfg, layout, info, recipe)
+    raise ConfigError(f"parallel.engine: {cfg.parallel.engine!r} is not available yet (fsdp2 is)")

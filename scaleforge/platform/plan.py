@@ -1,0 +1,101 @@
+"""The dry-run plan: world size, mesh, accumulation, parameter counts and a per-device memory estimate,
+computed from a model built on the meta device (no memory, no process group).
+
+Memory model for FSDP2 with mixed precision (per device; what ``torch.cuda.max_memory_allocated``
+measures, so CUDA context and allocator fragmentation are not included):
+- sharded fp32 parameters: 4 B x params / dp_shard
+- sharded fp32 gradients: 4 B x trainable / dp_shard
+- optimizer state: AdamW 8 B x trainable / dp_shard (other optimizers: their own bytes per parameter)
+- unsharded compute-dtype parameters of the root unit (embeddings, head; not resharded after forward)
+  plus two block units in flight (the current one and the prefetched one), and the unsharded gradients
+  of one unit before its reduce-scatter
+- activations of one micro-batch, from the recipe (``Recipe.activation_bytes``)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from scaleforge.platform.config import JobConfig, Layout
+from scaleforge.platform.recipe import Recipe
+
+OPTIM_BYTES_PER_PARAM = {"adamw": 8, "sgd": 4, "came8bit": 2, "came": 4}
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    params_total: int
+    params_trainable: int
+    components: dict[str, tuple[int, int]]  # top-level module -> (params, trainable)
+    memory: dict[str, float] = field(default_factory=dict)  # GiB per device
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        L = self.layout
+        out = [
+            f"world size        {L.world_size}",
+            f"mesh              dp_replicate={L.dp_replicate} x dp_shard={L.dp_shard}",
+            f"batch             global {L.global_batch_size} = micro {L.micro_batch_size} x accumulation "
+            f"{L.grad_accum} x data-parallel {L.dp_size}",
+            f"parameters        {_fmt(self.params_total)} total, {_fmt(self.params_trainable)} trainable",
+        ]
+        for name, (n, t) in self.components.items():
+            out.append(f"  {name:<16}{_fmt(n)} ({'trainable' if t == n else 'frozen' if t == 0 else f'{_fmt(t)} trainable'})")
+        if self.memory:
+            out.append(f"memory / device   {self.memory['total']:.1f} GiB estimated")
+            for k, v in self.memory.items():
+                if k != "total":
+                    out.append(f"  {k:<16}{v:.2f} GiB")
+        for k, v in self.extra.items():
+            out.append(f"{k:<18}{v}")
+        return out
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _count(module: nn.Module, frozen_prefixes: tuple[str, ...], prefix: str = "") -> tuple[int, int]:
+    total = trainable = 0
+    for name, p in module.named_parameters(prefix=prefix):
+        total += p.numel()
+        if p.requires_grad and not any(name == f or name.startswith(f + ".") for f in frozen_prefixes):
+            trainable += p.numel()
+    return total, trainable
+
+
+def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
+    with torch.device("meta"):
+        model = recipe.build_model(torch.device("meta"))
+    plan = recipe.parallel_plan(model)
+    total, trainable = _count(model, plan.frozen)
+    components = {name: _count(child, plan.frozen, prefix=name) for name, child in model.named_children()}
+    unit_sizes = [sum(p.numel() for p in u.parameters()) for u in plan.fsdp_units]
+    in_units = sum(unit_sizes)
+    root = total - in_units
+    largest = max(unit_sizes) if unit_sizes else 0
+    compute_bytes = 2 if cfg.parallel.mixed_precision in ("bf16", "fp16") else 4
+    shard = layout.dp_shard
+    gib = 2**30
+    optim_bpp = OPTIM_BYTES_PER_PARAM.get(cfg.optim.name, 8)
+    mem = {
+        "params (fp32)": 4 * total / shard / gib,
+        "grads (fp32)": 4 * trainable / shard / gib,
+        f"optimizer ({cfg.optim.name})": optim_bpp * trainable / shard / gib,
+        "unsharded units": (compute_bytes * (root + 2 * largest) + compute_bytes * largest) / gib,
+    }
+    act = recipe.activation_bytes(layout.micro_batch_size, cfg.parallel.activation_checkpointing == "full")
+    if act is not None:
+        mem["activations"] = act / gib
+    mem["total"] = sum(mem.values())
+    extra = {k: v for k, v in recipe.describe(model).items()}
+    if act is None:
+        extra["note"] = "the recipe gives no activation-memory model; activations are not in the estimate"
+    return Plan(layout, total, trainable, components, mem, extra)

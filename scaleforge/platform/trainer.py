@@ -1,0 +1,239 @@
+"""The recipe-agnostic train loop (runs in every worker process).
+
+One optimizer step = ``grad_accum`` micro-batches on each data-parallel rank. Each micro-batch's loss
+is a SUM (see ``LossOutput``); after the step's backward passes the gradients are scaled by
+``dp_size / N`` where N is the number of loss items summed over all ranks and micro-batches, so the
+loss is normalized by the global count (exact gradient accumulation, token-count normalization).
+
+Faults: SIGTERM / SIGUSR1 or a ``PREEMPT`` file in the run directory -> checkpoint, clean exit.
+Non-finite loss or gradient norm -> the step is skipped; ``trainer.max_nonfinite_steps`` in a row stop
+the run with a message naming the step.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scaleforge.platform import dist as sfdist
+from scaleforge.platform.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
+from scaleforge.platform.config import JobConfig, derive_layout, to_yaml
+from scaleforge.platform.ema import ShardedEMA
+from scaleforge.platform.engine import build_engine
+from scaleforge.platform.metrics import MetricsLogger, device_peak_flops, truncate_jsonl
+from scaleforge.platform.recipe import DataContext, Recipe
+
+PREEMPT_FILE = "PREEMPT"
+#: fault injection for drills and tests: comma-separated steps whose loss is replaced by NaN
+FAULT_NAN_ENV = "SCALEFORGE_FAULT_NAN_STEPS"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class _StopFlag:
+    def __init__(self):
+        self.signal: str | None = None
+
+    def __call__(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def run_dir_of(cfg: JobConfig) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
+    """Train until ``trainer.max_steps`` or a stop request. Returns a summary (on every rank)."""
+    info = sfdist.init_distributed(cfg.trainer.collective_timeout_s)
+    layout = derive_layout(cfg, info.world_size)
+    run_dir = run_dir_of(cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / PREEMPT_FILE).unlink(missing_ok=True)
+    sfdist.barrier()
+
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # Model init uses run.seed on every rank (engine); per-rank randomness (noise, dropout) differs.
+    torch.manual_seed(cfg.run.seed * 1_000_003 + info.rank)
+
+    recipe = recipe_cls(cfg.model, cfg)
+    engine = build_engine(cfg, layout, info, recipe)
+    ema = ShardedEMA(engine.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.run.seed
+    data = recipe.build_data(DataContext(dp_rank=info.rank, dp_world_size=info.world_size,
+                                         micro_batch_size=layout.micro_batch_size, seed=data_seed,
+                                         device=info.device))
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint, info.rank, info.world_size, to_yaml(cfg))
+
+    def dcp_state() -> dict[str, Any]:
+        state = engine.checkpoint_state()
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        return state
+
+    step = 0
+    log = MetricsLogger(run_dir, cfg.metrics, {}, cfg.trainer.max_steps, 0, enabled=False)
+    resume_path = resolve_resume(cfg.checkpoint.resume, run_dir)
+    resume_note = None
+    if resume_path is not None:
+        state = dcp_state()
+        trainer_state, rank_states = ckpt.load(resume_path, state)
+        engine.load_checkpoint_state(state)
+        engine.scheduler.load_state_dict(trainer_state["scheduler"])
+        step = int(trainer_state["step"])
+        if trainer_state["world_size"] == info.world_size:
+            restore_rng_state(rank_states[0]["rng"])
+            data.load_state_dict(rank_states[0]["data"])
+            resume_note = f"resumed from {resume_path} at step {step}"
+        else:
+            how = data.load_resharded_state_dict([s["data"] for s in rank_states])
+            resume_note = (f"resumed from {resume_path} at step {step}, resharded from "
+                           f"{trainer_state['world_size']} to {info.world_size} processes: model and "
+                           f"optimizer resharded exactly; data: {how}; RNG streams restart from the seed")
+    if info.is_main and resume_path is not None:
+        truncate_jsonl(run_dir / "metrics.jsonl", step)
+    log = MetricsLogger(run_dir, cfg.metrics, _plain(cfg), cfg.trainer.max_steps, step, enabled=info.is_main)
+    if resume_note:
+        log.message(resume_note)
+    log.message(f"world size {info.world_size} ({info.device.type}), mesh dp_replicate={layout.dp_replicate} "
+                f"x dp_shard={layout.dp_shard}, micro-batch {layout.micro_batch_size} x accumulation "
+                f"{layout.grad_accum} = global batch {layout.global_batch_size}")
+
+    stop = _StopFlag()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, stop)
+    nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s.strip()}
+
+    flops_per_sample = recipe.flops_per_sample(None)
+    peak = device_peak_flops()
+    nonfinite_in_row = 0
+    last_saved = step if resume_path is not None else -1
+    stop_reason = None
+    model = engine.model
+    model.train()
+    for name in engine.plan.eval_modules:
+        dict(model.named_modules())[name].eval()
+
+    while step < cfg.trainer.max_steps:
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        items, tokens, samples = 0.0, 0.0, 0
+        extra: dict[str, float] = {}
+        for mb in range(layout.grad_accum):
+            batch = _to_device(next(data), info.device)
+            out = recipe.forward_loss(model, batch)
+            loss = out.loss
+            if (step + 1) in nan_steps:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            loss_sum += loss.detach().double()
+            items += float(out.num_items)
+            tokens += float(out.num_tokens or 0)
+            samples += layout.micro_batch_size
+            for k, v in out.metrics.items():
+                extra[k] = extra.get(k, 0.0) + float(v)
+        keys = sorted(extra)
+        stop_local = 1.0 if (stop.signal or (info.is_main and (run_dir / PREEMPT_FILE).exists())) else 0.0
+        reduced = torch.stack([loss_sum, torch.tensor(items, dtype=torch.float64, device=info.device),
+                               torch.tensor(tokens, dtype=torch.float64, device=info.device),
+                               torch.tensor(stop_local, dtype=torch.float64, device=info.device)]
+                              + [torch.tensor(extra[k], dtype=torch.float64, device=info.device) for k in keys])
+        dist.all_reduce(reduced)
+        g_loss_sum, g_items, g_tokens, g_stop = reduced[:4].tolist()
+        g_extra = {k: v / (info.world_size * layout.grad_accum) for k, v in zip(keys, reduced[4:].tolist())}
+        if g_items <= 0:
+            raise TrainingError(f"step {step + 1}: the global batch has no loss items (every label masked?)")
+        loss_value = g_loss_sum / g_items
+        engine.scale_grads(layout.dp_size / g_items)
+        grad_norm = float(engine.clip_grad_norm(cfg.optim.grad_clip))
+        lr = engine.scheduler.get_last_lr()[0]
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            engine.optimizer_step()
+            if ema is not None:
+                ema.update()
+            nonfinite_in_row = 0
+            skipped = False
+        else:
+            nonfinite_in_row += 1
+            skipped = True
+        engine.zero_grad()
+        engine.scheduler.step()
+        step += 1
+        if skipped:
+            log.message(f"step {step}: non-finite loss ({loss_value}) or grad norm ({grad_norm}); step skipped "
+                        f"({nonfinite_in_row} in a row, limit {cfg.trainer.max_nonfinite_steps})")
+            if nonfinite_in_row >= cfg.trainer.max_nonfinite_steps:
+                log.close(plot=False)
+                ckpt.wait()
+                raise TrainingError(
+                    f"stopping at step {step}: {nonfinite_in_row} consecutive steps with a non-finite loss or "
+                    f"gradient norm (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); the last "
+                    f"good checkpoint is kept")
+        dt = time.perf_counter() - t0
+        record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                                  "step_time_s": dt, "samples_per_s": layout.global_batch_size / dt,
+                                  "skipped": skipped}
+        if g_tokens > 0:
+            record["tokens_per_s"] = g_tokens / dt
+            record["tokens_per_s_per_device"] = g_tokens / dt / info.world_size
+        if flops_per_sample and peak:
+            record["mfu"] = flops_per_sample * layout.global_batch_size / dt / (peak * info.world_size)
+        if info.device.type == "cuda":
+            record["mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        record.update(g_extra)
+        data_metrics = data.metrics()
+        if data_metrics:
+            record.update({f"data/{k}": v for k, v in data_metrics.items()})
+        if step % cfg.trainer.log_interval == 0 or step == cfg.trainer.max_steps:
+            log.log(record)
+
+        want_stop = g_stop > 0
+        periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
+        if periodic or want_stop:
+            _save(ckpt, step, dcp_state(), data, engine, info, blocking=want_stop)
+            last_saved = step
+        if want_stop:
+            stop_reason = stop.signal or PREEMPT_FILE
+            log.message(f"stop requested ({stop_reason}): checkpoint written at step {step}; exiting cleanly")
+            break
+
+    if stop_reason is None and cfg.checkpoint.save_final and last_saved != step:
+        _save(ckpt, step, dcp_state(), data, engine, info, blocking=True)
+    ckpt.wait()
+    log.close(plot=stop_reason is None)
+    data.close()
+    summary = {"step": step, "stopped_by": stop_reason, "run_dir": str(run_dir)}
+    sfdist.barrier()
+    return summary
+
+
+def _save(ckpt: CheckpointManager, step: int, state: dict[str, Any], data, engine, info, blocking: bool) -> None:
+    rank_state = {"rng": capture_rng_state(), "data": data.state_dict()}
+    trainer_state = {"step": step, "world_size": info.world_size, "scheduler": engine.scheduler.state_dict()}
+    ckpt.save(step, state, rank_state, trainer_state, blocking=blocking)
+
+
+def _plain(cfg: JobConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
