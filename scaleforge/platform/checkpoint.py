@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from scaleforge.platform import faults
+
 COMPLETE = "COMPLETE"
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -175,6 +177,8 @@ class CheckpointManager:
 
     def _finalize(self, p: PendingSave) -> None:
         dist.barrier()
+        if p.step in faults.steps(faults.KILL_DURING_SAVE):
+            faults.kill_self()
         if self.rank == 0:
             with open(p.tmp / COMPLETE, "w") as f:
                 f.write(f"{time.time()}\n")

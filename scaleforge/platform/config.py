@@ -86,6 +86,7 @@ class TrainerConfig:
     checkpoint_interval: int = 0  # 0: only at the end and on signals
     eval_interval: int = 0
     max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
+    exit_after_steps: int = 0  # > 0: checkpoint and exit after this many steps in this job (time slicing)
     collective_timeout_s: int = 600
     deterministic: bool = True  # torch.use_deterministic_algorithms(warn_only) + fixed seeds
 
@@ -287,12 +288,18 @@ def validate(raw: DictConfig, recipe_config: Callable[[str], type] | None = None
     return cfg
 
 
+_TYPE_NAMES = {"Integer": "int", "Float": "float", "Boolean": "bool", "String": "str"}
+
+
 def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or ""
     msg = str(e).split("\n")[0]
-    m = re.search(r"Value '(.*)' (?:of type '(\w+)' )?could not be converted to (\w+)", msg)
+    m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", msg)
     if m:
-        return f"{key}: expected {m.group(3)}, got {m.group(1)!r}"
+        return f"{key}: expected {_TYPE_NAMES.get(m.group(3), m.group(3))}, got {m.group(1)!r} ({m.group(2)})"
+    m = re.search(r"Value '(.*)' is not a valid bool", msg)
+    if m:
+        return f"{key}: expected bool (true/false), got {m.group(1)!r}"
     m = re.search(r"Invalid type assigned: (\w+) is not a subclass of (\w+)", msg)
     if m:
         return f"{key}: expected {m.group(2)}, got {m.group(1)}"

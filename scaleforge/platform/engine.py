@@ -17,6 +17,8 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any, Iterator
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -169,6 +171,11 @@ class FSDP2Engine(Engine):
         with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
             torch.manual_seed(cfg.run.seed)
             recipe.init_weights(model)
+        if info.device.type == "cpu":
+            # DTensor's offset-based RNG (which makes a sharded init equal the unsharded one) exists for
+            # CUDA only; on CPU every rank would draw the same numbers for its shard. Initialize the
+            # full model instead and keep each rank's slice: the same weights at any world size.
+            _copy_full_init(model, recipe, cfg.run.seed)
         init_from = getattr(recipe.cfg, "init_from", None)
         if init_from:
             recipe.load_pretrained(model, init_from)
@@ -229,6 +236,28 @@ class FSDP2Engine(Engine):
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                          cpu_offload=True))
+
+
+# FSDP2Engine handles CPU initialization itself (_copy_full_init), so DTensor's CPU RNG warning is moot.
+warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+
+
+def _copy_full_init(model: nn.Module, recipe: Recipe, seed: int) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        full = recipe.build_model(torch.device("cpu"))
+        recipe.init_weights(full)
+    source = full.state_dict()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            src = source[name].to(t.dtype)
+            if isinstance(t, DTensor):
+                # every rank holds the same full tensor: slice locally, no communication
+                t.to_local().copy_(distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None).to_local())
+            else:
+                t.copy_(src)
 
 
 def build_engine(cfg: JobConfig, layout: Layout, info: DistInfo, recipe: Recipe) -> Engine:

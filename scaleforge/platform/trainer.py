@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from scaleforge.platform import dist as sfdist
+from scaleforge.platform import faults
 from scaleforge.platform.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from scaleforge.platform.config import JobConfig, derive_layout, to_yaml
 from scaleforge.platform.ema import ShardedEMA
@@ -31,8 +32,6 @@ from scaleforge.platform.metrics import MetricsLogger, device_peak_flops, trunca
 from scaleforge.platform.recipe import DataContext, Recipe
 
 PREEMPT_FILE = "PREEMPT"
-#: fault injection for drills and tests: comma-separated steps whose loss is replaced by NaN
-FAULT_NAN_ENV = "SCALEFORGE_FAULT_NAN_STEPS"
 
 
 class TrainingError(RuntimeError):
@@ -122,13 +121,15 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     stop = _StopFlag()
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, stop)
-    nan_steps = {int(s) for s in os.environ.get(FAULT_NAN_ENV, "").split(",") if s.strip()}
+    nan_steps = faults.steps(faults.NAN_STEPS)
+    kill_after_ckpt = faults.steps(faults.KILL_AFTER_CHECKPOINT)
 
     flops_per_sample = recipe.flops_per_sample(None)
     peak = device_peak_flops()
     nonfinite_in_row = 0
     last_saved = step if resume_path is not None else -1
     stop_reason = None
+    start_step = step
     model = engine.model
     model.train()
     for name in engine.plan.eval_modules:
@@ -203,15 +204,21 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
         record.update(g_extra)
         data_metrics = data.metrics()
         if data_metrics:
-            record.update({f"data/{k}": v for k, v in data_metrics.items()})
+            record.update({k if k.startswith("data/") else f"data/{k}": v for k, v in data_metrics.items()})
         if step % cfg.trainer.log_interval == 0 or step == cfg.trainer.max_steps:
             log.log(record)
 
         want_stop = g_stop > 0
+        sliced = cfg.trainer.exit_after_steps > 0 and step - start_step >= cfg.trainer.exit_after_steps
+        if sliced and not want_stop and step < cfg.trainer.max_steps:
+            want_stop, stop.signal = True, "trainer.exit_after_steps"
         periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
         if periodic or want_stop:
             _save(ckpt, step, dcp_state(), data, engine, info, blocking=want_stop)
             last_saved = step
+            if step in kill_after_ckpt:
+                ckpt.wait()
+                faults.kill_self()
         if want_stop:
             stop_reason = stop.signal or PREEMPT_FILE
             log.message(f"stop requested ({stop_reason}): checkpoint written at step {step}; exiting cleanly")

@@ -176,10 +176,11 @@ class SourceStream:
     def _close_shard(self, url: str) -> None:
         if self._it is not None:
             self._it.close()
+        if self._result is not None and self._result.truncated:
+            name = self.source.name
+            self.counters[f"{name}/truncated_shards"] = self.counters.get(f"{name}/truncated_shards", 0) + 1
         if self._result is not None and self._result.truncated and url not in self._reported:
-            self._reported.add(url)
-            self.counters["truncated_shards"] = self.counters.get("truncated_shards", 0) + 1
-            self.counters[f"{self.source.name}/bad"] = self.counters.get(f"{self.source.name}/bad", 0) + 1
+            self._reported.add(url)  # counted every time, logged once
             log.warning("data: source %r shard %s ends early after sample %d (%s); rest of shard skipped",
                         self.source.name, url, self.scan - 1, self._result.error)
         self._it, self._result = None, None

@@ -1,0 +1,176 @@
+"""The ``llm`` recipe: a dense Llama / Qwen2-style decoder trained on token sequences.
+
+FLOPs per sample (torchtitan convention, /work/shared/reference/platforms.md section 2)::
+
+    flops_per_sample = 6 * N * S + 12 * L * H * d_head * S^2
+
+with ``S`` = ``model.seq_len`` tokens per sample, ``L`` layers, ``H`` query heads of size ``d_head``
+and ``N`` the parameters that take part in matrix multiplies: all parameters except the token
+embedding (a lookup), but including the output projection (counted even when tied to the embedding).
+The attention term is not halved for causality. Llama-3-8B at S=8192: 6*7.50e9 + 12*32*4096*8192 =
+57.9 GFLOP/token, the figure of platforms.md. The "1b" preset at S=2048: 6.35 GFLOP/token (platforms.md
+section 3 implies ~6.4 for its 0.94B GPT-style model).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaleforge.models.llm.data import IGNORE_INDEX, SyntheticTokenStream, decode_token_sample
+from scaleforge.models.llm.hf import export_hf, load_hf_weights
+from scaleforge.models.llm.model import LLMModelConfig, Transformer
+from scaleforge.platform.recipe import DataContext, LossOutput, ParallelPlan, Recipe
+
+
+class LLMRecipe(Recipe):
+    name = "llm"
+    config_class = LLMModelConfig
+
+    def __init__(self, model_cfg: LLMModelConfig, job_cfg: Any):
+        # Fill architecture fields (preset / init_from's config.json) once; ``self.cfg`` is complete.
+        super().__init__(model_cfg.resolved(), job_cfg)
+
+    # -- model -----------------------------------------------------------------------------------
+    def build_model(self, device: torch.device) -> nn.Module:
+        with torch.device(device):
+            return Transformer(self.cfg)
+
+    def init_weights(self, model: nn.Module) -> None:
+        model.init_weights()
+
+    def load_pretrained(self, model: nn.Module, path: str) -> None:
+        load_hf_weights(model, path)
+
+    def parallel_plan(self, model: nn.Module) -> ParallelPlan:
+        """Each block is an FSDP unit (and the unit of activation checkpointing / compile). Untied
+        embedding and output projection are units of their own (large vocabularies: 0.5-1 GB each at
+        7-8B); tied, they share one parameter and stay together in the root."""
+        blocks = list(model.layers)
+        units: list[nn.Module] = list(blocks)
+        if not self.cfg.tied_embeddings:
+            units = [model.tok_embeddings] + units + [model.output]
+        return ParallelPlan(fsdp_units=units, checkpoint_units=blocks)
+
+    # -- data and loss -----------------------------------------------------------------------------
+    def build_data(self, ctx: DataContext):
+        data = self.job_cfg.data
+        if data.kind == "synthetic":
+            return SyntheticTokenStream(self.cfg.vocab_size, self.cfg.seq_len, ctx.micro_batch_size,
+                                        ctx.seed, ctx.dp_rank, ctx.dp_world_size, data.synthetic_samples)
+        if data.kind == "webdataset":
+            from scaleforge.platform.config import ConfigError
+
+            try:
+                from scaleforge.platform.data import PackingBatcher, build_loader
+            except ImportError as e:
+                raise ConfigError(
+                    f"data.kind=webdataset: the platform's webdataset loader is not available ({e})"
+                ) from None
+            # Token samples (tokens.npy) packed into rows of seq_len with per-sample positions and
+            # document ids, so attention never crosses samples (see docs/data.md).
+            return build_loader(
+                data, ctx,
+                sample_fn=functools.partial(decode_token_sample, vocab_size=self.cfg.vocab_size),
+                batcher=PackingBatcher(max_len=self.cfg.seq_len, rows=ctx.micro_batch_size,
+                                       ignore_index=IGNORE_INDEX),
+            )
+        from scaleforge.platform.config import ConfigError
+
+        raise ConfigError(f"data.kind: {data.kind!r} is not supported by the llm recipe (synthetic | webdataset)")
+
+    def forward_loss(self, model: nn.Module, batch: Mapping[str, Any]) -> LossOutput:
+        """Summed next-token cross-entropy (fp32) over tokens whose label is not -100; labels are
+        aligned with inputs (HF convention) and shifted here. Packed batches (``seq_ids`` from the
+        PackingBatcher, or ``document_ids``) attend within each sample only."""
+        input_ids = batch["input_ids"]
+        labels = batch.get("labels", input_ids)
+        docs = batch.get("document_ids", batch.get("seq_ids"))
+        logits = model(input_ids, position_ids=batch.get("position_ids"), document_ids=docs)
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        num_items = (target != IGNORE_INDEX).sum()
+        return LossOutput(loss=loss, num_items=num_items, num_tokens=int(input_ids.numel()))
+
+    # -- accounting --------------------------------------------------------------------------------
+    def matmul_params(self) -> int:
+        """N of the FLOP formula: every parameter except the embedding, output projection included."""
+        c = self.cfg
+        hd = c.head_dim
+        attn = c.dim * hd * (c.n_heads + 2 * c.n_kv_heads) + c.n_heads * hd * c.dim
+        if c.qkv_bias:
+            attn += hd * (c.n_heads + 2 * c.n_kv_heads)
+        block = attn + 3 * c.dim * c.ffn_hidden + 2 * c.dim
+        return c.n_layers * block + c.dim + c.vocab_size * c.dim
+
+    def flops_per_sample(self, batch: Mapping[str, Any] | None = None) -> float:
+        """6*N*S + 12*L*H*d_head*S^2 (see the module docstring)."""
+        c = self.cfg
+        s = c.seq_len if batch is None else int(batch["input_ids"].shape[1])
+        return 6.0 * self.matmul_params() * s + 12.0 * c.n_layers * c.n_heads * c.head_dim * s * s
+
+    def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool) -> int:
+        """Activation memory of one micro-batch, measured rather than guessed: probe forwards of this
+        architecture (real width, 1-2 layers, small vocabularies, ``probe`` tokens, bf16, on CPU)
+        give the bytes autograd saves per token for one block and per token per vocabulary entry
+        (logits, fp32 log-softmax); both scale linearly in tokens with SDPA's flash / memory-efficient
+        kernels. The loss backward adds a transient fp32 + bf16 logits gradient. With activation
+        checkpointing a block keeps only its input, plus one block's activations during recompute."""
+        import dataclasses
+
+        from scaleforge.platform.memory import saved_tensor_bytes
+
+        c = self.cfg
+        probe = min(c.seq_len, 64)
+
+        def measure(layers: int, vocab: int) -> int:
+            cfg = dataclasses.replace(c, n_layers=layers, vocab_size=vocab, tied_embeddings=False)
+            with torch.device("cpu"):
+                model = Transformer(cfg).to(torch.bfloat16)
+            ids = torch.randint(0, vocab, (1, probe))
+            return saved_tensor_bytes(lambda: self.forward_loss(model, {"input_ids": ids}).loss,
+                                      params=model.parameters())
+
+        base, two_layers, wide_vocab = measure(1, 256), measure(2, 256), measure(1, 512)
+        per_block = (two_layers - base) / probe
+        per_vocab = (wide_vocab - base) / probe / 256
+        tokens = micro_batch_size * c.seq_len
+        logits = tokens * c.vocab_size * (per_vocab + 4 + 2)  # saved + transient gradient
+        if activation_checkpointing:
+            blocks = tokens * (c.n_layers * 2 * c.dim + per_block)
+        else:
+            blocks = tokens * c.n_layers * per_block
+        return int(blocks + logits + tokens * 2 * c.dim)
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        c = self.cfg
+        emb = c.vocab_size * c.dim
+        total = self.matmul_params() + emb - (emb if c.tied_embeddings else 0)
+        per_block = (self.matmul_params() - c.dim - c.vocab_size * c.dim) // c.n_layers
+        return {
+            "architecture": (f"{c.n_layers} layers, dim {c.dim}, {c.n_heads} heads / {c.n_kv_heads} kv "
+                             f"heads x {c.head_dim}, SwiGLU {c.ffn_hidden}, vocab {c.vocab_size}, "
+                             f"{'qkv bias, ' if c.qkv_bias else ''}{'tied' if c.tied_embeddings else 'untied'} "
+                             f"embeddings, rope theta {c.rope_theta:g} ({c.rope_type})"),
+            "parameters": total,
+            "parameters (embedding)": emb,
+            "parameters (per block)": per_block,
+            "parameters (blocks)": per_block * c.n_layers,
+            "parameters (output)": 0 if c.tied_embeddings else emb,
+            "tokens per sample": c.seq_len,
+            "FLOPs per token (6N + 12*L*H*dh*S)": self.flops_per_sample() / c.seq_len,
+            "init_from": c.init_from or "random (init_weights)",
+        }
+
+    # -- export --------------------------------------------------------------------------------------
+    def export_formats(self) -> tuple[str, ...]:
+        return ("hf",)
+
+    def export(self, state_dict: Mapping[str, torch.Tensor], out_dir: str, fmt: str) -> None:
+        if fmt != "hf":
+            return super().export(state_dict, out_dir, fmt)
+        export_hf(state_dict, self.cfg, out_dir)

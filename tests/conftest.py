@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def run_env():
+    """Environment for launching jobs from tests: one thread per worker (2-core machines), no wandb."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    for k in list(env):
+        if k.startswith("SCALEFORGE_FAULT_"):
+            del env[k]
+    return env
