@@ -271,10 +271,15 @@ def validate(raw: DictConfig, recipe_config: Callable[[str], type] | None = None
         if name in raw:
             _check_keys(raw[name], model_schema if name == "model" else _field_type(JobConfig, name), name)
 
+    # A source's `shards` may be one pattern or a list of them.
+    for src in OmegaConf.select(raw, "data.sources", default=None) or []:
+        if isinstance(src, DictConfig) and isinstance(src.get("shards"), str):
+            src.shards = [src.shards]
     schema = OmegaConf.structured(JobConfig)
     OmegaConf.set_struct(schema, False)
     schema.model = OmegaConf.structured(model_schema)
     OmegaConf.set_struct(schema, True)
+    OmegaConf.set_struct(schema.cluster.env, False)  # free-form environment variables
     try:
         merged = OmegaConf.merge(schema, raw)
         OmegaConf.resolve(merged)

@@ -176,9 +176,9 @@ class FSDP2Engine(Engine):
             # CUDA only; on CPU every rank would draw the same numbers for its shard. Initialize the
             # full model instead and keep each rank's slice: the same weights at any world size.
             _copy_full_init(model, recipe, cfg.run.seed)
-        init_from = getattr(recipe.cfg, "init_from", None)
-        if init_from:
-            recipe.load_pretrained(model, init_from)
+        source = recipe.pretrained_source()
+        if source:
+            recipe.load_pretrained(model, source)
         for name in plan.eval_modules:
             dict(model.named_modules())[name].eval()
         self.model = model

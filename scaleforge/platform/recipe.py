@@ -110,6 +110,12 @@ class Recipe(ABC):
         DTensor-sharded parameters (use ``nn.init`` functions, which DTensor supports) and be
         deterministic given the torch RNG state (the runtime seeds it identically on every rank)."""
 
+    def pretrained_source(self) -> str | None:
+        """Where released weights come from (default ``model.init_from``); when not None the engine
+        calls ``load_pretrained(model, source)`` after initialization. Recipes with several sources
+        (e.g. one per component) return a description of them."""
+        return getattr(self.cfg, "init_from", None)
+
     def load_pretrained(self, model: nn.Module, path: str) -> None:
         """``model.init_from=PATH``: load released weights (HF / diffusers layout) into the
         (possibly sharded) model. Default: unsupported."""

@@ -1,0 +1,92 @@
+"""The ``model`` config section of the NVILA recipe (``model.recipe: nvila``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from scaleforge.models.llm.model import LLMModelConfig
+from scaleforge.models.nvila.siglip import SiglipConfig
+
+COMPONENTS = ("vision_tower", "mm_projector", "llm")
+IMAGE_MODES = ("dynamic_s2", "dynamic", "single")
+
+
+@dataclass
+class LRMultConfig:
+    """Per-module learning-rate multipliers of ``optim.lr`` (independent of each other, unlike
+    upstream's exclusive ``mm_projector_lr`` / ``vision_tower_lr``)."""
+
+    vision_tower: float = 1.0
+    mm_projector: float = 1.0
+    llm: float = 1.0
+
+
+@dataclass
+class SyntheticConfig:
+    """Deterministic synthetic conversations (``data.kind: synthetic``)."""
+
+    image_min_side: int = 32  # image sides are drawn in [min, max] (pixels)
+    image_max_side: int = 96
+    max_images: int = 1  # images per conversation: 0..max_images
+    image_prob: float = 0.75  # probability that a conversation has images at all
+    video_prob: float = 0.0  # probability of one video clip instead of images
+    turns: int = 2  # user/assistant rounds
+
+
+def _llm_default() -> LLMModelConfig:
+    return LLMModelConfig(recipe="llm", preset="tiny")
+
+
+@dataclass
+class NVILAConfig:
+    recipe: str = "nvila"
+    stage: str = "image_sft"  # informative name of the training stage
+    vision: SiglipConfig = field(default_factory=SiglipConfig)
+    llm: LLMModelConfig = field(default_factory=_llm_default)
+    projector: str = "mlp_downsample"  # mlp_downsample | mlp_downsample_2x2_fix | mlp_downsample_3x3_fix | mlp2x_gelu
+    image_mode: str = "dynamic_s2"  # dynamic_s2 (NVILA) | dynamic (NVILA-Lite) | single (one tile)
+    s2_scales: list[int] = field(default_factory=lambda: [448, 896, 1344])
+    max_tiles: int = 12
+    video_frames: int = 8  # frames sampled per video
+    temporal_pool: int = 1  # T: mean over groups of T frames after the projector (8 for video SFT)
+    max_length: int = 8192  # tokens per sample (longer samples are truncated)
+    tokenizer: str = "byte"  # byte (built-in, tiny/test configs) | path to a local HF tokenizer folder
+    trainable: list[str] = field(default_factory=lambda: list(COMPONENTS))
+    lr_mult: LRMultConfig = field(default_factory=LRMultConfig)
+    init_from: Optional[str] = None  # exported NVILA folder (llm/ vision_tower/ mm_projector/)
+    vision_init_from: Optional[str] = None  # HF SiglipVisionModel folder
+    init_from_run: Optional[str] = None  # previous stage's run dir: its latest checkpoint's model weights
+    loss_chunk: int = 0  # > 0: cross-entropy over chunks of this many tokens (recomputed in backward)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    @property
+    def channel_multiplier(self) -> int:
+        """Vision channels entering the projector per ViT channel (3 for Dynamic-S2 with 3 scales)."""
+        return len(self.s2_scales) if self.image_mode == "dynamic_s2" else 1
+
+    def validate(self) -> None:
+        from scaleforge.platform.config import ConfigError
+
+        from scaleforge.models.nvila.projector import PROJECTOR_TYPES
+
+        if self.projector not in PROJECTOR_TYPES:
+            raise ConfigError(f"model.projector: {self.projector!r} is not one of {', '.join(PROJECTOR_TYPES)}")
+        if self.image_mode not in IMAGE_MODES:
+            raise ConfigError(f"model.image_mode: {self.image_mode!r} is not one of {', '.join(IMAGE_MODES)}")
+        bad = [t for t in self.trainable if t not in COMPONENTS]
+        if bad:
+            raise ConfigError(f"model.trainable: unknown component {bad[0]!r} (known: {', '.join(COMPONENTS)})")
+        if self.image_mode == "dynamic_s2":
+            if any(s % self.vision.image_size for s in self.s2_scales):
+                raise ConfigError(f"model.s2_scales={self.s2_scales}: every scale must be a multiple of "
+                                  f"model.vision.image_size={self.vision.image_size}")
+            if (self.s2_scales[-1] // self.vision.image_size) ** 2 > self.max_tiles:
+                raise ConfigError(f"model.max_tiles={self.max_tiles} is below the tiles of the largest "
+                                  f"scale {self.s2_scales[-1]}")
+        if self.temporal_pool < 1 or self.video_frames % self.temporal_pool:
+            raise ConfigError(f"model.video_frames={self.video_frames} is not divisible by "
+                              f"model.temporal_pool={self.temporal_pool}")
+        try:
+            self.vision.validate()
+        except ValueError as e:
+            raise ConfigError(f"model.{e}") from None

@@ -1,0 +1,182 @@
+"""NVILA: SigLIP vision tower -> Dynamic-S2 merge -> STC projector -> (temporal pooling) -> dense LLM.
+
+Media in a micro-batch are described by flat tensors so they travel like any other batch field:
+
+* ``pixel_values`` [N, 3, S, S]: every tile of every media item, in order (Dynamic-S2 images: their
+  14-17 tiles; single-tile images: 1; videos: one tile per frame);
+* ``media_kind`` [M]: 0 = image, 1 = video; ``media_tiles`` [M]: tiles (frames) per item;
+* ``media_grid`` [M, 2]: (rows, cols) of the largest-scale grid of a Dynamic-S2 image, (1, 1) else.
+
+The text carries ``media_token_id`` once per visual token (see ``tokens.py``); ``embed`` replaces
+those embeddings by the visual tokens in order.
+
+Dummy-forward rule (nvila.md §6): under FSDP every rank must run the same sharded modules the same
+number of times per step. ``encode_media`` therefore always makes exactly ONE vision-tower call and
+ONE projector call per micro-batch: all tiles of all media kinds are batched together, and a
+micro-batch without any media runs both on one all-zero tile and returns ``0 * sum(output)`` as a
+term the caller adds to the loss (so the backward reduce-scatters match too).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from scaleforge.models.llm.model import Transformer
+from scaleforge.models.nvila import dynamic_s2 as ds2
+from scaleforge.models.nvila.config import NVILAConfig
+from scaleforge.models.nvila.projector import MultimodalProjector, stc_block_size, temporal_pool
+from scaleforge.models.nvila.siglip import SiglipVisionTower
+
+IGNORE_INDEX = -100
+KIND_IMAGE, KIND_VIDEO = 0, 1
+
+
+def tokens_per_tile(cfg: NVILAConfig) -> int:
+    return ds2.tokens_per_tile(cfg.vision.grid, stc_block_size(cfg.projector))
+
+
+def media_token_count(cfg: NVILAConfig, kind: int, num_tiles: int, grid: tuple[int, int]) -> int:
+    """Visual tokens one media item becomes (the trailing "\\n" is a text token, not counted)."""
+    tpt = tokens_per_tile(cfg)
+    if kind == KIND_VIDEO:
+        return ds2.video_visual_tokens(num_tiles, cfg.vision.grid, stc_block_size(cfg.projector),
+                                       cfg.temporal_pool)
+    if num_tiles == 1:
+        return tpt
+    return grid[0] * grid[1] * tpt
+
+
+def s2_scale_grids(cfg: NVILAConfig, grid: tuple[int, int]) -> list[tuple[int, int]]:
+    tile = cfg.vision.image_size
+    return [(s // tile, s // tile) for s in cfg.s2_scales[:-1]] + [tuple(grid)]
+
+
+class NVILAModel(nn.Module):
+    def __init__(self, cfg: NVILAConfig, device: torch.device | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        llm_cfg = cfg.llm.resolved()
+        with torch.device(device or "cpu"):
+            self.vision_tower = SiglipVisionTower(cfg.vision)
+            self.mm_projector = MultimodalProjector(cfg.projector, cfg.vision.hidden_size * cfg.channel_multiplier,
+                                                    llm_cfg.dim)
+            self.llm = Transformer(llm_cfg)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.vision_tower.init_weights()
+        self.mm_projector.init_weights()
+        self.llm.init_weights()
+
+    # -- vision ------------------------------------------------------------------------------------
+    def encode_media(self, pixel_values: Optional[torch.Tensor], media_kind: Optional[torch.Tensor],
+                     media_tiles: Optional[torch.Tensor], media_grid: Optional[torch.Tensor]
+                     ) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+        """-> (per-item visual tokens [n_i, d], dummy term or None). One tower and one projector call."""
+        cfg = self.cfg
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            s = cfg.vision.image_size
+            dev = self.vision_tower.embeddings.patch_embedding.weight.device
+            dummy = torch.zeros(1, cfg.vision.num_channels, s, s, device=dev, dtype=dtype)
+            feats = self.vision_tower(dummy)
+            out = self.mm_projector(ds2.single_scale_features(feats, cfg.channel_multiplier))
+            return [], out.sum() * 0.0
+        kinds, tiles, grids = media_kind.tolist(), media_tiles.tolist(), media_grid.tolist()
+        if sum(tiles) != pixel_values.shape[0]:
+            raise ValueError(f"media_tiles sum to {sum(tiles)} but pixel_values has {pixel_values.shape[0]} tiles")
+        feats = self.vision_tower(pixel_values)  # [N, g*g, C]
+        proj_in, start = [], 0
+        for kind, n, grid in zip(kinds, tiles, grids):
+            f = feats[start:start + n]
+            start += n
+            if kind == KIND_IMAGE and n > 1:
+                scale_grids = s2_scale_grids(cfg, grid)
+                if cfg.image_mode != "dynamic_s2" or sum(r * c for r, c in scale_grids) != n:
+                    raise ValueError(f"image with {n} tiles and grid {grid} does not fit the Dynamic-S2 "
+                                     f"scales {cfg.s2_scales}")
+                proj_in.append(ds2.merge_s2_features(f, scale_grids))
+            else:
+                proj_in.append(ds2.single_scale_features(f, cfg.channel_multiplier))
+        projected = self.mm_projector(torch.cat(proj_in))  # [sum tiles', h', w', d]
+        d = projected.shape[-1]
+        out, start = [], 0
+        for kind, p_in, grid in zip(kinds, proj_in, grids):
+            n = p_in.shape[0]
+            p = projected[start:start + n]
+            start += n
+            if kind == KIND_VIDEO:
+                out.append(temporal_pool(p.reshape(n, -1, d), cfg.temporal_pool).reshape(-1, d))
+            elif n > 1:
+                out.append(ds2.stitch(p, grid[0], grid[1]).reshape(-1, d))
+            else:
+                out.append(p.reshape(-1, d))
+        return out, None
+
+    def embed(self, input_ids: torch.Tensor, media_token_id: int, visual: list[torch.Tensor]) -> torch.Tensor:
+        """Text embeddings with every ``media_token_id`` slot replaced by the visual tokens in order."""
+        mask = input_ids == media_token_id
+        ids = input_ids.masked_fill(mask, 0)
+        h = self.llm.tok_embeddings(ids)
+        n_slots = int(mask.sum())
+        n_vis = sum(v.shape[0] for v in visual)
+        if n_slots != n_vis:
+            raise ValueError(f"the text has {n_slots} media placeholder tokens but the media produced "
+                             f"{n_vis} visual tokens (truncated sample or mismatched media?)")
+        if n_vis:
+            h = h.masked_scatter(mask.unsqueeze(-1), torch.cat(visual).to(h.dtype))
+        return h
+
+    # -- full forward --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, media_token_id: int, labels: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None, media_kind: Optional[torch.Tensor] = None,
+                media_tiles: Optional[torch.Tensor] = None, media_grid: Optional[torch.Tensor] = None):
+        """Without ``labels``: logits [B, S, V]. With ``labels`` (IGNORE_INDEX = no loss): the SUM of
+        next-token cross-entropy over labelled tokens, and their count."""
+        visual, dummy = self.encode_media(pixel_values, media_kind, media_tiles, media_grid)
+        h = self.embed(input_ids, media_token_id, visual)
+        if labels is None:
+            return self.llm(inputs_embeds=h, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        hidden = self.llm(inputs_embeds=h, position_ids=position_ids, cu_seqlens=cu_seqlens, return_hidden=True)
+        targets = torch.full_like(labels, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1:]
+        loss = self._lm_loss(hidden.flatten(0, 1), targets.flatten())
+        if dummy is not None:
+            loss = loss + dummy
+        return loss, (targets != IGNORE_INDEX).sum()
+
+    def _lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        chunk = self.cfg.loss_chunk
+        if chunk <= 0 or hidden.shape[0] <= chunk:
+            return _ce_sum(hidden, targets, self.llm.output.weight)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for hs, ts in zip(hidden.split(chunk), targets.split(chunk)):
+            # logits of one chunk are recomputed in backward: peak memory chunk x vocab, not S x vocab
+            total = total + checkpoint(_ce_sum, hs, ts, self.llm.output.weight, use_reentrant=False)
+        return total
+
+    # -- generation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, media_token_id: int, max_new_tokens: int = 32,
+                 eos_token_id: Optional[int] = None, **media) -> torch.Tensor:
+        """Greedy decoding with the LLM's KV cache; the prompt's visual tokens are spliced in first."""
+        visual, _ = self.encode_media(media.get("pixel_values"), media.get("media_kind"),
+                                      media.get("media_tiles"), media.get("media_grid"))
+        h = self.embed(input_ids, media_token_id, visual)
+        return self.llm.generate(inputs_embeds=h, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+
+    def num_params(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in getattr(self, name).parameters())
+                for name in ("vision_tower", "mm_projector", "llm")}
+
+
+def _ce_sum(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
