@@ -1,0 +1,107 @@
+"""Pure units of the runtime: LR schedule, parameter groups, checkpoint discovery and retention,
+metrics truncation on resume, activation-memory probe."""
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from scaleforge.platform.checkpoint import (COMPLETE, CheckpointError, CheckpointManager, find_latest,
+                                            resolve_resume)
+from scaleforge.platform.config import ConfigError
+from scaleforge.platform.engine import apply_freeze, build_param_groups
+from scaleforge.platform.memory import saved_tensor_bytes
+from scaleforge.platform.metrics import truncate_jsonl
+from scaleforge.platform.recipe import ParallelPlan, ParamGroupRule
+from scaleforge.platform.schedule import lr_factor
+
+
+def test_warmup_then_cosine_to_floor():
+    f = [lr_factor(s, "cosine", 10, 110, 0.1) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55)
+    assert f[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after warmup
+    assert lr_factor(50, "linear", 0, 100, 0.0) == pytest.approx(0.5)
+    assert lr_factor(99, "constant", 5, 100, 0.1) == 1.0
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.vision = nn.Linear(4, 4)
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2, bias=False)
+
+
+def test_param_groups_decay_rules_lr_mult_and_frozen():
+    m = Toy()
+    apply_freeze(m, ParallelPlan(frozen=("vision",)))
+    rules = [ParamGroupRule("projector", prefixes=("proj",), lr_mult=10.0)]
+    groups = build_param_groups(m, rules, base_lr=1e-3, base_wd=0.1)
+    by = {(g["group_name"], g["weight_decay"]): g for g in groups}
+    names = {k: sorted(g["param_names"]) for k, g in by.items()}
+    assert names[("projector", 0.1)] == ["proj.weight"] and names[("projector", 0.0)] == ["proj.bias"]
+    assert by[("projector", 0.1)]["lr"] == pytest.approx(1e-2)
+    assert names[("default", 0.0)] == ["norm.bias", "norm.weight"]
+    assert names[("default", 0.1)] == ["head.weight"]
+    assert not any(n.startswith("vision") for g in groups for n in g["param_names"])  # frozen: not stepped
+
+
+def test_freeze_unknown_module_is_clear():
+    with pytest.raises(ConfigError, match="frozen module 'visoin' does not exist"):
+        apply_freeze(Toy(), ParallelPlan(frozen=("visoin",)))
+
+
+def _fake_ckpt(root: Path, step: int, complete: bool = True) -> Path:
+    p = root / f"step_{step:08d}"
+    p.mkdir(parents=True)
+    (p / ".metadata").write_text("x")
+    if complete:
+        (p / COMPLETE).write_text("1")
+    return p
+
+
+def test_find_latest_skips_incomplete_and_stale_pointer(tmp_path):
+    _fake_ckpt(tmp_path, 4)
+    _fake_ckpt(tmp_path, 8)
+    _fake_ckpt(tmp_path, 12, complete=False)
+    (tmp_path / "step_00000016.tmp").mkdir()
+    (tmp_path / "latest").write_text("step_00000012\n")  # points at an incomplete one: ignored
+    assert find_latest(tmp_path).name == "step_00000008"
+    run = tmp_path.parent
+    with pytest.raises(CheckpointError, match="incomplete"):
+        resolve_resume(str(tmp_path / "step_00000012"), run)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        resolve_resume(str(tmp_path / "nope"), run)
+    assert resolve_resume("none", run) is None
+
+
+def test_retention_keeps_last_k_and_every_m(tmp_path):
+    mgr = CheckpointManager.__new__(CheckpointManager)
+    mgr.root, mgr.cfg = tmp_path, SimpleNamespace(keep_last=2, keep_every=10)
+    for s in (5, 10, 15, 20, 25, 30, 35):
+        _fake_ckpt(tmp_path, s)
+    mgr._retain()
+    assert sorted(int(p.name[5:]) for p in tmp_path.glob("step_*")) == [10, 20, 30, 35]
+
+
+def test_truncate_jsonl_moves_redone_steps(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 11)) + '{"step": 11, "lo')
+    assert truncate_jsonl(p, 8) == 3
+    assert [json.loads(l)["step"] for l in p.read_text().splitlines()] == list(range(1, 9))
+    assert len((tmp_path / "metrics.superseded.jsonl").read_text().splitlines()) == 3
+
+
+def test_saved_tensor_bytes_counts_activations_not_weights():
+    lin = nn.Linear(256, 256, bias=False)
+    x = torch.randn(8, 256, requires_grad=True)
+    # relu saves its output (8x256 fp32); the linear saves its input x (a leaf input: activation) and
+    # the weight (a parameter: not counted)
+    got = saved_tensor_bytes(lambda: torch.relu(lin(x)).sum(), params=lin.parameters())
+    assert got == 2 * 8 * 256 * 4
