@@ -34,15 +34,13 @@ def load_model_state(run_dir: Path, checkpoint: str | None = None, ema: bool = F
     template = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
     key = "ema" if ema else "model"
     if ema:
+        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        if not any(k.startswith("ema.") for k in saved):
+            raise CheckpointError(f"{ckpt}: no EMA weights in this checkpoint (was optim.ema_decay set?)")
         trainable = {n for n, p in model.named_parameters()}
         template = {k: v for k, v in template.items() if k in trainable}
     state = {key: template}
-    try:
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    except Exception as e:
-        if ema:
-            raise CheckpointError(f"{ckpt}: no EMA weights in this checkpoint (was optim.ema_decay set?)") from e
-        raise
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     full = state[key]
     if ema:  # EMA covers trainable parameters; buffers and frozen weights come from the model state
         rest = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items() if k not in full}

@@ -75,6 +75,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     ema_decay: float = 0.0  # > 0 keeps a sharded EMA of the weights (saved in checkpoints)
     fused: bool = False  # fused AdamW kernel (GPU)
+    came_eps: list[float] = field(default_factory=lambda: [1e-30, 1e-16])  # CAME (eps1, eps2)
 
 
 @dataclass
