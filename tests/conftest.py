@@ -3,6 +3,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run under the interpreter on CPU-only machines (CI). It must be set before the first
+# import of triton-decorated modules, whichever test module imports scaleforge.kernels first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

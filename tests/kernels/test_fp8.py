@@ -1,0 +1,137 @@
+import math
+
+import pytest
+import torch
+
+from _kernel_testing import DEVICE, needs_triton, rel_err, sqnr_db
+from scaleforge.kernels import dequantize_fp8, dequantize_fp8_state, quantize_fp8, quantize_fp8_state
+from scaleforge.kernels.reference.fp8 import dequantize_fp8_ref, quantize_fp8_ref, quantize_fp8_state_ref
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# The triton interpreter's fp32 -> fp8 conversion is not torch's round-to-nearest-even (it even drops
+# carries into the exponent), so on CPU only most codes can match; on a GPU all of them must.
+MIN_CODE_MATCH = 1.0 if DEVICE == "cuda" else 0.9
+
+
+def _codes_match(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of identical FP8 codes; NaN codes (e.g. a poisoned, unwritten element) never match."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert not torch.isnan(a.float()).any()
+    return (a.view(torch.uint8) == b.view(torch.uint8)).float().mean().item()
+
+
+def test_reference_sqnr_meets_torchao_bar():
+    x = torch.randn(64, 512)
+    q, s = quantize_fp8_ref(x, "group", 128, E4M3)
+    assert sqnr_db(x, dequantize_fp8_ref(q, s, out_dtype=torch.float32)) >= 28
+    q, s = quantize_fp8_ref(x, "tensor", dtype=E4M3)
+    assert s.shape == () and math.isclose(s.item(), (x.abs().max().item() + 1e-10) / 448, rel_tol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(13, 300), (2, 3, 256), (1, 17), (123, 123)])
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16])
+def test_per_tensor_matches_reference(shape, dtype, in_dtype):
+    x = (torch.randn(shape, device=DEVICE) * 3).to(in_dtype)
+    q, s = quantize_fp8(x, "tensor", dtype=dtype, backend="triton")
+    qr, sr = quantize_fp8_ref(x, "tensor", dtype=dtype)
+    assert q.dtype == dtype and q.shape == x.shape and s.shape == ()
+    assert torch.equal(s, sr)
+    assert _codes_match(q, qr) >= MIN_CODE_MATCH
+    y = dequantize_fp8(q, s, out_dtype=torch.float32, backend="triton")
+    assert rel_err(y, dequantize_fp8_ref(q, s, out_dtype=torch.float32)) < 1e-7
+    q2, s2 = quantize_fp8(x, "tensor", dtype=dtype, scale=sr * 2, backend="triton")  # given scale: one pass
+    assert torch.equal(s2, sr * 2)
+    assert _codes_match(q2, quantize_fp8_ref(x, "tensor", dtype=dtype, scale=sr * 2)[0]) >= MIN_CODE_MATCH
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,group", [((13, 300), 64), ((2, 3, 256), 128), ((5, 48), 16), ((7, 100), 32)])
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_per_group_matches_reference(shape, group, dtype):
+    x = torch.randn(shape, device=DEVICE) * torch.rand(shape[-1], device=DEVICE) * 10
+    q, s = quantize_fp8(x, "group", group, dtype, backend="triton")
+    qr, sr = quantize_fp8_ref(x, "group", group, dtype)
+    assert s.shape == (*shape[:-1], math.ceil(shape[-1] / group))
+    assert rel_err(s, sr) < 1e-7
+    assert _codes_match(q, qr) >= MIN_CODE_MATCH
+    for out_dtype in (torch.float32, torch.bfloat16):
+        y = dequantize_fp8(q, s, group_size=group, out_dtype=out_dtype, backend="triton")
+        assert y.dtype == out_dtype
+        # the interpreter's fp32 -> bf16 conversion truncates: allow one bf16 step there
+        tol = 1e-7 if out_dtype == torch.float32 or DEVICE == "cuda" else 8e-3
+        assert rel_err(y, dequantize_fp8_ref(q, s, group_size=group, out_dtype=out_dtype)) < tol
+
+
+def test_bad_arguments_are_named():
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="granularity"):
+        quantize_fp8(x, "row")
+    with pytest.raises(ValueError, match="not an FP8 dtype"):
+        quantize_fp8(x, dtype=torch.int8)
+    q, s = quantize_fp8(x, "group", 16, backend="torch")
+    with pytest.raises(ValueError, match="group scale has shape"):
+        dequantize_fp8(q, s[:, :1], "group", 16)
+
+
+# ---- COAT optimizer-state codec -------------------------------------------------------------------
+
+
+def test_expansion_exponent_formula_on_a_hand_built_group():
+    # one group with |x| in {1, 16}: R = 16, k = floor(log2(448^2/2)/4 * 16)/16 = 66/16
+    x = torch.tensor([1.0, -16.0] * 64)
+    st = quantize_fp8_state_ref(x)
+    assert st.expand.item() == 66 / 16
+    assert math.isclose(st.sqrt_minmax.item(), 4.0, rel_tol=1e-6)
+    assert math.isclose(st.scale.item() * 448, 4.0 ** (66 / 16), rel_tol=1e-5)
+    y = dequantize_fp8_state(st, backend="torch")
+    assert torch.equal(y[1::2], x[1::2])  # the group max maps to 448 exactly
+    # the group min lands at 448 / R^k ~ 0.0048, in E4M3's subnormal range (coat.md §2): coarse by design
+    assert torch.allclose(y[::2], x[::2], rtol=0.25)
+
+
+def _state_inputs():
+    g = 128
+    narrow = 1 + 0.1 * torch.rand(g)  # R ~ 1.1: k > 1 spreads the group over the FP8 range
+    wide = torch.randn(g) * torch.logspace(-8, 0, g)  # R ~ 1e8: k clamped to 1
+    constant = torch.full((g,), 0.25)
+    zeros = torch.zeros(g)
+    sparse = torch.zeros(g)
+    sparse[::7] = torch.randn(len(range(0, g, 7)))
+    tail = torch.randn(37)  # partial last group
+    return torch.cat([narrow, -narrow.flip(0), wide, constant, zeros, sparse, tail]).to(DEVICE)
+
+
+def test_reference_codec_properties():
+    x = _state_inputs()
+    st = quantize_fp8_state_ref(x)
+    k = st.expand
+    assert k[0] > 1 and k[2] == 1 and k[3] == 1 and k[4] == 1
+    assert torch.all(k >= 1) and torch.equal(torch.floor(k * 16), k * 16)
+    y = dequantize_fp8_state(st, backend="torch")
+    assert y.shape == x.shape
+    assert torch.equal(y[4 * 128 : 5 * 128], x[4 * 128 : 5 * 128])  # zeros stay zeros
+    assert rel_err(y[: 2 * 128], x[: 2 * 128]) < 5e-3  # expansion: narrow groups are almost exact
+    assert rel_err(y, x) < 0.05
+    # without expansion the narrow group would only get E4M3's 3 mantissa bits
+    q, s = quantize_fp8_ref(x[:128], "tensor")
+    assert rel_err(dequantize_fp8_ref(q, s, out_dtype=torch.float32), x[:128]) > 5 * rel_err(y[:128], x[:128])
+
+
+@needs_triton
+def test_triton_codec_matches_reference():
+    x = _state_inputs()
+    st = quantize_fp8_state(x, backend="triton")
+    ref = quantize_fp8_state_ref(x)
+    assert torch.equal(st.expand, ref.expand)
+    assert rel_err(st.sqrt_minmax, ref.sqrt_minmax) < 1e-6
+    assert rel_err(st.scale, ref.scale) < 1e-4  # exp2(k·log2) vs pow
+    assert st.q.shape == ref.q.shape and st.q.dtype == ref.q.dtype
+    y = dequantize_fp8_state(st, backend="triton")
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y_ref = dequantize_fp8_state(ref, backend="torch")
+    # on CPU the interpreter's fp8 conversion (not round-to-nearest) costs accuracy: bound it loosely there
+    assert rel_err(y, x) < (1.01 * rel_err(y_ref, x) + 1e-6 if DEVICE == "cuda" else 0.05)
+    # the triton inverse is the exact inverse of the reference's
+    assert rel_err(dequantize_fp8_state(ref, backend="triton"), y_ref) < 1e-5

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from _kernel_testing import DEVICE, TOL, needs_triton, rel_err
+from scaleforge.kernels import layer_norm, rms_norm
+from scaleforge.kernels.reference.norms import layer_norm_ref, rms_norm_ref
+
+pytestmark = needs_triton
+FNS = {"rms": (rms_norm, rms_norm_ref), "layer": (layer_norm, layer_norm_ref)}
+
+
+def _r(*shape, dtype=torch.float32, grad=False):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
+
+
+def _case(kind, fn_name, b, n, c, dtype, grad):
+    x = _r(b, n, c, dtype=dtype, grad=grad)
+    args = [x, _r(c, dtype=dtype, grad=grad)]
+    if fn_name == "layer":
+        args.append(_r(c, dtype=dtype, grad=grad))
+    kw = {}
+    if kind in ("mod", "full"):
+        kw.update(shift=_r(b, 1, c, dtype=dtype, grad=grad), scale=_r(b, c, dtype=dtype, grad=grad))
+    if kind in ("res", "full"):
+        kw.update(residual=_r(b, n, c, dtype=dtype, grad=grad), gate=_r(b, 1, c, dtype=dtype, grad=grad))
+    if kind == "per_token":
+        kw.update(shift=_r(b, n, c, grad=grad), scale=_r(c, grad=grad), residual=_r(b, n, c, grad=grad), gate=_r(b, n, c, grad=grad))
+    if kind == "no_affine":
+        args = [x]
+    return args, kw
+
+
+KINDS = ["plain", "no_affine", "mod", "res", "full", "per_token"]
+
+
+@pytest.mark.parametrize("fn_name", FNS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bnc", [(2, 13, 37), (1, 5, 256), (3, 1, 1000)])
+def test_forward_and_backward_match_reference(fn_name, kind, bnc):
+    fn, ref_fn = FNS[fn_name]
+    args, kw = _case(kind, fn_name, *bnc, torch.float32, grad=True)
+    out = fn(*args, **kw, backend="triton")
+    ref = ref_fn(*args, **kw)
+    out, ref = (out, ref) if isinstance(ref, tuple) else ((out,), (ref,))
+    assert len(out) == (2 if "residual" in kw else 1)
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-5
+    inputs = args + list(kw.values())
+    gs = [torch.randn_like(t) for t in ref]
+    for a, b in zip(torch.autograd.grad(out, inputs, gs), torch.autograd.grad(ref, inputs, gs)):
+        assert a.shape == b.shape
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("fn_name", FNS)
+def test_fp16_forward(fn_name):
+    fn, ref_fn = FNS[fn_name]
+    args, kw = _case("full", fn_name, 2, 9, 96, torch.float16, grad=False)
+    out = fn(*args, **kw, backend="triton")
+    ref = ref_fn(*[a.float() for a in args], **{k: v.float() for k, v in kw.items()})
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.float16
+        assert rel_err(a, b) < TOL[torch.float16]
+
+
+def test_modulation_is_applied_as_adaln():
+    x = _r(2, 4, 64)
+    shift, scale = _r(2, 1, 64), _r(2, 1, 64)
+    plain = layer_norm(x, backend="triton")
+    mod = layer_norm(x, shift=shift, scale=scale, backend="triton")
+    assert rel_err(mod, plain * (1 + scale) + shift) < 1e-6
+
+
+def test_bad_modulation_shape_is_named():
+    x = _r(2, 4, 64)
+    with pytest.raises(ValueError, match="shift"):
+        rms_norm(x, shift=_r(4, 64)[:3], backend="triton")
+    with pytest.raises(ValueError, match="gate is only used with residual"):
+        rms_norm(x, gate=_r(64), backend="triton")
