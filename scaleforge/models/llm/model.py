@@ -21,6 +21,7 @@ document block mask (sparse, for long packed rows on GPU; fused only under ``tor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -289,6 +290,16 @@ def _flex_document_block_mask(document_ids: torch.Tensor):
     return create_block_mask(mask_mod, b, None, s, s, device=document_ids.device)
 
 
+@functools.lru_cache(maxsize=2)
+def _flex(cuda: bool):
+    """flex_attention is only a fused kernel when compiled; eager it falls back to a dense
+    implementation that materializes (B, H, S, S) scores (69 GiB at NVILA-8B packed lengths). On
+    GPU it is compiled once (the usual way to use it); on CPU the eager path serves tests."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
+
+
 class KVCache:
     """Static per-layer key/value buffers for greedy decoding: (B, n_kv_heads, max_len, head_dim)."""
 
@@ -330,9 +341,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer_idx, k, v)
         gqa = self.n_kv_heads != self.n_heads
         if mask.block_mask is not None:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            out = flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+            out = _flex(q.is_cuda)(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
         elif mask.dense is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
         else:

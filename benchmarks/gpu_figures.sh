@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Reproduces the GPU figures of docs/benchmarks.md on a 2-GPU node (run from the repo root with the
+# package importable, e.g. PYTHONPATH=$PWD). Logs go to ${OUT:-gpu_logs}/. Sections: kernels lm sana nvila.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
+for section in "$@"; do
+  case $section in
+    kernels) python3 benchmarks/kernels/run_all.py --check 2>&1 | tee "$OUT/kernels_check.log" ;;
+    lm) python3 benchmarks/lm_train.py --config lm_1b.yaml --nproc 1 2 --compile off on --steps 40 --warmup 15 \
+          --json "$OUT/lm_1b.json" 2>&1 | tee "$OUT/lm_1b.log" ;;
+    sana)
+      for k in torch triton; do
+        echo "== SANA 1.6B, 1024px (32x32 latents), 1 GPU, kernels=$k"
+        python3 benchmarks/sana_train.py --preset 1.6b --image-size 1024 --batch 8 --steps 12 --warmup 4 --kernels $k
+        echo "== SANA 1.6B, 1024px, 2 GPUs (FSDP2), kernels=$k"
+        torchrun --nproc-per-node 2 benchmarks/sana_train.py --preset 1.6b --image-size 1024 --batch 8 --steps 12 --warmup 4 --kernels $k
+      done 2>&1 | tee "$OUT/sana.log" ;;
+    nvila) torchrun --nproc-per-node 2 benchmarks/nvila_step.py --steps 4 --warmup 2 2>&1 | tee "$OUT/nvila.log" ;;
+    *) echo "unknown section $section"; exit 2 ;;
+  esac
+done
