@@ -20,10 +20,11 @@ def _fail(msg: str) -> "NoReturn":  # noqa: F821
 
 
 def _known_errors():
+    from scaleforge.launch.slurm import SlurmError
     from scaleforge.platform.checkpoint import CheckpointError
     from scaleforge.platform.config import ConfigError
 
-    return (ConfigError, CheckpointError)
+    return (ConfigError, CheckpointError, SlurmError)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Flow (docs/slurm.md):
 
 1. ``launch --config X --slurm`` saves the resolved config as ``<run_dir>/config.yaml``, then
-   :func:`write_and_submit` renders ``slurm/sbatch.sh.j2`` into ``<run_dir>/sbatch.sh`` and runs
-   ``sbatch`` on it (:func:`submit`); ``--dry-run`` prints the script and :func:`plan_lines` instead.
+   :func:`render_sbatch` renders ``slurm/sbatch.sh.j2`` into ``<run_dir>/job.sbatch`` and :func:`submit` runs
+   ``sbatch`` on it; ``--dry-run`` prints the script and the launcher's plan instead.
 2. In the job, one ``srun`` task per node runs
    ``python -m scaleforge.launch.cli --config <run_dir>/config.yaml --from-slurm``; that process calls
    :func:`rendezvous_from_env` and starts ``torch.distributed.run`` for its node.
@@ -41,7 +41,9 @@ PORT_BASE = 20000
 PORT_SPAN = 20000
 
 # Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED.
-_TIME_RE = re.compile(r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(?::\d{1,2}(?::\d{1,2})?)?|UNLIMITED|INFINITE)$")
+_TIME_RE = re.compile(
+    r"^(?:\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(?::\d{1,2}(?::\d{1,2})?)?|UNLIMITED|INFINITE)$"
+)
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -161,7 +163,8 @@ def render_sbatch(
     config_path = Path(config_path).absolute()
     workdir = Path.cwd()
     # sbatch splits #SBATCH lines on whitespace: paths in directives must not contain any.
-    for what, path in (("the run directory (run.output_dir/run.name)", run_dir), ("the working directory", workdir)):
+    for what, path in (("the run directory (run.output_dir/run.name)", run_dir),
+                       ("the working directory", workdir)):
         if re.search(r"\s", str(path)):
             from scaleforge.platform.config import ConfigError
 
@@ -206,20 +209,6 @@ def render_sbatch(
     )
 
 
-def plan_lines(plan: Mapping[str, Any]) -> list[str]:
-    """``--dry-run``'s plan as aligned ``key: value`` lines (the numbers come from the launcher)."""
-    if not plan:
-        return []
-    width = max(len(str(k)) for k in plan)
-    return ["Plan:"] + [f"  {str(k).ljust(width)} : {v}" for k, v in plan.items()]
-
-
-def dry_run_text(script: str, plan: Mapping[str, Any], script_path: Optional[Path] = None) -> str:
-    """What ``launch --slurm --dry-run`` prints: the script, then the plan; nothing is submitted."""
-    head = f"# --- sbatch script ({script_path}, not submitted) ---" if script_path else "# --- sbatch script (not submitted) ---"
-    return "\n".join([head, script.rstrip("\n"), "# --- end of script ---", *plan_lines(plan)]) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------------
 # Submission
 # ---------------------------------------------------------------------------------------------------
@@ -243,7 +232,8 @@ def submit(script_path: Path, extra_args: Sequence[str] = ()) -> str:
     proc = _run_slurm_tool(["sbatch", "--parsable", *extra_args, str(script_path)], "submitting a job")
     if proc.returncode != 0:
         raise SlurmError(
-            f"sbatch {script_path} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+            f"sbatch {script_path} failed (exit {proc.returncode}): "
+            f"{proc.stderr.strip() or proc.stdout.strip()}"
         )
     out = proc.stdout.strip().splitlines()
     job_id = out[-1].split(";")[0].strip() if out else ""  # --parsable: "jobid" or "jobid;cluster"
@@ -262,21 +252,11 @@ def write_script(cfg: JobConfig, run_dir: Path, config_path: Path, **kwargs: Any
 
 
 def write_and_submit(cfg: JobConfig, run_dir: Path, config_path: Path, **kwargs: Any) -> SubmittedJob:
-    """Render into ``<run_dir>/sbatch.sh``, submit, and say where the log will be."""
+    """Render into ``<run_dir>/job.sbatch``, submit, and say where the log will be."""
     script = write_script(cfg, run_dir, config_path, **kwargs)
     job_id = submit(script)
     run_dir = Path(run_dir).absolute()
     return SubmittedJob(job_id, script.absolute(), run_dir / f"slurm-{job_id}.out", run_dir)
-
-
-def submitted_lines(job: SubmittedJob) -> list[str]:
-    return [
-        f"Submitted Slurm job {job.job_id}",
-        f"  script : {job.script_path}",
-        f"  log    : {job.log_path}  (all restarts append here)",
-        f"  watch  : squeue -j {job.job_id}; tail -f {job.log_path}",
-        f"  cancel : scancel {job.job_id}",
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,7 +265,7 @@ def submitted_lines(job: SubmittedJob) -> list[str]:
 def expand_hostlist(nodelist: str) -> list[str]:
     """Slurm hostlist expression -> host names (``n[1-2],gpu[01,03]`` -> n1 n2 gpu01 gpu03).
 
-    Used only where ``scontrol`` is not installed; inside a job :func:`first_host` asks scontrol.
+    Used only where ``scontrol`` is not installed; inside a job :func:`hostnames` asks scontrol.
     """
     hosts: list[str] = []
     for item in _split_top_level(nodelist.strip()):
@@ -408,15 +388,6 @@ def torchrun_args(rdzv: Mapping[str, Any], nproc_per_node: int) -> list[str]:
     ]
 
 
-def job_state(job_id: str) -> Optional[str]:
-    """Current state (PENDING, RUNNING, COMPLETED, ...) from scontrol; None once Slurm forgot the job."""
-    proc = _run_slurm_tool(["scontrol", "show", "job", "-o", str(job_id)], "querying a job")
-    if proc.returncode != 0:
-        return None
-    m = re.search(r"\bJobState=(\S+)", proc.stdout)
-    return m.group(1) if m else None
-
-
 def job_fields(job_id: str) -> dict[str, str]:
     """``scontrol show job -o`` as a dict (ExitCode, Restarts, JobState, ...)."""
     proc = _run_slurm_tool(["scontrol", "show", "job", "-o", str(job_id)], "querying a job")
@@ -432,16 +403,12 @@ __all__ = [
     "submit",
     "write_script",
     "write_and_submit",
-    "submitted_lines",
-    "plan_lines",
-    "dry_run_text",
     "rendezvous_from_env",
     "torchrun_args",
     "expand_hostlist",
     "hostnames",
     "master_port",
     "time_limit_seconds",
-    "job_state",
     "job_fields",
     "PREEMPT_FILE",
     "DONE_FILE",

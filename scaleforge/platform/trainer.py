@@ -32,6 +32,7 @@ from scaleforge.platform.metrics import MetricsLogger, device_peak_flops, trunca
 from scaleforge.platform.recipe import DataContext, Recipe
 
 PREEMPT_FILE = "PREEMPT"
+DONE_FILE = "DONE"  # written when max_steps is reached: a Slurm job never requeues a finished run
 
 
 class TrainingError(RuntimeError):
@@ -68,6 +69,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / PREEMPT_FILE).unlink(missing_ok=True)
+        (run_dir / DONE_FILE).unlink(missing_ok=True)  # a resumed run with a larger max_steps
     sfdist.barrier()
 
     if cfg.trainer.deterministic:
@@ -227,6 +229,8 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     if stop_reason is None and cfg.checkpoint.save_final and last_saved != step:
         _save(ckpt, step, dcp_state(), data, engine, info, blocking=True)
     ckpt.wait()
+    if info.is_main and step >= cfg.trainer.max_steps:
+        (run_dir / DONE_FILE).write_text(f"{step}\n")
     log.close(plot=stop_reason is None)
     data.close()
     summary = {"step": step, "stopped_by": stop_reason, "run_dir": str(run_dir)}
