@@ -23,8 +23,9 @@ def _known_errors():
     from scaleforge.launch.slurm import SlurmError
     from scaleforge.platform.checkpoint import CheckpointError
     from scaleforge.platform.config import ConfigError
+    from scaleforge.platform.data import DataError
 
-    return (ConfigError, CheckpointError, SlurmError)
+    return (ConfigError, CheckpointError, SlurmError, DataError)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,20 @@ from typing import Sequence
 from scaleforge.platform.data.shards import DataError
 
 
+def _guarded(handler):
+    """Data problems (missing files, bad JSONL lines...) print one clear line and exit 2, whoever calls."""
+
+    def run_handler(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    run_handler.__name__ = handler.__name__
+    return run_handler
+
+
 def _synth(args: argparse.Namespace) -> int:
     from scaleforge.platform.data.tools import synth
 
@@ -64,33 +78,26 @@ def add_data_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--seq-len", type=int, default=129, help="tokens: sequence length")
     p.add_argument("--vocab", type=int, default=256, help="tokens: vocabulary size")
     p.add_argument("--frames", type=int, default=8, help="video-text: frames per sample")
-    p.set_defaults(func=_synth)
+    p.set_defaults(func=_guarded(_synth))
     p = sub.add_parser("pack", help="shards from a folder of images and a JSONL of captions/conversations")
     p.add_argument("--images", required=True)
     p.add_argument("--captions", required=True, help="JSONL: {image, caption | conversations, ...}")
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size-mb", type=float, default=256.0)
     p.add_argument("--max-per-shard", type=int, default=10000)
-    p.set_defaults(func=_pack)
+    p.set_defaults(func=_guarded(_pack))
     p = sub.add_parser("inspect", help="counts, fields, sizes and bad samples of shards")
     p.add_argument("shards", nargs="+", help="paths or brace patterns")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_inspect)
+    p.set_defaults(func=_guarded(_inspect))
     return data
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return args.func(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scaleforge")
     add_data_subcommands(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,17 @@ class WebDatasetLoader(StatefulIterator):
         self._next_worker = 0
         self._consumed = 0
 
+    def load_resharded_state_dict(self, states: Sequence[dict[str, Any]]) -> str:
+        """The trainer's entry point after a world-size change: the states of all old ranks."""
+        old = states[0]
+        self.load_state_dict({"ranks": list(states)})
+        if self.spec.mode == "exact":
+            return (f"webdataset loader re-split the unconsumed rest of the epochs in flight from "
+                    f"{old['world_size']}x{old['readers_per_rank']} to {self.world_size}x{self.readers_per_rank} "
+                    "readers (no sample repeated or lost within an epoch), then continues with the new layout")
+        return (f"webdataset loader (resampled) restarts its {self.world_size}x{self.readers_per_rank} readers "
+                "at the next epoch")
+
     # -- metrics -----------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}

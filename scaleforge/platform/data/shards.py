@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from braceexpand import braceexpand
 from webdataset import gopen
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 log = logging.getLogger("scaleforge.data")
 
@@ -66,25 +67,58 @@ class ShardReadResult:
     error: str = ""
 
 
+class _RecordingTarInfo(tarfile.TarInfo):
+    """Remembers the last header block tarfile read. tarfile's streaming mode treats a missing,
+    short or garbled header after the first member as a normal end of archive; only a full block of
+    zeros is a real end marker, so this is how a truncated shard is told from a complete one."""
+
+    last: list[bytes]
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):  # noqa: D102  (stdlib hook)
+        cls.last[0] = bytes(buf)
+        return super().frombuf(buf, encoding, errors)
+
+
+def _tar_members(fileobj: Any, url: str, result: ShardReadResult) -> Iterator[dict[str, Any]]:
+    info_cls = type("_ShardTarInfo", (_RecordingTarInfo,), {"last": [None]})
+    tf = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=info_cls)
+    for member in tf:
+        if not member.isreg() or _META.match(member.name):
+            continue
+        data = tf.extractfile(member).read()
+        tf.members = []  # streaming: do not keep every TarInfo
+        yield {"fname": member.name, "data": data, "__url__": url}
+    last = info_cls.last[0]
+    if last is None or len(last) != tarfile.BLOCKSIZE or last.count(0) != tarfile.BLOCKSIZE:
+        result.truncated = True
+        result.error = ("no end-of-archive marker (file cut short)" if not last or len(last) < tarfile.BLOCKSIZE
+                        else "garbled tar header")
+
+
+_META = re.compile(r"__[^/]*__($|/)")
+
+
 def iter_shard(url: str, result: ShardReadResult | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(index, raw_sample)`` for every complete sample of one shard, in tar order.
 
-    A read error (truncated tar, broken pipe, duplicate member) ends the stream; the reason goes into
-    ``result``. The last, possibly partial sample before the error is dropped.
+    A read error or a missing end-of-archive marker (truncated tar, broken pipe, garbled header) ends
+    the stream, and the sample being read when it happened is dropped as incomplete; the reason goes
+    into ``result``.
     """
     result = result if result is not None else ShardReadResult()
     stream = None
+    index, held = 0, None
     try:
         stream = gopen(local_path(url), "rb")
-
-        def files() -> Iterator[dict[str, Any]]:
-            for f in tar_file_iterator(stream):
-                f["__url__"] = url
-                yield f
-
-        for index, sample in enumerate(group_by_keys(files())):
-            yield index, sample
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # truncated / corrupt tar
+        for sample in group_by_keys(_tar_members(stream, url, result)):
+            if held is not None:  # one sample of lag: the last one is only complete if the tar is
+                yield index, held
+                index += 1
+            held = sample
+        if held is not None and not result.truncated:
+            yield index, held
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # corrupt / unreadable tar
         result.truncated = True
         result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
