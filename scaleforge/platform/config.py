@@ -58,6 +58,8 @@ class MetricsConfig:
     jsonl: bool = True
     progress_bar: bool = True
     plot: bool = True
+    profile_start_step: int = 0  # > 0: torch.profiler over steps [start, start + profile_steps)
+    profile_steps: int = 3
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

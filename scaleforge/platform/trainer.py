@@ -137,7 +137,9 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     for name in engine.plan.eval_modules:
         dict(model.named_modules())[name].eval()
 
+    profiler = _Profiler(cfg.metrics, run_dir, info)
     while step < cfg.trainer.max_steps:
+        profiler.before_step(step + 1)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         items, tokens, samples = 0.0, 0.0, 0
@@ -193,6 +195,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
                     f"gradient norm (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); the last "
                     f"good checkpoint is kept")
         dt = time.perf_counter() - t0
+        profiler.after_step(step)
         record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                                   "step_time_s": dt, "samples_per_s": layout.global_batch_size / dt,
                                   "skipped": skipped}
@@ -236,6 +239,38 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     summary = {"step": step, "stopped_by": stop_reason, "run_dir": str(run_dir)}
     sfdist.barrier()
     return summary
+
+
+class _Profiler:
+    """``metrics.profile_start_step``: torch.profiler over a few steps; rank 0 writes a Chrome trace and
+    a table of the top operators by device (or CPU) time into ``<run_dir>/profile/``."""
+
+    def __init__(self, metrics_cfg, run_dir: Path, info):
+        self.start = metrics_cfg.profile_start_step
+        self.end = self.start + metrics_cfg.profile_steps
+        self.run_dir, self.info, self.prof = run_dir, info, None
+
+    def before_step(self, step: int) -> None:
+        if self.start > 0 and step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.info.device.type == "cuda" else [])
+            self.prof = profile(activities=acts, record_shapes=False)
+            self.prof.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self.prof is None or step < self.end - 1:
+            return
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        if self.info.is_main:
+            out = self.run_dir / "profile"
+            out.mkdir(exist_ok=True)
+            self.prof.export_chrome_trace(str(out / f"trace_rank0_steps{self.start}-{self.end - 1}.json"))
+            key = "self_device_time_total" if self.info.device.type == "cuda" else "self_cpu_time_total"
+            (out / "top_ops.txt").write_text(self.prof.key_averages().table(sort_by=key, row_limit=40))
+        self.prof = None
 
 
 def _save(ckpt: CheckpointManager, step: int, state: dict[str, Any], data, engine, info, blocking: bool) -> None:
