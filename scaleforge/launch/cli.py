@@ -123,6 +123,10 @@ def launch_main(argv: list[str] | None = None) -> int:
             _print_plan(cfg, layout)
             return 0
         _check_resume(cfg, run_dir)
+        if cfg.data.kind == "webdataset":  # missing shards etc. fail here, before any process starts
+            from scaleforge.platform.data.loader import check_sources
+
+            check_sources(cfg.data, layout.dp_size)
         if args.from_slurm:
             from scaleforge.launch.slurm import rendezvous_from_env
 

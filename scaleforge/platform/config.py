@@ -252,9 +252,14 @@ def load_config(
             raise ConfigError(f"override {ov!r} is not of the form key=value")
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"bad override: {e}") from None
-    raw = OmegaConf.merge(base, cli)
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"bad override (not valid YAML after '='): {' '.join(l.strip() for l in first[:3])}") from None
+    try:
+        raw = OmegaConf.merge(base, cli)
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        raise ConfigError(f"overrides {' '.join(overrides)}: cannot be merged into the config ({e}); "
+                          f"a list is replaced as a whole (key=[a,b]), not by index") from None
     return validate(raw, recipe_config)
 
 
@@ -292,6 +297,8 @@ def validate(raw: DictConfig, recipe_config: Callable[[str], type] | None = None
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_format_omegaconf_error(e)) from None
+    except (TypeError, ValueError) as e:  # e.g. a list section given as a mapping (key.0.x=...)
+        raise ConfigError(f"config does not fit the schema: {e} (lists are replaced whole: key=[a,b])") from None
     check_choices(cfg)
     return cfg
 

@@ -122,3 +122,17 @@ def test_dry_run_plan():
     assert r.returncode == 0, r.stderr
     assert "world size        8" in r.stdout and "accumulation 1" in r.stdout
     assert "memory / device" in r.stdout and "parameters" in r.stdout
+
+
+def test_malformed_overrides_are_config_errors():
+    with pytest.raises(ConfigError, match="bad override .not valid YAML"):
+        load("data.sources=[{name: a, shards: x{0..3}.tar}]")
+    with pytest.raises(ConfigError, match="lists are replaced whole"):
+        load("data.sources.1.shards=[x]")
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load("trainer.max_steps")
+
+
+def test_source_shards_may_be_one_pattern():
+    cfg = load("data.kind=webdataset", "data.sources=[{name: a, shards: 'x-{0..3}.tar'}]")
+    assert cfg.data.sources[0].shards == ["x-{0..3}.tar"]

@@ -273,19 +273,10 @@ def _probe_source(source: SourceSpec, sample_fn: Callable[[dict[str, Any]], dict
                     f"{min(len(source.urls), PROBE_SHARDS)} shard(s) ({detail})")
 
 
-def build_loader(
-    data_cfg: DataConfig,
-    ctx: Any,
-    sample_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    batcher: Batcher | Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
-    probe: bool = True,
-) -> WebDatasetLoader:
-    """The per-rank loader for ``data.kind: webdataset`` (see docs/data.md).
-
-    ``ctx`` is a ``scaleforge.platform.recipe.DataContext`` (dp_rank, dp_world_size, micro_batch_size,
-    seed, device). All checks (patterns, missing shards, shard count, a usable sample per source)
-    happen here, before any worker starts.
-    """
+def check_sources(data_cfg: DataConfig, world: int) -> list[SourceSpec]:
+    """The configuration checks of ``build_loader`` that need no sample decoding: mode, workers, the
+    bad-sample budget, source names and weights, patterns, missing shards, shards per reader. The
+    launcher runs them too, so a missing shard fails before any process starts."""
     if data_cfg.kind != "webdataset":
         raise DataError(f"data.kind: build_loader reads webdataset shards, got kind={data_cfg.kind!r}")
     if data_cfg.mode not in ("exact", "resampled"):
@@ -299,12 +290,6 @@ def build_loader(
     names = [s.name for s in data_cfg.sources]
     if len(set(names)) != len(names):
         raise DataError(f"data.sources: source names must be unique, got {names}")
-    sample_fn = sample_fn or decode_sample
-    if batcher is None:
-        batcher = FixedBatcher(ctx.micro_batch_size, collate_samples)
-    elif not isinstance(batcher, Batcher):
-        batcher = FixedBatcher(ctx.micro_batch_size, batcher)
-    world, rank = int(ctx.dp_world_size), int(ctx.dp_rank)
     readers = world * max(1, data_cfg.num_workers)
     sources = []
     for i, s in enumerate(data_cfg.sources):
@@ -319,6 +304,29 @@ def build_loader(
                 f"{readers} readers; exact mode splits by shard and needs at least one shard per reader "
                 "(write more, smaller shards, lower data.num_workers, or use data.mode=resampled)")
         sources.append(SourceSpec(i, s.name, tuple(urls), float(s.weight)))
+    return sources
+
+
+def build_loader(
+    data_cfg: DataConfig,
+    ctx: Any,
+    sample_fn: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    batcher: Batcher | Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+    probe: bool = True,
+) -> WebDatasetLoader:
+    """The per-rank loader for ``data.kind: webdataset`` (see docs/data.md).
+
+    ``ctx`` is a ``scaleforge.platform.recipe.DataContext`` (dp_rank, dp_world_size, micro_batch_size,
+    seed, device). All checks (patterns, missing shards, shard count, a usable sample per source)
+    happen here, before any worker starts.
+    """
+    sample_fn = sample_fn or decode_sample
+    if batcher is None:
+        batcher = FixedBatcher(ctx.micro_batch_size, collate_samples)
+    elif not isinstance(batcher, Batcher):
+        batcher = FixedBatcher(ctx.micro_batch_size, batcher)
+    world, rank = int(ctx.dp_world_size), int(ctx.dp_rank)
+    sources = check_sources(data_cfg, world)
     if probe:
         for src in sources:
             _probe_source(src, sample_fn)
