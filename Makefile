@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The flagship in miniature: NVILA (Dynamic-S2, 2x2 token compression, packed conversations) on CPU.
 demo: setup
-	$(VENV)/bin/launch --config configs/lm_tiny.yaml --nproc 2 run.name=demo
+	$(VENV)/bin/launch --config configs/nvila_tiny.yaml --nproc 2 run.name=demo
 
 test: setup
 	$(VPY) -m pytest -q -ra --durations=25

@@ -171,7 +171,8 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
         loss_value = g_loss_sum / g_items
         engine.scale_grads(layout.dp_size / g_items)
         grad_norm = float(engine.clip_grad_norm(cfg.optim.grad_clip))
-        lr = engine.scheduler.get_last_lr()[0]
+        group = engine.optimizer.param_groups[0]  # the base LR (groups may carry LR multipliers)
+        lr = group["lr"] / (group.get("lr_mult") or 1.0)
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             engine.optimizer_step()
             if ema is not None:
