@@ -272,7 +272,12 @@ class MixFFN(nn.Module):
         return self.point_conv(h * F.silu(gate))
 
 
-def _modulated_ln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _modulated_ln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
+    """LayerNorm without affine, then adaLN modulation x_hat * (1 + scale) + shift. With
+    ``kernels == "triton"`` on GPU one fused kernel (scaleforge.kernels.layer_norm) does it in one pass."""
+    kern = _kernels() if kernels == "triton" and x.is_cuda else None
+    if kern is not None:
+        return kern.layer_norm(x, None, None, eps=NORM_EPS, shift=shift, scale=scale, backend="triton")
     return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS) * (1 + scale) + shift
 
 
@@ -290,9 +295,10 @@ class SanaBlock(nn.Module):
         b = x.shape[0]
         mod = self.scale_shift_table[None].to(t0.dtype) + t0.reshape(b, 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        x = x + gate_msa * self.attn(_modulated_ln(x, shift_msa, scale_msa).to(x.dtype))
+        k = self.attn.kernels
+        x = x + gate_msa * self.attn(_modulated_ln(x, shift_msa, scale_msa, k).to(x.dtype))
         x = x + self.cross_attn(x, y, mask_bias)
-        x = x + gate_mlp * self.mlp(_modulated_ln(x, shift_mlp, scale_mlp).to(x.dtype), hw)
+        x = x + gate_mlp * self.mlp(_modulated_ln(x, shift_mlp, scale_mlp, k).to(x.dtype), hw)
         return x
 
 
