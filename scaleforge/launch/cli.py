@@ -10,11 +10,12 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_USAGE = 2
 
 
-def _fail(msg: str) -> "NoReturn":  # noqa: F821
+def _fail(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
 

@@ -20,7 +20,6 @@ from typing import Any, Iterator
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from scaleforge.platform.config import ConfigError, JobConfig, Layout

@@ -12,10 +12,9 @@ The train loop knows nothing about a recipe beyond this class. A recipe:
 """
 from __future__ import annotations
 
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -155,10 +154,6 @@ class Recipe(ABC):
     def export(self, state_dict: Mapping[str, torch.Tensor], out_dir: str, fmt: str) -> None:
         """Write a full (unsharded, CPU) model state dict to ``out_dir`` in the serving format."""
         raise NotImplementedError(f"recipe {self.name!r} has no export format {fmt!r}")
-
-
-def dataclass_defaults(cls: type) -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 from scaleforge.platform.data.base import StatefulIterator  # noqa: E402  (type used above)

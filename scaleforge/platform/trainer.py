@@ -12,10 +12,8 @@ the run with a message naming the step.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +91,6 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
         return state
 
     step = 0
-    log = MetricsLogger(run_dir, cfg.metrics, {}, cfg.trainer.max_steps, 0, enabled=False)
     resume_path = resolve_resume(cfg.checkpoint.resume, run_dir)
     resume_note = None
     if resume_path is not None:

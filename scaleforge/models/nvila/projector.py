@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleforge.models.nvila.siglip import init_linear_and_layernorm
+
 PROJECTOR_TYPES = ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix", "mlp2x_gelu")
 
 
@@ -108,13 +110,7 @@ class MultimodalProjector(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        for m in self.layers:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_layernorm(self.layers)
 
 
 def temporal_pool(tokens: torch.Tensor, t: int) -> torch.Tensor:

@@ -21,6 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def init_linear_and_layernorm(modules) -> None:
+    """Xavier-uniform Linear weights, zero biases, unit LayerNorms (SigLIP's and the projector's init)."""
+    for m in modules:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 @dataclass
 class SiglipConfig:
     """Vision tower sizes. Defaults: SigLIP so400m-patch14-448."""
@@ -173,10 +185,4 @@ class SiglipVisionTower(nn.Module):
                         self.cfg.patch_size ** 2)) ** 0.5)
         nn.init.zeros_(self.embeddings.patch_embedding.bias)
         nn.init.normal_(self.embeddings.position_embedding.weight, std=d ** -0.5)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_layernorm(self.modules())
