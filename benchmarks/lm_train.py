@@ -48,6 +48,7 @@ def run_one(config: str, nproc: int, compile_: bool, steps: int, warmup: int, mb
         "nproc": nproc, "compile": compile_, "steps": len(recs),
         "tokens_per_s_per_device": statistics.median(r["tokens_per_s_per_device"] for r in steady),
         "step_time_s": statistics.median(r["step_time_s"] for r in steady),
+        "sync_wait_s": statistics.median(r.get("sync_wait_s", float("nan")) for r in steady),
         "mfu": statistics.median(r["mfu"] for r in steady) if "mfu" in steady[0] else None,
         "mem_peak_gib": max(r.get("mem_peak_gib", 0.0) for r in recs),
         "estimate_gib": estimate_gib(config, nproc, overrides),
@@ -69,8 +70,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     results = []
-    print("| GPUs | compile | tokens/s/GPU | MFU | step (s) | peak mem (GiB) | dry-run estimate (GiB) | est./peak |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| GPUs | compile | tokens/s/GPU | MFU | step (s) | host wait at sync (ms) | peak mem (GiB) | "
+          "dry-run estimate (GiB) | est./peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.nproc:
         for c in args.compile:
             r = run_one(args.config, n, c == "on", args.steps, args.warmup, args.micro_batch, args.overrides)
@@ -81,7 +83,8 @@ def main() -> None:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             ratio = r["estimate_gib"] / r["mem_peak_gib"] if r["mem_peak_gib"] else float("nan")
             print(f"| {n} | {c} | {r['tokens_per_s_per_device']:,.0f} | {mfu} | {r['step_time_s']:.3f} | "
-                  f"{r['mem_peak_gib']:.1f} | {r['estimate_gib']:.1f} | {ratio:.2f} |", flush=True)
+                  f"{1e3 * r['sync_wait_s']:.1f} | {r['mem_peak_gib']:.1f} | {r['estimate_gib']:.1f} | "
+                  f"{ratio:.2f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

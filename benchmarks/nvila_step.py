@@ -86,7 +86,10 @@ def run_variant(args, projector: str, info, world: int) -> dict:
         n = torch.tensor(float(out.num_items), device=info.device)
         dist.all_reduce(n)
         (out.loss * world / n).backward()  # the trainer's global token-count normalization
-        engine.clip_grad_norm(cfg.optim.grad_clip)
+        sq = engine.grad_sq_norm_local()
+        dist.all_reduce(sq)
+        norm = float(sq.sqrt())
+        engine.scale_grads(min(1.0, cfg.optim.grad_clip / (norm + 1e-6)) if cfg.optim.grad_clip > 0 else 1.0)
         engine.optimizer_step()
         engine.zero_grad()
         if cuda:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from abc import ABC, abstractmethod
 from typing import Any, Iterator
 
@@ -43,11 +42,14 @@ class Engine(ABC):
 
     @abstractmethod
     def scale_grads(self, factor: float) -> None:
-        """Multiply every gradient by ``factor`` (global token-count normalization)."""
+        """Multiply every gradient by ``factor`` (global item-count normalization times the clip
+        coefficient, applied as one pass)."""
 
     @abstractmethod
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Total gradient norm over all ranks (before clipping); clips when ``max_norm > 0``."""
+    def grad_sq_norm_local(self) -> torch.Tensor:
+        """This rank's share of the squared global gradient norm, an fp64 scalar on the device, such
+        that the sum over all ranks is the squared norm of the full gradient. No host synchronization:
+        the train loop all-reduces it together with the loss statistics."""
 
     @abstractmethod
     def optimizer_step(self) -> None: ...
@@ -197,19 +199,25 @@ class FSDP2Engine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def scale_grads(self, factor: float) -> None:
-        grads = [p.grad for p in self.trainable_params() if p.grad is not None]
-        if grads:
-            torch._foreach_mul_([g.to_local() if hasattr(g, "to_local") else g for g in grads], factor)
+    def _local_grads(self) -> list[torch.Tensor]:
+        # The local shards as plain tensors: foreach kernels on DTensors pay DTensor dispatch on the host,
+        # and ``to_local()`` is an autograd function; ``_local_tensor`` is the shard itself (no copy).
+        return [getattr(g, "_local_tensor", g) for g in (p.grad for p in self.trainable_params())
+                if g is not None]
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        params = [p for p in self.trainable_params() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        if max_norm > 0 and math.isfinite(float(norm)):
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-        return norm
+    def scale_grads(self, factor: float) -> None:
+        grads = self._local_grads()
+        if grads and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+
+    def grad_sq_norm_local(self) -> torch.Tensor:
+        grads = self._local_grads()
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=self.info.device)
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+        sq = torch.stack(norms).double().square().sum()
+        # Under HSDP each shard is held (identically) by dp_replicate ranks.
+        return sq / self.layout.dp_replicate
 
     def optimizer_step(self) -> None:
         self.optimizer.step()

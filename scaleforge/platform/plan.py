@@ -10,6 +10,10 @@ measures, so CUDA context and allocator fragmentation are not included):
   plus two block units in flight (the current one and the prefetched one), and the unsharded gradients
   of one unit before its reduce-scatter
 - activations of one micro-batch, from the recipe (``Recipe.activation_bytes``)
+
+The total adds all of these, except that without gradient accumulation only the larger of gradients and
+activations counts (backward frees a block's activations as it creates the block's gradients; with
+accumulation, the gradients of earlier micro-batches stay while the next one's activations are saved).
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ class Plan:
             for k, v in self.memory.items():
                 if k != "total":
                     out.append(f"  {k:<16}{v:.2f} GiB")
+            if "activations" in self.memory and L.grad_accum == 1:
+                out.append("  (no accumulation: the total counts the larger of gradients and activations)")
         for k, v in self.extra.items():
             out.append(f"{k:<18}{v}")
         return out
@@ -91,10 +97,16 @@ def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
         f"optimizer ({cfg.optim.name})": optim_bpp * trainable / shard / gib,
         "unsharded units": (compute_bytes * (root + 2 * largest) + compute_bytes * largest) / gib,
     }
-    act = recipe.activation_bytes(layout.micro_batch_size, cfg.parallel.activation_checkpointing == "full")
+    act = recipe.activation_bytes(layout.micro_batch_size, cfg.parallel.activation_checkpointing == "full",
+                                  compiled=cfg.parallel.compile)
     if act is not None:
         mem["activations"] = act / gib
     mem["total"] = sum(mem.values())
+    if act is not None and layout.grad_accum == 1:
+        # Without accumulation, full activations and full gradients never coexist: the peak is at the
+        # start of backward (every activation saved, almost no gradient yet); each block's backward
+        # then frees its activations as it produces its gradients. The larger of the two counts.
+        mem["total"] -= min(mem["activations"], mem["grads (fp32)"])
     extra = {k: v for k, v in recipe.describe(model).items()}
     if act is None:
         extra["note"] = "the recipe gives no activation-memory model; activations are not in the estimate"

@@ -138,9 +138,11 @@ class Recipe(ABC):
         Written-down formula in the recipe's docstring."""
         return None
 
-    def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool) -> int | None:
+    def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool,
+                         compiled: bool = False) -> int | None:
         """Peak activation memory of one micro-batch on one device (for the dry-run memory estimate);
-        None when the recipe has no model of it."""
+        None when the recipe has no model of it. ``compiled``: ``parallel.compile`` is on, so the
+        compiled units save what AOTAutograd's partitioner keeps, usually less than eager autograd."""
         return None
 
     def describe(self, model: nn.Module) -> dict[str, Any]:

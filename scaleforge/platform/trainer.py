@@ -55,6 +55,12 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _as_device_scalar(v: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.detach().to(device=device, dtype=torch.float64).reshape(())
+    return torch.full((), float(v), dtype=torch.float64, device=device)
+
+
 def run_dir_of(cfg: JobConfig) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
 
@@ -138,39 +144,50 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     while step < cfg.trainer.max_steps:
         profiler.before_step(step + 1)
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
-        items, tokens, samples = 0.0, 0.0, 0
-        extra: dict[str, float] = {}
+        dev = info.device
+        # Statistics stay on the device until the single host synchronization of the step (below).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        items = torch.zeros((), dtype=torch.float64, device=dev)
+        tokens, samples = 0.0, 0
+        extra: dict[str, torch.Tensor] = {}
         for mb in range(layout.grad_accum):
-            batch = _to_device(next(data), info.device)
+            batch = _to_device(next(data), dev)
             out = recipe.forward_loss(model, batch)
             loss = out.loss
             if (step + 1) in nan_steps:
                 loss = loss * float("nan")
             engine.backward(loss)
             loss_sum += loss.detach().double()
-            items += float(out.num_items)
-            tokens += float(out.num_tokens or 0)
+            items += _as_device_scalar(out.num_items, dev)
+            tokens += float(out.num_tokens or 0)  # a host int: the recipe knows it without the device
             samples += layout.micro_batch_size
             for k, v in out.metrics.items():
-                extra[k] = extra.get(k, 0.0) + float(v)
+                extra[k] = extra.get(k, 0.0) + _as_device_scalar(v, dev)
         keys = sorted(extra)
         stop_local = 1.0 if (stop.signal or (info.is_main and (run_dir / PREEMPT_FILE).exists())) else 0.0
-        reduced = torch.stack([loss_sum, torch.tensor(items, dtype=torch.float64, device=info.device),
-                               torch.tensor(tokens, dtype=torch.float64, device=info.device),
-                               torch.tensor(stop_local, dtype=torch.float64, device=info.device)]
-                              + [torch.tensor(extra[k], dtype=torch.float64, device=info.device) for k in keys])
-        dist.all_reduce(reduced)
-        g_loss_sum, g_items, g_tokens, g_stop = reduced[:4].tolist()
-        g_extra = {k: v / (info.world_size * layout.grad_accum) for k, v in zip(keys, reduced[4:].tolist())}
+        # One all-reduce and one host synchronization per step. The gradient norm is taken on the raw
+        # (summed-loss) gradients and rescaled on the host, so the global item-count normalization and
+        # the clipping are applied together as one multiply.
+        stats = torch.stack([loss_sum, items, torch.full((), tokens, dtype=torch.float64, device=dev),
+                             torch.full((), stop_local, dtype=torch.float64, device=dev),
+                             engine.grad_sq_norm_local()] + [extra[k] for k in keys])
+        dist.all_reduce(stats)
+        t_sync = time.perf_counter()
+        g_loss_sum, g_items, g_tokens, g_stop, g_grad_sq, *g_extra_values = stats.tolist()
+        sync_wait = time.perf_counter() - t_sync
+        g_extra = {k: v / (info.world_size * layout.grad_accum) for k, v in zip(keys, g_extra_values)}
         if g_items <= 0:
             raise TrainingError(f"step {step + 1}: the global batch has no loss items (every label masked?)")
         loss_value = g_loss_sum / g_items
-        engine.scale_grads(layout.dp_size / g_items)
-        grad_norm = float(engine.clip_grad_norm(cfg.optim.grad_clip))
+        # FSDP's reduce-scatter averages over the dp ranks; rescale to the global per-item mean.
+        normalize = layout.dp_size / g_items
+        grad_norm = math.sqrt(g_grad_sq) * normalize if math.isfinite(g_grad_sq) else float("nan")
         group = engine.optimizer.param_groups[0]  # the base LR (groups may carry LR multipliers)
         lr = group["lr"] / (group.get("lr_mult") or 1.0)
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            clip = cfg.optim.grad_clip
+            coef = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
+            engine.scale_grads(normalize * coef)
             engine.optimizer_step()
             if ema is not None:
                 ema.update()
@@ -196,7 +213,9 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
         profiler.after_step(step)
         record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                                   "step_time_s": dt, "samples_per_s": layout.global_batch_size / dt,
-                                  "skipped": skipped}
+                                  # host time blocked on the device at the step's one synchronization:
+                                  # near 0 means the host (Python, dispatch) limits the step, not the GPU
+                                  "sync_wait_s": sync_wait, "skipped": skipped}
         if g_tokens > 0:
             record["tokens_per_s"] = g_tokens / dt
             record["tokens_per_s_per_device"] = g_tokens / dt / info.world_size
@@ -241,7 +260,8 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
 
 class _Profiler:
     """``metrics.profile_start_step``: torch.profiler over a few steps; rank 0 writes a Chrome trace and
-    a table of the top operators by device (or CPU) time into ``<run_dir>/profile/``."""
+    tables of the top operators by device (or CPU) time, by host time, and by input shape into
+    ``<run_dir>/profile/``."""
 
     def __init__(self, metrics_cfg, run_dir: Path, info):
         self.start = metrics_cfg.profile_start_step
@@ -253,7 +273,7 @@ class _Profiler:
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.info.device.type == "cuda" else [])
-            self.prof = profile(activities=acts, record_shapes=False)
+            self.prof = profile(activities=acts, record_shapes=True)
             self.prof.__enter__()
 
     def after_step(self, step: int) -> None:
@@ -268,6 +288,10 @@ class _Profiler:
             self.prof.export_chrome_trace(str(out / f"trace_rank0_steps{self.start}-{self.end - 1}.json"))
             key = "self_device_time_total" if self.info.device.type == "cuda" else "self_cpu_time_total"
             (out / "top_ops.txt").write_text(self.prof.key_averages().table(sort_by=key, row_limit=40))
+            (out / "top_ops_host.txt").write_text(
+                self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+            (out / "top_ops_by_shape.txt").write_text(
+                self.prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=60))
         self.prof = None
 
 

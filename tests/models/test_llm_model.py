@@ -323,3 +323,30 @@ def test_webdataset_token_ids_beyond_vocab_are_named(tmp_path):
     with pytest.raises(VocabularyError, match="model.vocab_size=100"):
         data = recipe.build_data(DataContext(0, 1, 2, seed=0, device=torch.device("cpu")))
         next(data)
+
+
+def test_activation_estimate_counts_what_compiled_blocks_save():
+    """parallel.compile: the probe partitions the blocks and the loss as Inductor does, which keeps fewer
+    intermediates (fused RMSNorm / SwiGLU / log-softmax) than eager autograd; both scale with the batch."""
+    recipe = LLMRecipe(LLMModelConfig(preset="tiny", seq_len=128), None)
+    eager = recipe.activation_bytes(2, activation_checkpointing=False)
+    compiled = recipe.activation_bytes(2, activation_checkpointing=False, compiled=True)
+    assert 0 < compiled < 0.9 * eager
+    assert recipe.activation_bytes(4, False, compiled=True) == pytest.approx(2 * compiled, rel=0.02)
+
+
+def test_dry_run_total_counts_gradients_and_activations_together_only_with_accumulation():
+    from scaleforge.models import get_recipe_class, recipe_config_class
+    from scaleforge.platform.config import derive_layout, load_config
+    from scaleforge.platform.plan import make_plan
+
+    def plan(accum: int):
+        cfg = load_config("lm_tiny.yaml", [f"trainer.global_batch_size={4 * accum}", "trainer.micro_batch_size=4"],
+                          recipe_config=recipe_config_class)
+        recipe = get_recipe_class("llm")(cfg.model, cfg)
+        return make_plan(cfg, derive_layout(cfg, 1), recipe).memory
+
+    one, two = plan(1), plan(2)
+    static = sum(v for k, v in one.items() if k not in ("total", "grads (fp32)", "activations"))
+    assert one["total"] == pytest.approx(static + max(one["grads (fp32)"], one["activations"]))
+    assert two["total"] == pytest.approx(static + two["grads (fp32)"] + two["activations"])

@@ -41,7 +41,7 @@ def reference(tmp_path_factory):
 def test_run_leaves_metrics_checkpoints_config(reference):
     recs = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, 13))
-    for key in ("loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "tokens_per_s"):
+    for key in ("loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "tokens_per_s", "sync_wait_s"):
         assert all(key in r for r in recs), key
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.5  # it learns
     ckpts = reference / "checkpoints"
@@ -101,10 +101,16 @@ def test_preempt_file_checkpoints_and_resumes_exactly(reference, tmp_path, run_e
 
 
 def test_nan_step_is_skipped_and_too_many_stop(tmp_path, run_env):
-    r = launch(run_env, tmp_path, "n1", "trainer.max_steps=6", env={"SCALEFORGE_FAULT_NAN_STEPS": "3"})
+    r = launch(run_env, tmp_path, "n1", "trainer.max_steps=6", "metrics.profile_start_step=4",
+               "metrics.profile_steps=2", env={"SCALEFORGE_FAULT_NAN_STEPS": "3"})
     recs = [json.loads(l) for l in (tmp_path / "n1" / "metrics.jsonl").read_text().splitlines()]
     assert [r_["skipped"] for r_ in recs] == [False, False, True, False, False, False]
     assert "step 3: non-finite loss" in r.stdout
+    # the profiler (steps 4-5 here) leaves a trace and its tables, with the model's matmuls in them
+    prof = tmp_path / "n1" / "profile"
+    assert (prof / "trace_rank0_steps4-5.json").is_file()
+    for table in ("top_ops.txt", "top_ops_host.txt", "top_ops_by_shape.txt"):
+        assert "aten::mm" in (prof / table).read_text(), table
     r = launch(run_env, tmp_path, "n2", "trainer.max_steps=10", "trainer.max_nonfinite_steps=3",
                env={"SCALEFORGE_FAULT_NAN_STEPS": "5,6,7"}, check=False)
     assert r.returncode != 0

@@ -26,6 +26,12 @@ from scaleforge.models.llm.model import LLMModelConfig, Transformer
 from scaleforge.platform.recipe import DataContext, LossOutput, ParallelPlan, Recipe
 
 
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in fp32, summed over tokens whose (unshifted) label is not -100."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 class LLMRecipe(Recipe):
     name = "llm"
     config_class = LLMModelConfig
@@ -33,6 +39,11 @@ class LLMRecipe(Recipe):
     def __init__(self, model_cfg: LLMModelConfig, job_cfg: Any):
         # Fill architecture fields (preset / init_from's config.json) once; ``self.cfg`` is complete.
         super().__init__(model_cfg.resolved(), job_cfg)
+        # Under parallel.compile the loss is compiled too (as torchtitan does): Inductor fuses the
+        # shift, the fp32 upcast and the log-softmax over the vocabulary into one pass over the bf16
+        # logits instead of materializing fp32 copies of a (tokens x vocab) tensor.
+        compile_loss = bool(getattr(getattr(job_cfg, "parallel", None), "compile", False))
+        self._loss_fn = torch.compile(summed_cross_entropy) if compile_loss else summed_cross_entropy
 
     # -- model -----------------------------------------------------------------------------------
     def build_model(self, device: torch.device) -> nn.Module:
@@ -90,10 +101,8 @@ class LLMRecipe(Recipe):
         labels = batch.get("labels", input_ids)
         docs = batch.get("document_ids", batch.get("seq_ids"))
         logits = model(input_ids, position_ids=batch.get("position_ids"), document_ids=docs)
-        target = labels[:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-        num_items = (target != IGNORE_INDEX).sum()
+        loss = self._loss_fn(logits, labels)
+        num_items = (labels[:, 1:] != IGNORE_INDEX).sum()
         return LossOutput(loss=loss, num_items=num_items, num_tokens=int(input_ids.numel()))
 
     # -- accounting --------------------------------------------------------------------------------
@@ -113,33 +122,44 @@ class LLMRecipe(Recipe):
         s = c.seq_len if batch is None else int(batch["input_ids"].shape[1])
         return 6.0 * self.matmul_params() * s + 12.0 * c.n_layers * c.n_heads * c.head_dim * s * s
 
-    def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool) -> int:
+    def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool,
+                         compiled: bool = False) -> int:
         """Activation memory of one micro-batch, measured rather than guessed: probe forwards of this
         architecture (real width, 1-2 layers, small vocabularies, ``probe`` tokens, bf16, on CPU)
         give the bytes autograd saves per token for one block and per token per vocabulary entry
         (logits, fp32 log-softmax); both scale linearly in tokens with SDPA's flash / memory-efficient
-        kernels. The loss backward adds a transient fp32 + bf16 logits gradient. With activation
-        checkpointing a block keeps only its input, plus one block's activations during recompute."""
+        kernels. The loss backward adds a transient logits gradient (fp32 + bf16 eager; bf16 alone
+        when the loss is compiled, which fuses the upcast). With activation checkpointing a block
+        keeps only its input, plus one block's activations during recompute.
+
+        ``compiled``: the blocks and the loss are traced as the engine compiles them and partitioned
+        by AOTAutograd's min-cut partitioner (Inductor's), without Inductor's code generation
+        (backend ``aot_eager_decomp_partition``), so the probe counts what the compiled run saves."""
         import dataclasses
 
         from scaleforge.platform.memory import saved_tensor_bytes
 
         c = self.cfg
         probe = min(c.seq_len, 64)
+        backend = "aot_eager_decomp_partition" if compiled else None
 
         def measure(layers: int, vocab: int) -> int:
             cfg = dataclasses.replace(c, n_layers=layers, vocab_size=vocab, tied_embeddings=False)
             with torch.device("cpu"):
                 model = Transformer(cfg).to(torch.bfloat16)
+            loss_fn = summed_cross_entropy
+            if backend:
+                for block in model.layers:
+                    block.compile(backend=backend)
+                loss_fn = torch.compile(summed_cross_entropy, backend=backend)
             ids = torch.randint(0, vocab, (1, probe))
-            return saved_tensor_bytes(lambda: self.forward_loss(model, {"input_ids": ids}).loss,
-                                      params=model.parameters())
+            return saved_tensor_bytes(lambda: loss_fn(model(ids), ids), params=model.parameters())
 
         base, two_layers, wide_vocab = measure(1, 256), measure(2, 256), measure(1, 512)
         per_block = (two_layers - base) / probe
         per_vocab = (wide_vocab - base) / probe / 256
         tokens = micro_batch_size * c.seq_len
-        logits = tokens * c.vocab_size * (per_vocab + 4 + 2)  # saved + transient gradient
+        logits = tokens * c.vocab_size * (per_vocab + (2 if compiled else 4 + 2))  # saved + transient gradient
         if activation_checkpointing:
             blocks = tokens * (c.n_layers * 2 * c.dim + per_block)
         else:

@@ -171,7 +171,8 @@ class NVILARecipe(Recipe):
         proj_fwd = 2 * proj_params * tiles * ds2.tokens_per_tile(v.grid, k)
         return 3.0 * (llm_fwd + vit_fwd + proj_fwd) / n
 
-    def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool) -> int | None:
+    def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool,
+                         compiled: bool = False) -> int | None:
         """bf16 activations of one micro-batch of nominal samples packed in one row (Korthikanti et
         al.'s ~34*s*d bytes per transformer layer without recomputation, 2*s*d with full
         recomputation plus one layer's full set), for the LLM over the packed row and the ViT over the
