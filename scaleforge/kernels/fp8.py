@@ -1,11 +1,19 @@
 """FP8 quantizers (COAT activations, kernels.md §2.2) and the COAT optimizer-state codec with dynamic range
 expansion (coat.md §2): Triton kernels, torch.library ops and the public functions.
 
-* per tensor: an amax pass (per-program partial maxima, reduced with ``amax``) and a quantize pass;
-  with a given ``scale`` only the quantize pass runs (COAT "group scaling" stage 2);
-* per group (1×G along the last dim, G a power of two): one pass over (BLOCK_R, BLOCK_K) tiles viewed as
-  (BLOCK_R, BLOCK_K/G, G), writing the FP8 codes and fp32 scales; a last partial group is masked;
-* state codec: one program per BLOCK_G groups of 128 consecutive elements of the flattened tensor.
+The kernels are memory bound (bf16 quantize: 2 B read + 1 B written per element), so every program streams
+tiles of 1k-16k contiguous elements with 16-byte accesses and a few instructions per element; the launch
+configs come from a fixed table measured on an H200 (``_LAUNCH``), where the quantizers and the amax pass
+can also run as a persistent grid that prefetches its next tile (see ``_cfg``):
+* per tensor: one flat pass; a dynamic scale first needs an amax pass (each program's max folded into one
+  int32 ``atomic_max`` on the fp32 bits), and the quantize pass turns that amax into the scale on the device
+  (no host sync, no torch ops between the passes; 5 B/element move for the 3 logical ones). fp8_linear.py's
+  fused quantize+transpose reads the same amax (``_amax_bits``);
+* per group (1×G along the last dim, G a power of two): the tensor as rows of G elements, a program takes
+  BLOCK/G whole groups, so a group's max is a row reduction; when K % G != 0 the tile indexes (row, column)
+  and masks each row's partial last group;
+* state codec: the same tiling over the flattened tensor, in groups of 128.
+FP8 codes equal the torch reference's bit for bit (see ``_div_rn`` and ``_scale_from_amax``).
 Reference: ``reference/fp8.py`` (same formulas; COAT ``_quantize.py`` and ``fp8_adamw_expand_cuda_kernel.cu``).
 """
 
@@ -36,104 +44,207 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from scaleforge.kernels._triton_utils import autotune_configs
+    from scaleforge.kernels._triton_utils import num_sms
 
-    _ELEM_CONFIGS = autotune_configs(
-        [
-            triton.Config({"BLOCK": 4096}, num_warps=8),
-            triton.Config({"BLOCK": 8192}, num_warps=8),
-            triton.Config({"BLOCK": 2048}, num_warps=4),
-            triton.Config({"BLOCK": 16384}, num_warps=16),
-        ]
-    )
+    def _cfg(block, warps, waves=0, prefetch=False, evict_first=False):
+        """One launch config. BLOCK: elements per tile (whole groups for the group kernels); WAVES: programs
+        per SM of a persistent grid that loops over the tiles (0: one program per tile); PREFETCH: a
+        persistent program loads its next tile before it converts and stores the current one (two tiles
+        in flight per thread); EVICT_FIRST: loads marked evict_first in L2 (data read once)."""
+        return dict(BLOCK=block, num_warps=warps, WAVES=waves, PREFETCH=prefetch, EVICT_FIRST=evict_first)
 
-    @triton.autotune(configs=_ELEM_CONFIGS, key=["n"])
+    # Fixed launch configs, the fastest of the H200 sweep `benchmarks/kernels/tune_fp8.py` (8192² bf16,
+    # GPU round 1; ms and % of a measured 4.22 TB/s copy). Fixed rather than autotuned: the spread between
+    # the top configs is a few %, and an autotuner would re-benchmark every new shape inside training.
+    # The sweep prints the entries to paste here when a variant beats these.
+    _LAUNCH = {
+        "amax": _cfg(16384, 16),  # 0.0435 ms, 73% (reads only)
+        "quant_tensor": _cfg(16384, 8),  # given scale: 0.0585 ms, 82%
+        "dequant_tensor": dict(BLOCK=4096, num_warps=8),  # 0.0549 ms, 87%
+        "quant_group/128": _cfg(4096, 4),  # 0.0587 ms, 82%
+        "quant_group/16": _cfg(4096, 8),  # 0.0584 ms, 88%
+        "dequant_group/128": dict(BLOCK=4096, num_warps=8),  # 0.0546 ms, 88%
+        "dequant_group/16": dict(BLOCK=8192, num_warps=4),  # 0.0583 ms, 89%
+        # the state codec is partly compute bound (see _state_quant_kernel): small tiles, more programs
+        "state_quant": dict(BLOCK=2048, num_warps=4),  # 0.0407 ms, 50%
+        "state_dequant": dict(BLOCK=2048, num_warps=4),  # 0.0350 ms, 58%
+    }
+    # torch divides by a Python scalar as a multiplication by its fp32 reciprocal on CUDA, exactly on CPU
+    _INV_QMAX = {dt: float(torch.tensor(1.0) / fp8_max(dt)) for dt in (torch.float8_e4m3fn, torch.float8_e5m2)}
+
+    def _config(kernel: str, group_size: int | None = None) -> dict:
+        """The table's entry; a group size without one takes the 128 entry."""
+        if group_size is None:
+            return _LAUNCH[kernel]
+        return _LAUNCH.get(f"{kernel}/{group_size}", _LAUNCH[f"{kernel}/128"])
+
+    def _launch(kernel, cfg, tiles, device, *args, **constexprs):
+        """Launch kernel with cfg over `tiles` tiles of cfg's BLOCK: one program per tile, or for the
+        tile-loop kernels a persistent grid of WAVES programs per SM."""
+        cfg = dict(cfg)
+        waves, warps = cfg.pop("WAVES", 0), cfg.pop("num_warps")
+        grid = min(tiles, waves * num_sms(device)) if waves else tiles
+        torch.library.wrap_triton(kernel)[(grid,)](*args, **constexprs, **cfg, num_warps=warps)
+
     @triton.jit
-    def _amax_kernel(X, PART, n, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(X + offs, mask=offs < n, other=0.0).to(tl.float32)
-        tl.store(PART + pid, tl.max(tl.abs(x), axis=0))
+    def _scale_from_amax(amax, qmax, inv_qmax, RECIP: tl.constexpr):
+        """(amax + AMAX_EPS) / qmax rounded as the torch reference rounds it on this device."""
+        if RECIP:
+            s = (amax + 1e-10) * inv_qmax
+        else:
+            s = tl.math.div_rn(amax + 1e-10, qmax)
+        return s
 
-    @triton.autotune(configs=_ELEM_CONFIGS, key=["n"])
     @triton.jit
-    def _quant_tensor_kernel(X, Q, SCALE, n, qmax, BLOCK: tl.constexpr):
+    def _div_rn(x, s, y):
+        """x / s correctly rounded (as torch divides), given y = 1/s correctly rounded: x * y is within 1.5
+        ulp; each step q - (s*q - x) * y (exact fma residual) shrinks the error, the first to under one ulp,
+        the second (Markstein's theorem) to the correctly rounded quotient. Five FMAs instead of a per-element
+        IEEE division (reciprocal + slow-path branch); Triton's plain `/` is div.full.f32 (2 ulp) and would
+        change a few FP8 codes. The residual's sign convention keeps -0.0 negative. Needs |x / s| in the
+        fp32 normal range wherever the FP8 rounding depends on it (true for |x / s| >= 2^-17)."""
+        q = x * y
+        q = tl.fma(-tl.fma(s, q, -x), y, q)
+        return tl.fma(-tl.fma(s, q, -x), y, q)
+
+    # The streaming kernels below loop `for t in range(pid, tiles, nprog)`: with one program per tile (WAVES
+    # 0) that is a single trip, with a persistent grid each program walks its share of the tiles.
+
+    @triton.jit
+    def _amax_kernel(X, AMAX, n, BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EVICT_FIRST: tl.constexpr):
+        EVICT: tl.constexpr = "evict_first" if EVICT_FIRST else ""
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        step = nprog.to(tl.int64) * BLOCK
+        # |x| and max are exact in the input dtype: half the instructions of fp32 for bf16/fp16 (packed x2)
+        acc = tl.zeros([BLOCK], dtype=X.dtype.element_ty)
+        if PREFETCH:
+            offs0 = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            x_next = tl.load(X + offs0, mask=offs0 < n, other=0.0, eviction_policy=EVICT)
+        for t in range(pid, tl.cdiv(n, BLOCK), nprog):
+            offs = tl.cast(t, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            if PREFETCH:
+                x = x_next
+                x_next = tl.load(X + offs + step, mask=offs + step < n, other=0.0, eviction_policy=EVICT)
+            else:
+                x = tl.load(X + offs, mask=offs < n, other=0.0, eviction_policy=EVICT)
+            # (Triton 3.6 computes bf16 max in fp32; the cast back is exact and keeps the loop type)
+            acc = tl.maximum(acc, tl.abs(x)).to(acc.dtype)
+        # AMAX is int32 zeros: a max over the bit patterns of non-negative floats is their float max
+        amax = tl.max(acc, axis=0).to(tl.float32)
+        tl.atomic_max(AMAX, amax.to(tl.int32, bitcast=True), sem="relaxed")
+
+    @triton.jit
+    def _quant_tensor_kernel(
+        X, Q, SRC, SCALE, n, qmax, inv_qmax, FROM_AMAX: tl.constexpr, RECIP: tl.constexpr,
+        BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    ):  # fmt: skip
+        EVICT: tl.constexpr = "evict_first" if EVICT_FIRST else ""
         qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        scale = tl.load(SCALE)
-        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-        q = tl.clamp(x / scale, -qmax, qmax)
-        tl.store(Q + offs, q.to(Q.dtype.element_ty), mask=m)
+        inv_qmax = tl.cast(inv_qmax, tl.float32)
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        if FROM_AMAX:  # SRC: the amax pass's int32 bits
+            s = _scale_from_amax(tl.load(SRC).to(tl.float32, bitcast=True), qmax, inv_qmax, RECIP)
+        else:  # SRC: the given scale, any float dtype
+            s = tl.load(SRC).to(tl.float32)
+        tl.store(SCALE, s, mask=pid == 0)
+        y = tl.math.div_rn(1.0, s)
+        bound = 2 * qmax * tl.abs(s)
+        step = nprog.to(tl.int64) * BLOCK
+        if PREFETCH:
+            offs0 = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            x_next = tl.load(X + offs0, mask=offs0 < n, other=0.0, eviction_policy=EVICT)
+        for t in range(pid, tl.cdiv(n, BLOCK), nprog):
+            offs = tl.cast(t, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            m = offs < n
+            if PREFETCH:
+                x = x_next.to(tl.float32)
+                x_next = tl.load(X + offs + step, mask=offs + step < n, other=0.0, eviction_policy=EVICT)
+            else:
+                x = tl.load(X + offs, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
+            if not FROM_AMAX:  # a given scale may overflow x / s: beyond 2 qmax the code is ±qmax anyway
+                x = tl.clamp(x, -bound, bound)
+            q = _div_rn(x, s, y)
+            tl.store(Q + offs, tl.clamp(q, -qmax, qmax).to(Q.dtype.element_ty), mask=m)
 
-    @triton.autotune(configs=_ELEM_CONFIGS, key=["n"])
     @triton.jit
     def _dequant_tensor_kernel(Q, SCALE, Y, n, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
         y = tl.load(Q + offs, mask=m, other=0.0).to(tl.float32) * tl.load(SCALE)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
 
-    _GROUP_CONFIGS = autotune_configs(
-        [
-            triton.Config({"BLOCK_R": 16, "BLOCK_K": 256}, num_warps=4),
-            triton.Config({"BLOCK_R": 32, "BLOCK_K": 256}, num_warps=8),
-            triton.Config({"BLOCK_R": 16, "BLOCK_K": 512}, num_warps=8),
-            triton.Config({"BLOCK_R": 8, "BLOCK_K": 1024}, num_warps=8),
-            triton.Config({"BLOCK_R": 64, "BLOCK_K": 128}, num_warps=8),
-        ]
-    )
+    @triton.jit
+    def _group_tile(t, G, NG, K, GS: tl.constexpr, BG: tl.constexpr, EVEN: tl.constexpr):
+        """Groups g of tile t (BG of them, G in all, NG per row of length K) and their element offsets."""
+        g = tl.cast(t, tl.int64) * BG + tl.arange(0, BG)
+        j = tl.arange(0, GS)
+        if EVEN:  # K % GS == 0: group g is elements [g*GS, (g+1)*GS), contiguous 16-byte vectors
+            offs = g[:, None] * GS + j[None, :]
+            m = (g < G)[:, None]
+        else:  # the last group of each row is partial
+            row = g // NG
+            cols = ((g - row * NG) * GS)[:, None] + j[None, :]
+            offs = row[:, None] * K + cols
+            m = (g < G)[:, None] & (cols < K)
+        return g, offs, m
 
-    def _group_grid(meta, m, k, gs):
-        bk = max(meta["BLOCK_K"], gs)
-        return (triton.cdiv(m, meta["BLOCK_R"]), triton.cdiv(k, bk))
+    def _group_tiles(groups, gs, block):
+        return triton.cdiv(groups, max(block // gs, 1))
 
-    @triton.autotune(configs=_GROUP_CONFIGS, key=["K", "GS"])
     @triton.jit
     def _quant_group_kernel(
-        X, Q, S, M, K, NG, qmax, GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr
-    ):
+        X, Q, S, G, NG, K, qmax, inv_qmax, GS: tl.constexpr, EVEN: tl.constexpr, RECIP: tl.constexpr,
+        BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    ):  # fmt: skip
+        EVICT: tl.constexpr = "evict_first" if EVICT_FIRST else ""
         qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
-        BK: tl.constexpr = BLOCK_K if BLOCK_K > GS else GS
-        GPP: tl.constexpr = BK // GS
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BK + tl.arange(0, BK)
-        m = (rows < M)[:, None] & (cols < K)[None, :]
-        x = tl.load(X + rows[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xg = tl.reshape(x, (BLOCK_R, GPP, GS))
-        scale = (tl.max(tl.abs(xg), axis=2) + 1e-10) / qmax  # AMAX_EPS
-        q = tl.clamp(xg / scale[:, :, None], -qmax, qmax)
-        q = tl.reshape(q, (BLOCK_R, BK))
-        tl.store(Q + rows[:, None] * K + cols[None, :], q.to(Q.dtype.element_ty), mask=m)
-        groups = tl.program_id(1) * GPP + tl.arange(0, GPP)
-        tl.store(S + rows[:, None] * NG + groups[None, :], scale, mask=(rows < M)[:, None] & (groups < NG)[None, :])
+        inv_qmax = tl.cast(inv_qmax, tl.float32)
+        BG: tl.constexpr = BLOCK // GS if BLOCK > GS else 1
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        if PREFETCH:
+            _, offs0, m0 = _group_tile(pid, G, NG, K, GS, BG, EVEN)
+            x_next = tl.load(X + offs0, mask=m0, other=0.0, eviction_policy=EVICT)
+        for t in range(pid, tl.cdiv(G, BG), nprog):
+            g, offs, m = _group_tile(t, G, NG, K, GS, BG, EVEN)
+            if PREFETCH:
+                x = x_next.to(tl.float32)
+                _, offs_n, m_n = _group_tile(t + nprog, G, NG, K, GS, BG, EVEN)
+                x_next = tl.load(X + offs_n, mask=m_n, other=0.0, eviction_policy=EVICT)
+            else:
+                x = tl.load(X + offs, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
+            s = _scale_from_amax(tl.max(tl.abs(x), axis=1), qmax, inv_qmax, RECIP)
+            q = _div_rn(x, s[:, None], tl.math.div_rn(1.0, s)[:, None])
+            tl.store(Q + offs, tl.clamp(q, -qmax, qmax).to(Q.dtype.element_ty), mask=m)
+            tl.store(S + g, s, mask=g < G)
 
-    @triton.autotune(configs=_GROUP_CONFIGS, key=["K", "GS"])
     @triton.jit
-    def _dequant_group_kernel(Q, S, Y, M, K, NG, GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        BK: tl.constexpr = BLOCK_K if BLOCK_K > GS else GS
-        GPP: tl.constexpr = BK // GS
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BK + tl.arange(0, BK)
-        m = (rows < M)[:, None] & (cols < K)[None, :]
-        groups = tl.program_id(1) * GPP + tl.arange(0, GPP)
-        s = tl.load(S + rows[:, None] * NG + groups[None, :], mask=(rows < M)[:, None] & (groups < NG)[None, :], other=0.0)
-        q = tl.load(Q + rows[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        y = tl.reshape(tl.reshape(q, (BLOCK_R, GPP, GS)) * s[:, :, None], (BLOCK_R, BK))
-        tl.store(Y + rows[:, None] * K + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
+    def _dequant_group_kernel(Q, S, Y, G, NG, K, GS: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr):
+        BG: tl.constexpr = BLOCK // GS if BLOCK > GS else 1
+        g, offs, m = _group_tile(tl.program_id(0), G, NG, K, GS, BG, EVEN)
+        s = tl.load(S + g, mask=g < G, other=0.0)
+        y = tl.load(Q + offs, mask=m, other=0.0).to(tl.float32) * s[:, None]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
 
+    # The state codec is partly compute bound. Per fp32 element the quantizer runs a log2 and an exp2 (each a
+    # MUFU op, 16 per clock per SM against 128 FMA-pipe ops) plus ~15 other instructions (abs, max/min
+    # folds and compare-select for the group reductions, the fma into exp2, sign select, clamp, fp8 pack);
+    # the dequantizer likewise one log2 + one exp2 + ~10. On an H200 (132 SMs, ~1.98 GHz) a 16.8M-element
+    # state costs ~8 us of MUFU issue and ~8 us of other issue against ~20 us of DRAM time at copy
+    # bandwidth (5 B/element), and each group also runs a serial chain (two reductions, then log2, a
+    # division, floor, two sqrt, exp2) before its first store. Only warps at other stages of that chain hide
+    # it, so smaller tiles (more resident programs) were faster: 2048 w4 at 50%/58% of copy bandwidth,
+    # 4096 w8 at 48%/53%, 16384 w16 at 36%/51% (round 1 sweep).
     @triton.jit
     def _state_quant_kernel(
         X, Q, SCALE, EXPAND, CENTRE, n, G, qmax, target_log, expand_min,
-        GS: tl.constexpr, BLOCK_G: tl.constexpr,
+        GS: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
         target_log = tl.cast(target_log, tl.float32)  # Inductor passes Python floats as fp64
         expand_min = tl.cast(expand_min, tl.float32)  # Inductor passes Python floats as fp64
-        groups = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
-        offs = groups.to(tl.int64)[:, None] * GS + tl.arange(0, GS)[None, :]
+        BG: tl.constexpr = BLOCK // GS if BLOCK > GS else 1
+        groups = tl.program_id(0).to(tl.int64) * BG + tl.arange(0, BG)
+        offs = groups[:, None] * GS + tl.arange(0, GS)[None, :]
         x = tl.load(X + offs, mask=offs < n, other=0.0).to(tl.float32)
         a = tl.abs(x)
         amax = tl.max(a, axis=1) + 1e-30  # RANGE_EPS
@@ -144,10 +255,11 @@ if HAS_TRITON:
         k = tl.floor(target_log / tl.where(pos, log_range, 1.0) * expand_min) / expand_min
         k = tl.where(pos, tl.maximum(k, 1.0), 1.0)
         c = tl.sqrt(amax) * tl.sqrt(amin)  # sqrt(max*min) underflows fp32 for all-zero groups
-        y = tl.exp2(k[:, None] * tl.log2(a / c[:, None]))
-        y = tl.where(x < 0, -y, y)
         scale = tl.exp2(k * tl.log2(amax / c)) / qmax
-        q = tl.clamp(y / scale[:, None], -qmax, qmax)
+        # y / scale = (a/c)^k / ((amax/c)^k / qmax) = qmax (a/amax)^k: per element one log2 of a ratio <= 1
+        # (a log2 of a itself would cancel catastrophically for large k) and one exp2, no divisions
+        qa = tl.exp2(k[:, None] * tl.log2(a * (1.0 / amax)[:, None]) + tl.log2(qmax))
+        q = tl.clamp(tl.where(x < 0, -qa, qa), -qmax, qmax)
         tl.store(Q + offs, q.to(Q.dtype.element_ty), mask=(groups < G)[:, None])
         gm = groups < G
         tl.store(SCALE + groups, scale, mask=gm)
@@ -155,45 +267,55 @@ if HAS_TRITON:
         tl.store(CENTRE + groups, c, mask=gm)
 
     @triton.jit
-    def _state_dequant_kernel(Q, SCALE, EXPAND, CENTRE, Y, n, G, GS: tl.constexpr, BLOCK_G: tl.constexpr):
-        groups = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    def _state_dequant_kernel(Q, SCALE, EXPAND, CENTRE, Y, n, G, GS: tl.constexpr, BLOCK: tl.constexpr):
+        BG: tl.constexpr = BLOCK // GS if BLOCK > GS else 1
+        groups = tl.program_id(0).to(tl.int64) * BG + tl.arange(0, BG)
         gm = groups < G
-        offs = groups.to(tl.int64)[:, None] * GS + tl.arange(0, GS)[None, :]
+        offs = groups[:, None] * GS + tl.arange(0, GS)[None, :]
         m = offs < n
         yq = tl.load(Q + offs, mask=m, other=0.0).to(tl.float32) * tl.load(SCALE + groups, mask=gm, other=1.0)[:, None]
-        k = tl.load(EXPAND + groups, mask=gm, other=1.0)
+        inv_k = 1.0 / tl.load(EXPAND + groups, mask=gm, other=1.0)
         c = tl.load(CENTRE + groups, mask=gm, other=1.0)
-        x = tl.exp2(tl.log2(tl.abs(yq)) / k[:, None]) * c[:, None]
+        x = tl.exp2(tl.log2(tl.abs(yq)) * inv_k[:, None]) * c[:, None]
         x = tl.where(yq < 0, -x, x)
         tl.store(Y + offs, x.to(Y.dtype.element_ty), mask=m)
+
+    def _amax_bits(x: torch.Tensor) -> torch.Tensor:
+        """max|x| over the whole tensor as the int32 bits of an fp32, on the device (no host sync); the
+        per-tensor quantizers here and in fp8_linear.py read their scale from it."""
+        amax = torch.zeros((), dtype=torch.int32, device=x.device)
+        n = x.numel()
+        cfg = _config("amax")
+        _launch(_amax_kernel, cfg, triton.cdiv(n, cfg["BLOCK"]), x.device, x, amax, n)
+        return amax
 
     @torch.library.triton_op("scaleforge::quantize_fp8_tensor", mutates_args=())
     def _quantize_tensor(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.numel()
-        qmax = fp8_max(dtype)
-        if scale is None:
-            nparts = triton.cdiv(n, 2048)  # upper bound over the configs' BLOCK
-            part = torch.zeros(nparts, dtype=torch.float32, device=x.device)
-            torch.library.wrap_triton(_amax_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, part, n)
-            scale = (part.amax() + AMAX_EPS) / qmax
-        else:
-            scale = scale.to(torch.float32).reshape(()).clone()  # an op output may not alias an input
         q = _backend.new_output(x.shape, dtype, x.device)
-        torch.library.wrap_triton(_quant_tensor_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
-            x, q, scale, n, qmax
-        )
-        return q, scale
+        out_scale = _backend.new_output((), torch.float32, x.device)
+        src = _amax_bits(x) if scale is None else scale.reshape(())
+        cfg = _config("quant_tensor")
+        _launch(
+            _quant_tensor_kernel, cfg, triton.cdiv(n, cfg["BLOCK"]), x.device,
+            x, q, src, out_scale, n, fp8_max(dtype), _INV_QMAX[dtype],
+            FROM_AMAX=scale is None, RECIP=x.device.type == "cuda",
+        )  # fmt: skip
+        return q, out_scale
 
     @torch.library.triton_op("scaleforge::quantize_fp8_group", mutates_args=())
     def _quantize_group(x: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         k = x.shape[-1]
-        m = x.numel() // k
         ng = triton.cdiv(k, group_size)
+        groups = x.numel() // k * ng
         q = _backend.new_output(x.shape, dtype, x.device)
         s = _backend.new_output((*x.shape[:-1], ng), torch.float32, x.device)
-        torch.library.wrap_triton(_quant_group_kernel)[lambda meta: _group_grid(meta, m, k, group_size)](
-            x, q, s, m, k, ng, fp8_max(dtype), GS=group_size
-        )
+        cfg = _config("quant_group", group_size)
+        _launch(
+            _quant_group_kernel, cfg, _group_tiles(groups, group_size, cfg["BLOCK"]), x.device,
+            x, q, s, groups, ng, k, fp8_max(dtype), _INV_QMAX[dtype],
+            GS=group_size, EVEN=k % group_size == 0, RECIP=x.device.type == "cuda",
+        )  # fmt: skip
         return q, s
 
     @torch.library.triton_op("scaleforge::dequantize_fp8", mutates_args=())
@@ -201,19 +323,18 @@ if HAS_TRITON:
         y = _backend.new_output(q.shape, out_dtype, q.device)
         n = q.numel()
         if group_size <= 0:
-            torch.library.wrap_triton(_dequant_tensor_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
-                q, scale, y, n
-            )
+            cfg = _config("dequant_tensor")
+            _launch(_dequant_tensor_kernel, cfg, triton.cdiv(n, cfg["BLOCK"]), q.device, q, scale, y, n)
             return y
         k = q.shape[-1]
-        m = n // k
         ng = scale.shape[-1]
-        torch.library.wrap_triton(_dequant_group_kernel)[lambda meta: _group_grid(meta, m, k, group_size)](
-            q, scale, y, m, k, ng, GS=group_size
-        )
+        groups = n // k * ng
+        cfg = _config("dequant_group", group_size)
+        _launch(
+            _dequant_group_kernel, cfg, _group_tiles(groups, group_size, cfg["BLOCK"]), q.device,
+            q, scale, y, groups, ng, k, GS=group_size, EVEN=k % group_size == 0,
+        )  # fmt: skip
         return y
-
-    _STATE_BLOCK_G = 16
 
     @torch.library.triton_op("scaleforge::quantize_fp8_state", mutates_args=())
     def _quantize_state(
@@ -224,9 +345,10 @@ if HAS_TRITON:
         qmax = fp8_max(dtype)
         q = _backend.new_output((g * group_size,), dtype, x.device)
         scale, expand, centre = (_backend.new_output((g,), torch.float32, x.device) for _ in range(3))
-        torch.library.wrap_triton(_state_quant_kernel)[(triton.cdiv(g, _STATE_BLOCK_G),)](
-            x, q, scale, expand, centre, n, g, qmax, math.log2(qmax * qmax / 2), float(expand_min),
-            GS=group_size, BLOCK_G=_STATE_BLOCK_G,
+        cfg = _config("state_quant")
+        _launch(
+            _state_quant_kernel, cfg, _group_tiles(g, group_size, cfg["BLOCK"]), x.device,
+            x, q, scale, expand, centre, n, g, qmax, math.log2(qmax * qmax / 2), float(expand_min), GS=group_size,
         )  # fmt: skip
         return q, scale, expand, centre
 
@@ -237,9 +359,11 @@ if HAS_TRITON:
         g = scale.numel()
         gs = q.numel() // g
         y = _backend.new_output((n,), out_dtype, q.device)
-        torch.library.wrap_triton(_state_dequant_kernel)[(triton.cdiv(g, _STATE_BLOCK_G),)](
-            q, scale, expand, centre, y, n, g, GS=gs, BLOCK_G=_STATE_BLOCK_G
-        )
+        cfg = _config("state_dequant")
+        _launch(
+            _state_dequant_kernel, cfg, _group_tiles(g, gs, cfg["BLOCK"]), q.device,
+            q, scale, expand, centre, y, n, g, GS=gs,
+        )  # fmt: skip
         return y
 
 
@@ -333,4 +457,4 @@ def dequantize_fp8_state(state: FP8State, out_dtype: torch.dtype = torch.float32
     return y.reshape(state.shape)
 
 
-del RANGE_EPS  # documented in the kernels as literals
+del AMAX_EPS, RANGE_EPS  # documented in the kernels as literals

@@ -1,22 +1,31 @@
 """FP8 linear (coat.md §4): per-tensor E4M3 forward through ``torch._scaled_mm``, E5M2 gradients,
 bf16 outputs. Registered as torch custom ops (``scaleforge::fp8_linear_fwd/bwd``) with autograd attached,
-so ``torch.compile(fullgraph=True)`` traces through. Quantization uses the Triton kernels of ``fp8.py``.
-Saved for backward: the FP8 input and FP8 weight plus their scales (1 byte/element instead of 2).
+so ``torch.compile(fullgraph=True)`` traces through.
 
-Layouts for ``_scaled_mm(a, b)`` (a row-major, b column-major, dims multiple of 16):
-  forward  y  = x_q (M,K) · w_qᵀ           (w_q (N,K) row-major is w_qᵀ column-major: free)
-  dgrad    dx = g_q (M,N) · w_q            (needs a transposed FP8 copy of w_q)
-  wgrad    dw = g_qᵀ (N,M) · x_q           (needs FP8 transposes of g_q and x_q; M padded to 16)
+``_scaled_mm(a, b)`` on Hopper takes only a row-major ``a`` and a column-major ``b`` (dims multiple of 16),
+i.e. both operands contiguous along the contracted dim. Each operand is contracted along K in one GEMM and
+along its other dim in another, so each of x, w and g is needed in both layouts:
+  forward  y  = x_q (M,K) · w_qᵀ        x_q row-major; w_q (N,K) row-major is w_qᵀ column-major
+  dgrad    dx = g_q (M,N) · w_q         g_q row-major; w_q column-major = w_qᵀ (K,N) row-major
+  wgrad    dw = g_qᵀ (N,M) · x_q        g_qᵀ (N,M16) row-major; x_q column-major = x_qᵀ (K,M16) row-major
+One quantize kernel per tensor reads a bf16 tile once and writes its FP8 codes in both layouts (COAT's
+fused quantize+transpose), the transposed copy with M zero-padded to a multiple of 16 for the wgrad
+contraction. The forward saves only x_qᵀ, w_qᵀ and the fp32 scales (1 byte/element, never re-quantized).
+Per-tensor scale ``(amax + 1e-10) / fp8_max``: fp8.py's amax pass (the one the per-tensor ``quantize_fp8``
+uses) leaves max|x| on the device, and every program of the quantize pass turns it into the scale itself, so
+the scale never leaves the device and no extra kernel runs. HBM traffic per tensor: 2 B/elem (amax) + 2 + 1
++ 1 B/elem.
 Reference: ``reference/fp8_linear.py`` (the same quantization with fp32 GEMMs).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from scaleforge.kernels import _backend
 from scaleforge.kernels._backend import HAS_TRITON, check_triton_device, resolve
 from scaleforge.kernels.fp8 import quantize_fp8
+from scaleforge.kernels.reference.fp8 import fp8_max
 from scaleforge.kernels.reference.fp8_linear import fp8_linear_ref
 
 __all__ = ["fp8_linear"]
@@ -25,72 +34,128 @@ E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 
 
-def _col_major(t: torch.Tensor) -> torch.Tensor:
-    return t.t().contiguous().t()
+def _pad16(n):
+    return (n + 15) // 16 * 16  # also works on SymInts (fake tensors)
 
 
-def _pad_rows(t: torch.Tensor, mult: int = 16) -> torch.Tensor:
-    pad = -t.shape[0] % mult
-    if not pad:
-        return t
-    # fp8 has no pad kernel on every device: pad through a uint8 view (zero bytes are +0.0 in FP8)
-    return F.pad(t.view(torch.uint8), (0, 0, 0, pad)).view(t.dtype)
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from scaleforge.kernels._triton_utils import autotune_configs
+    from scaleforge.kernels.fp8 import _amax_bits
+
+    @triton.autotune(
+        configs=autotune_configs(
+            [
+                triton.Config({"BR": 64, "BC": 64}, num_warps=4),
+                triton.Config({"BR": 128, "BC": 64}, num_warps=4),
+                triton.Config({"BR": 64, "BC": 128}, num_warps=4),
+                triton.Config({"BR": 128, "BC": 128}, num_warps=8),
+                triton.Config({"BR": 128, "BC": 128}, num_warps=4),
+                triton.Config({"BR": 256, "BC": 64}, num_warps=8),
+            ]
+        ),
+        key=["R", "C"],
+    )
+    @triton.jit
+    def _quant_transpose_kernel(
+        X, Q, QT, SCALE, AMAX, R, C, RP, qmax, BR: tl.constexpr, BC: tl.constexpr
+    ):
+        """x (R, C) -> q (R, C) and qᵀ (C, RP) with rows R..RP of x read as zeros; the scale comes from
+        AMAX, the int32 bits of max|x| (fp8.py's amax pass)."""
+        qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
+        cols = pid_c.to(tl.int64) * BC + tl.arange(0, BC)
+        m = (rows < R)[:, None] & (cols < C)[None, :]
+        x = tl.load(X + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        amax = tl.load(AMAX).to(tl.float32, bitcast=True)
+        scale = (amax + 1e-10) / qmax  # AMAX_EPS
+        q = tl.clamp(x / scale, -qmax, qmax).to(Q.dtype.element_ty)
+        tl.store(Q + rows[:, None] * C + cols[None, :], q, mask=m)
+        # qᵀ through transposed addresses, not tl.trans: tl.trans of FP8 tiles has been seen to corrupt them
+        # (triton-lang/triton#11111, mlc-ai/pith-train#74); Triton's coalescing pass re-lays q out for this
+        # store so that each thread writes along rows of qᵀ
+        tl.store(QT + rows[:, None] + cols[None, :] * RP, q, mask=(rows < RP)[:, None] & (cols < C)[None, :])
+        if (pid_r == 0) & (pid_c == 0):
+            tl.store(SCALE, scale)
+
+
+def _quantize_transpose(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor FP8 quantization of a 2-D x (R, C): ``(q (R, C), qᵀ (C, R16) zero-padded, scale)``, with the
+    codes and scale of ``quantize_fp8(x, "tensor", dtype=dtype)``."""
+    x = x.contiguous()
+    r, c = x.shape
+    rp = _pad16(r)
+    amax = _amax_bits(x)
+    q = _backend.new_output((r, c), dtype, x.device)
+    qt = _backend.new_output((c, rp), dtype, x.device)
+    scale = _backend.new_output((), torch.float32, x.device)
+    _quant_transpose_kernel[lambda meta: (triton.cdiv(rp, meta["BR"]), triton.cdiv(c, meta["BC"]))](
+        x, q, qt, scale, amax, r, c, rp, fp8_max(dtype)
+    )
+    return q, qt, scale
 
 
 @torch.library.custom_op("scaleforge::fp8_linear_fwd", mutates_args=())
 def _fp8_linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    xq, sx = quantize_fp8(x, "tensor", dtype=E4M3, backend="triton")
-    wq, sw = quantize_fp8(weight, "tensor", dtype=E4M3, backend="triton")
+    """Returns ``(y, x_qᵀ, s_x, w_qᵀ, s_w)``: the transposed codes are what the backward GEMMs need."""
+    xq, xt, sx = _quantize_transpose(x, E4M3)
+    wq, wt, sw = _quantize_transpose(weight, E4M3)
     out = torch._scaled_mm(
         xq, wq.t(), scale_a=sx, scale_b=sw, bias=None if bias is None else bias.to(torch.bfloat16),
         out_dtype=torch.bfloat16,
     )  # fmt: skip
-    return out, xq, sx, wq, sw
+    return out, xt, sx, wt, sw
 
 
 @_fp8_linear_fwd.register_fake
 def _(x, weight, bias):
-    m = x.shape[0]
+    m, k = x.shape
+    n = weight.shape[0]
     scalar = x.new_empty((), dtype=torch.float32)
     return (
-        x.new_empty((m, weight.shape[0]), dtype=torch.bfloat16),
-        x.new_empty(x.shape, dtype=E4M3),
+        x.new_empty((m, n), dtype=torch.bfloat16),
+        x.new_empty((k, _pad16(m)), dtype=E4M3),
         scalar,
-        weight.new_empty(weight.shape, dtype=E4M3),
+        weight.new_empty((k, n), dtype=E4M3),
         scalar.clone(),
     )
 
 
 @torch.library.custom_op("scaleforge::fp8_linear_bwd", mutates_args=())
 def _fp8_linear_bwd(
-    grad: torch.Tensor, xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor
+    grad: torch.Tensor, xt: torch.Tensor, sx: torch.Tensor, wt: torch.Tensor, sw: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    gq, sg = quantize_fp8(grad.contiguous(), "tensor", dtype=E5M2, backend="triton")
-    dx = torch._scaled_mm(gq, _col_major(wq), scale_a=sg, scale_b=sw, out_dtype=torch.bfloat16)
-    g_t = _pad_rows(gq).t().contiguous()  # (N, M16)
-    x_cm = _col_major(_pad_rows(xq))  # (M16, K) column-major
-    dw = torch._scaled_mm(g_t, x_cm, scale_a=sg, scale_b=sx, out_dtype=torch.bfloat16)
+    gq, gt, sg = _quantize_transpose(grad, E5M2)
+    dx = torch._scaled_mm(gq, wt.t(), scale_a=sg, scale_b=sw, out_dtype=torch.bfloat16)
+    # the zero-padded columns M..M16 of gᵀ and xᵀ add nothing to the contraction over M
+    dw = torch._scaled_mm(gt, xt.t(), scale_a=sg, scale_b=sx, out_dtype=torch.bfloat16)
     return dx, dw
 
 
 @_fp8_linear_bwd.register_fake
-def _(grad, xq, sx, wq, sw):
-    return grad.new_empty((grad.shape[0], wq.shape[1])), grad.new_empty(wq.shape)
+def _(grad, xt, sx, wt, sw):
+    k, n = wt.shape
+    return grad.new_empty((grad.shape[0], k), dtype=torch.bfloat16), grad.new_empty((n, k), dtype=torch.bfloat16)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs
-    _, xq, sx, wq, sw = output
-    ctx.save_for_backward(xq, sx, wq, sw)
+    _, xt, sx, wt, sw = output
+    ctx.save_for_backward(xt, sx, wt, sw)
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
 
 
 def _backward(ctx, grad, *_):
-    xq, sx, wq, sw = ctx.saved_tensors
-    dx, dw = _fp8_linear_bwd(grad, xq, sx, wq, sw)
-    db = grad.float().sum(0).to(ctx.dtypes[2]) if ctx.dtypes[2] is not None else None
+    xt, sx, wt, sw = ctx.saved_tensors
+    dx, dw = _fp8_linear_bwd(grad, xt, sx, wt, sw)
+    # fp32 accumulation without materializing an fp32 copy of grad
+    db = grad.sum(0, dtype=torch.float32).to(ctx.dtypes[2]) if ctx.dtypes[2] is not None else None
     return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), db
 
 

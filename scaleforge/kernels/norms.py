@@ -8,12 +8,16 @@ One read of each row computes (all math fp32, I/O in the input dtype)::
 
 ``shift``/``scale``/``gate`` are per channel, per sample (B, 1, C) or per token. The backward pass
 recomputes x̂ from the saved (mean, rstd) and reduces the parameter/modulation gradients with per-program
-fp32 partials (summed afterwards, deterministic). Reference: ``reference/norms.py``.
+fp32 partials (summed afterwards, deterministic). Programs walk contiguous runs of [block_r, C] row tiles
+inside one modulation group, so modulation/affine rows are read once per program, not once per row (see
+``NormConfig``); ``benchmarks/kernels/tune_norms.py`` sweeps the launch shapes and prints the defaults table.
+Reference: ``reference/norms.py``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -56,83 +60,282 @@ if HAS_TRITON:
 
     from scaleforge.kernels._triton_utils import num_sms
 
-    def _warps(block_c: int) -> int:
-        return 4 if block_c <= 2048 else (8 if block_c <= 8192 else 16)
+    class NormConfig(NamedTuple):
+        """Launch shape. Programs hold [block_r, C] tiles and walk a contiguous run of rows inside one modulation
+        group (modulation, weight and bias rows are loaded once per program): about progs_per_sm * #SMs
+        programs, or one tile per program with progs_per_sm=0 (forward only). ``split`` (forward only) holds a
+        row as two power-of-two column pieces, BLOCK_A = the largest power of two <= C plus BLOCK_B = the next
+        power of two >= the rest (C=2240: 2048 + 256, 2.8% of lanes masked instead of 45% with one 4096 block),
+        for block_r == 1 only (row statistics are then scalars, free of register layout); the backward always
+        uses one next_power_of_2(C) block (split ran 1.5-2x slower there in round 1).
+        ``evict_first`` streams the read-once tensors (x, residual, dy, h) past L2."""
+
+        block_r: int
+        num_warps: int
+        split: bool = False
+        progs_per_sm: int = 4
+        evict_first: bool = False
+
+    def _blocks(c: int, split: bool) -> tuple[int, int]:
+        if not split or c & (c - 1) == 0:
+            return triton.next_power_of_2(c), 0
+        a = triton.next_power_of_2(c) // 2
+        return a, triton.next_power_of_2(c - a)
+
+    # Defaults per case and C class: (largest C of the class, case) -> (forward, backward), the best checked
+    # configs of the round-2 sweep on an H200 (benchmarks/kernels/tune_norms.py, 2026-11-29; CUDA-graph timings
+    # at 8x4096x1152, 16x4096x2240 and 4x8192x4096 bf16). At C=2240: layer_norm fwd r1 w2 split k16 0.195 ms
+    # (one tile per program: 0.224), rms fwd r1 w2 split k16 0.159 ms (0.271), gated residual fwd r2 w8 k16
+    # 0.354 ms (0.414); backward r1 w4/w8 k4: 0.410 / 0.356 / 0.748 ms. docs/benchmarks.md has the do_bench table.
+    _DEFAULTS: dict[tuple[int, str], tuple[NormConfig, NormConfig]] = {
+        (1536, "layer"): (NormConfig(1, 1, True, 16, False), NormConfig(1, 4, False, 4, True)),
+        (1536, "rms"): (NormConfig(1, 1, True, 16, False), NormConfig(1, 4, False, 4, False)),
+        (1536, "res"): (NormConfig(2, 4, False, 16, False), NormConfig(1, 4, False, 4, False)),
+        (3072, "layer"): (NormConfig(1, 2, True, 16, False), NormConfig(1, 4, False, 4, False)),
+        (3072, "rms"): (NormConfig(1, 2, True, 16, False), NormConfig(1, 8, False, 4, True)),
+        (3072, "res"): (NormConfig(2, 8, False, 16, False), NormConfig(1, 8, False, 4, False)),
+        (4096, "layer"): (NormConfig(1, 4, False, 16, False), NormConfig(1, 4, False, 2, False)),
+        (4096, "rms"): (NormConfig(2, 8, False, 0, True), NormConfig(4, 16, False, 1, False)),
+        (4096, "res"): (NormConfig(4, 16, False, 4, False), NormConfig(1, 8, False, 2, False)),
+    }
+
+    def _case(is_rms: bool, residual: bool) -> str:
+        return "res" if residual else ("rms" if is_rms else "layer")
+
+    def _default_config(c: int, backward: bool, case: str = "layer") -> NormConfig:
+        for (c_max, name), cfgs in _DEFAULTS.items():
+            if c <= c_max and name == case:
+                return cfgs[backward]
+        # beyond the measured classes: one row of ~16 elements per thread (up to 16 warps)
+        return NormConfig(1, min(16, max(4, triton.next_power_of_2(c) // 512)), False, 0 if not backward else 4)
+
+    def _segments(m: int, cfg: NormConfig, device, grouped: list[int], backward: bool) -> tuple[int, int, int, int]:
+        """(p0, nseg, chunk, s): rows form nseg segments of p0 rows inside which every per-sample modulation is
+        constant; each segment is cut into s chunks of chunk rows (whole row tiles), one program per chunk."""
+        if len(set(grouped)) > 1:
+            raise ValueError(f"modulation tensors with different per-sample groupings {grouped} are not supported")
+        p0 = grouped[0] if grouped else m
+        nseg = m // p0
+        if cfg.progs_per_sm == 0:
+            if backward:
+                raise ValueError("the backward needs progs_per_sm > 0 (it reduces per-program partials)")
+            s = triton.cdiv(p0, cfg.block_r)
+        else:
+            s = max(1, min(triton.cdiv(p0, cfg.block_r), triton.cdiv(cfg.progs_per_sm * num_sms(device), nseg)))
+        chunk = triton.cdiv(triton.cdiv(p0, s), cfg.block_r) * cfg.block_r
+        return p0, nseg, chunk, triton.cdiv(p0, chunk)
 
     @triton.jit
+    def _ld(PTR, offs, mask, EVICT_FIRST: tl.constexpr):
+        """A tile in fp32; EVICT_FIRST for tensors read once (x, residual, dy, h)."""
+        if EVICT_FIRST:
+            v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        else:
+            v = tl.load(PTR + offs, mask=mask, other=0.0)
+        return v.to(tl.float32)
+
+    @triton.jit
+    def _row_const(PTR, off, cols, C, ON: tl.constexpr, FILL: tl.constexpr):
+        """A per-program row (weight, bias, per-sample modulation) as a [1, BLOCK] fp32 tile, FILL if absent."""
+        if ON:
+            v = tl.load(PTR + off + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+        else:
+            v = tl.full((1, cols.shape[0]), FILL, dtype=tl.float32)
+        return v
+
+    @triton.jit
+    def _tile(rows, rmask, cols, C, FULL: tl.constexpr):
+        """Offsets and mask of a [BLOCK_R, BLOCK] tile; FULL: every column is < C, so only rows are masked."""
+        offs = (rows.to(tl.int64) * C)[:, None] + cols[None, :]
+        if FULL:
+            mask = rmask[:, None]
+        else:
+            mask = rmask[:, None] & (cols < C)[None, :]
+        return offs, mask
+
+    @triton.jit
+    def _rsum(t, BLOCK_R: tl.constexpr):
+        """Row sums of a [BLOCK_R, BLOCK] tile; one row gives a scalar. The two column pieces of a split row
+        have different register layouts: [BLOCK_R] sums of both would be converted through shared memory
+        (seen in the TTGIR: the compiler moved the whole 2048-column piece), a scalar has no layout."""
+        if BLOCK_R == 1:
+            v = tl.sum(t)
+        else:
+            v = tl.sum(t, axis=1)
+        return v
+
+    @triton.jit
+    def _col(v, BLOCK_R: tl.constexpr):
+        """A row statistic from _rsum, broadcastable against a tile."""
+        if BLOCK_R == 1:
+            r = v
+        else:
+            r = v[:, None]
+        return r
+
+    @triton.jit
+    def _fwd_consts(G, W, B, SH, SC, g_off, sh_off, sc_off, cols, C,
+                    G_MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SH_MODE: tl.constexpr,
+                    SC_MODE: tl.constexpr):  # fmt: skip
+        """Per-program rows: the gate and y = x_hat * a + b with weight, bias and per-sample scale/shift folded
+        in (a per-token scale comes after them, so then the per-sample shift stays apart, in sh)."""
+        g = _row_const(G, g_off, cols, C, G_MODE == 2, 1.0)
+        a = _row_const(W, 0, cols, C, HAS_W, 1.0)
+        b = _row_const(B, 0, cols, C, HAS_B, 0.0)
+        if SC_MODE == 2:
+            s1 = 1.0 + _row_const(SC, sc_off, cols, C, True, 0.0)
+            a = a * s1
+            b = b * s1
+        sh = _row_const(SH, sh_off, cols, C, SH_MODE == 2, 0.0)
+        if SC_MODE != 1:
+            b = b + sh
+        return g, a, b, sh
+
+    @triton.jit
+    def _fwd_h(X, R, G, H, offs, mask, g, HAS_RES: tl.constexpr, G_MODE: tl.constexpr, EF: tl.constexpr):
+        h = _ld(X, offs, mask, EF)
+        if HAS_RES:
+            if G_MODE == 1:
+                h = h * _ld(G, offs, mask, False)
+            if G_MODE == 2:
+                h = h * g
+            h = h + _ld(R, offs, mask, EF)
+            tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
+        return h
+
+    @triton.jit
+    def _fwd_y(h, mean, rstd, Y, SH, SC, offs, mask, a, b, sh,
+               HAS_W: tl.constexpr, HAS_B: tl.constexpr, SH_MODE: tl.constexpr, SC_MODE: tl.constexpr,
+               IS_RMS: tl.constexpr):  # fmt: skip
+        if IS_RMS:
+            y = h * rstd
+        else:
+            y = (h - mean) * rstd
+        if HAS_W or SC_MODE == 2:
+            y = y * a
+        if HAS_B or (SH_MODE == 2 and SC_MODE != 1):
+            y = y + b
+        if SC_MODE == 1:
+            y = y * (1.0 + _ld(SC, offs, mask, False))
+            if SH_MODE == 2:
+                y = y + sh
+        if SH_MODE == 1:
+            y = y + _ld(SH, offs, mask, False)
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["P0", "CHUNK", "P_G", "P_SH", "P_SC"])
     def _norm_fwd_kernel(
         X, R, G, W, B, SH, SC, Y, H, MEAN, RSTD,
-        C, P_G, P_SH, P_SC, eps,
-        HAS_RES: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-        HAS_SH: tl.constexpr, HAS_SC: tl.constexpr, IS_RMS: tl.constexpr, BLOCK_C: tl.constexpr,
+        C, P0, CHUNK, P_G, P_SH, P_SC, eps,
+        HAS_RES: tl.constexpr, G_MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        SH_MODE: tl.constexpr, SC_MODE: tl.constexpr, IS_RMS: tl.constexpr, EVICT_FIRST: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, FULL_A: tl.constexpr,
     ):  # fmt: skip
+        # Program (sp, seg) owns rows [sp*CHUNK, (sp+1)*CHUNK) of segment seg (P0 rows inside which every
+        # per-sample modulation is constant) and walks them BLOCK_R at a time.
+        # modulation modes: 0 absent, 1 per token (loaded like x), 2 one row per program
         eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_C)
-        cm = cols < C
-        h = tl.load(X + row * C + cols, mask=cm, other=0.0).to(tl.float32)
-        if HAS_RES:
-            if HAS_G:
-                h = h * tl.load(G + (row // P_G) * C + cols, mask=cm, other=0.0).to(tl.float32)
-            h = h + tl.load(R + row * C + cols, mask=cm, other=0.0).to(tl.float32)
-            tl.store(H + row * C + cols, h.to(H.dtype.element_ty), mask=cm)
-        if IS_RMS:
-            mean = 0.0
-            hc = h
-        else:
-            mean = tl.sum(h, axis=0) / C
-            hc = tl.where(cm, h - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / C + eps)
-        y = hc * rstd
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
-        if HAS_SC:
-            y = y * (1.0 + tl.load(SC + (row // P_SC) * C + cols, mask=cm, other=0.0).to(tl.float32))
-        if HAS_SH:
-            y = y + tl.load(SH + (row // P_SH) * C + cols, mask=cm, other=0.0).to(tl.float32)
-        tl.store(Y + row * C + cols, y.to(Y.dtype.element_ty), mask=cm)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
+        sp = tl.program_id(0)
+        seg = tl.program_id(1).to(tl.int64)
+        start = sp * CHUNK
+        end = tl.minimum(start + CHUNK, P0)
+        g_off = (seg * P0 // P_G) * C
+        sh_off = (seg * P0 // P_SH) * C
+        sc_off = (seg * P0 // P_SC) * C
+        cols_a = tl.arange(0, BLOCK_A)
+        g_a, a_a, b_a, sh_a = _fwd_consts(G, W, B, SH, SC, g_off, sh_off, sc_off, cols_a, C,
+                                          G_MODE, HAS_W, HAS_B, SH_MODE, SC_MODE)  # fmt: skip
+        if BLOCK_B > 0:
+            cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+            g_b, a_b, b_b, sh_b = _fwd_consts(G, W, B, SH, SC, g_off, sh_off, sc_off, cols_b, C,
+                                              G_MODE, HAS_W, HAS_B, SH_MODE, SC_MODE)  # fmt: skip
+        for i in range(start, end, BLOCK_R):
+            local = i + tl.arange(0, BLOCK_R)
+            rmask = local < end
+            rows = seg * P0 + local
+            offs_a, mask_a = _tile(rows, rmask, cols_a, C, FULL_A)
+            h_a = _fwd_h(X, R, G, H, offs_a, mask_a, g_a, HAS_RES, G_MODE, EVICT_FIRST)
+            if BLOCK_B > 0:
+                offs_b, mask_b = _tile(rows, rmask, cols_b, C, False)
+                h_b = _fwd_h(X, R, G, H, offs_b, mask_b, g_b, HAS_RES, G_MODE, EVICT_FIRST)
+            # two-pass variance from the registers (no E[h^2] - mean^2 cancellation); masked lanes hold 0
+            if IS_RMS:
+                ss = _rsum(h_a * h_a, BLOCK_R)
+                if BLOCK_B > 0:
+                    ss += _rsum(h_b * h_b, BLOCK_R)
+                mean = tl.zeros_like(ss)
+            else:
+                s1 = _rsum(h_a, BLOCK_R)
+                if BLOCK_B > 0:
+                    s1 += _rsum(h_b, BLOCK_R)
+                mean = s1 / C
+                d_a = h_a - _col(mean, BLOCK_R)
+                if not FULL_A:
+                    d_a = tl.where((cols_a < C)[None, :], d_a, 0.0)
+                ss = _rsum(d_a * d_a, BLOCK_R)
+                if BLOCK_B > 0:
+                    d_b = tl.where((cols_b < C)[None, :], h_b - _col(mean, BLOCK_R), 0.0)
+                    ss += _rsum(d_b * d_b, BLOCK_R)
+            rstd = 1.0 / tl.sqrt(ss / C + eps)
+            _fwd_y(h_a, _col(mean, BLOCK_R), _col(rstd, BLOCK_R), Y, SH, SC, offs_a, mask_a, a_a, b_a, sh_a,
+                   HAS_W, HAS_B, SH_MODE, SC_MODE, IS_RMS)  # fmt: skip
+            if BLOCK_B > 0:
+                _fwd_y(h_b, _col(mean, BLOCK_R), _col(rstd, BLOCK_R), Y, SH, SC, offs_b, mask_b, a_b, b_b, sh_b,
+                       HAS_W, HAS_B, SH_MODE, SC_MODE, IS_RMS)  # fmt: skip
+            if BLOCK_R == 1:
+                tl.store(MEAN + seg * P0 + i, mean)
+                tl.store(RSTD + seg * P0 + i, rstd)
+            else:
+                tl.store(MEAN + rows, mean, mask=rmask)
+                tl.store(RSTD + rows, rstd, mask=rmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P0", "CHUNK", "S", "P_G", "P_SC"])
     def _norm_bwd_kernel(
         DY, DHO, HIN, X, G, W, B, SC, MEAN, RSTD,
         DX, DR, DG, DW, DB, DSH, DSC,
         C, P0, CHUNK, S, P_G, P_SC,
         HAS_DHO: tl.constexpr, HAS_RES: tl.constexpr, G_MODE: tl.constexpr, HAS_W: tl.constexpr,
         HAS_B: tl.constexpr, SH_MODE: tl.constexpr, SC_MODE: tl.constexpr, IS_RMS: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        EVICT_FIRST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
     ):  # fmt: skip
-        # modes: 0 absent, 1 per-row gradient stored directly, 2 reduced into per-program partials
-        seg = tl.program_id(0).to(tl.int64)
-        sp = tl.program_id(1)
+        # Program (sp, seg) owns rows [sp*CHUNK, (sp+1)*CHUNK) of segment seg (as in the forward), walks them
+        # BLOCK_R at a time and writes one fp32 partial row per reduced gradient (summed afterwards:
+        # deterministic, no atomics). The partials are summed over the tile's rows every step: each thread
+        # holds all BLOCK_R rows of its columns, so that is register adds, and the accumulators stay [BLOCK].
+        # modes: 0 absent, 1 per-row gradient stored directly, 2 reduced into per-program partials.
+        # Masked lanes: dy = 0 there, so g, the sums and every partial are 0 whatever x_hat holds.
+        sp = tl.program_id(0)
+        seg = tl.program_id(1).to(tl.int64)
         part = (seg * S + sp) * C
-        cols = tl.arange(0, BLOCK_C)
-        cm = cols < C
-        if HAS_W:
-            w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
-        if HAS_B:
-            bias = tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)
-        acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_sh = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_sc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        acc_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
         start = sp * CHUNK
         end = tl.minimum(start + CHUNK, P0)
-        for i in range(start, end):
-            row = seg * P0 + i
-            h = tl.load(HIN + row * C + cols, mask=cm, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
-            xhat = tl.where(cm, (h - mean) * rstd, 0.0)
-            dy = tl.load(DY + row * C + cols, mask=cm, other=0.0).to(tl.float32)
+        cols = tl.arange(0, BLOCK)
+        w = _row_const(W, 0, cols, C, HAS_W, 1.0)
+        bias = _row_const(B, 0, cols, C, HAS_B, 0.0)
+        s1 = 1.0 + _row_const(SC, (seg * P0 // P_SC) * C, cols, C, SC_MODE == 2, 0.0)
+        gate = _row_const(G, (seg * P0 // P_G) * C, cols, C, G_MODE == 2, 1.0)
+        acc_w = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc_sh = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc_sc = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(start, end, BLOCK_R):
+            local = i + tl.arange(0, BLOCK_R)
+            rmask = local < end
+            rows = seg * P0 + local
+            offs, mask = _tile(rows, rmask, cols, C, FULL)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+            if IS_RMS:
+                xhat = _ld(HIN, offs, mask, EVICT_FIRST) * rstd[:, None]
+            else:
+                mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+                xhat = (_ld(HIN, offs, mask, EVICT_FIRST) - mean[:, None]) * rstd[:, None]
+            dy = _ld(DY, offs, mask, EVICT_FIRST)
             if SH_MODE == 1:
-                tl.store(DSH + row * C + cols, dy, mask=cm)
+                tl.store(DSH + offs, dy, mask=mask)
             if SH_MODE == 2:
-                acc_sh += dy
+                acc_sh += tl.sum(dy, axis=0)
+            g = dy  # becomes dL/dx_hat
             if SC_MODE != 0:
                 y0 = xhat
                 if HAS_W:
@@ -140,46 +343,85 @@ if HAS_TRITON:
                 if HAS_B:
                     y0 = y0 + bias
                 if SC_MODE == 1:
-                    tl.store(DSC + row * C + cols, dy * y0, mask=cm)
+                    tl.store(DSC + offs, dy * y0, mask=mask)
+                    g = g * (1.0 + _ld(SC, offs, mask, False))
                 else:
-                    acc_sc += dy * y0
-                dy = dy * (1.0 + tl.load(SC + (row // P_SC) * C + cols, mask=cm, other=0.0).to(tl.float32))
+                    acc_sc += tl.sum(dy * y0, axis=0)
+                    g = g * s1
             if HAS_B:
-                acc_b += dy
+                acc_b += tl.sum(g, axis=0)
             if HAS_W:
-                acc_w += dy * xhat
-                dy = dy * w
-            c1 = tl.sum(xhat * dy, axis=0) / C
+                acc_w += tl.sum(g * xhat, axis=0)
+                g = g * w
+            c1 = tl.sum(xhat * g, axis=1) / C
             if IS_RMS:
-                dh = (dy - xhat * c1) * rstd
+                dh = (g - xhat * c1[:, None]) * rstd[:, None]
             else:
-                c2 = tl.sum(dy, axis=0) / C
-                dh = (dy - xhat * c1 - c2) * rstd
+                c2 = tl.sum(g, axis=1) / C
+                dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             if HAS_DHO:
-                dh += tl.load(DHO + row * C + cols, mask=cm, other=0.0).to(tl.float32)
+                dh += _ld(DHO, offs, mask, EVICT_FIRST)
             if HAS_RES:
-                tl.store(DR + row * C + cols, dh.to(DR.dtype.element_ty), mask=cm)
+                tl.store(DR + offs, dh.to(DR.dtype.element_ty), mask=mask)
             if G_MODE != 0:
-                x = tl.load(X + row * C + cols, mask=cm, other=0.0).to(tl.float32)
+                x = _ld(X, offs, mask, EVICT_FIRST)
                 if G_MODE == 1:
-                    tl.store(DG + row * C + cols, dh * x, mask=cm)
+                    tl.store(DG + offs, dh * x, mask=mask)
+                    dh = dh * _ld(G, offs, mask, False)
                 else:
-                    acc_g += dh * x
-                dh = dh * tl.load(G + (row // P_G) * C + cols, mask=cm, other=0.0).to(tl.float32)
-            tl.store(DX + row * C + cols, dh.to(DX.dtype.element_ty), mask=cm)
+                    acc_g += tl.sum(dh * x, axis=0)
+                    dh = dh * gate
+            tl.store(DX + offs, dh.to(DX.dtype.element_ty), mask=mask)
+        cmask = cols < C
         if HAS_W:
-            tl.store(DW + part + cols, acc_w, mask=cm)
+            tl.store(DW + part + cols, acc_w, mask=cmask)
         if HAS_B:
-            tl.store(DB + part + cols, acc_b, mask=cm)
+            tl.store(DB + part + cols, acc_b, mask=cmask)
         if SH_MODE == 2:
-            tl.store(DSH + part + cols, acc_sh, mask=cm)
+            tl.store(DSH + part + cols, acc_sh, mask=cmask)
         if SC_MODE == 2:
-            tl.store(DSC + part + cols, acc_sc, mask=cm)
+            tl.store(DSC + part + cols, acc_sc, mask=cmask)
         if G_MODE == 2:
-            tl.store(DG + part + cols, acc_g, mask=cm)
+            tl.store(DG + part + cols, acc_g, mask=cmask)
 
     def _empty(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(0)
+
+    def _mode(p: int, present: bool) -> int:
+        return 0 if not present else (1 if p == 1 else 2)
+
+    def _grouped(m: int, *mods: tuple[int, bool]) -> list[int]:
+        return [p for p, on in mods if on and 1 < p < m]
+
+    def norm_fwd_impl(x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms,
+                      cfg: NormConfig | None = None):  # fmt: skip
+        """The forward launch (also called directly, with explicit configs, by benchmarks/kernels/tune_norms.py)."""
+        c = x.shape[-1]
+        m = x.numel() // c
+        cfg = cfg or _default_config(c, False, _case(is_rms, residual is not None))
+        y = _backend.new_output(x.shape, x.dtype, x.device)
+        h = _backend.new_output(x.shape, x.dtype, x.device) if residual is not None else _empty(x)
+        mean = _backend.new_output((m,), torch.float32, x.device)
+        rstd = _backend.new_output((m,), torch.float32, x.device)
+        grouped = _grouped(m, (p_gate, gate is not None), (p_shift, shift is not None), (p_scale, scale is not None))
+        p0, nseg, chunk, s = _segments(m, cfg, x.device, grouped, backward=False)
+        if cfg.split and cfg.block_r > 1:
+            raise ValueError("split needs block_r == 1: the two column pieces of a multi-row tile have different "
+                             "register layouts, and the compiler converts a whole piece through shared memory")
+        block_a, block_b = _blocks(c, cfg.split)
+        dummy = x
+        torch.library.wrap_triton(_norm_fwd_kernel)[(s, nseg)](
+            x, dummy if residual is None else residual, dummy if gate is None else gate,
+            dummy if weight is None else weight, dummy if bias is None else bias,
+            dummy if shift is None else shift, dummy if scale is None else scale,
+            y, dummy if residual is None else h, mean, rstd,
+            c, p0, chunk, max(p_gate, 1), max(p_shift, 1), max(p_scale, 1), eps,
+            HAS_RES=residual is not None, G_MODE=_mode(p_gate, gate is not None),
+            HAS_W=weight is not None, HAS_B=bias is not None, SH_MODE=_mode(p_shift, shift is not None),
+            SC_MODE=_mode(p_scale, scale is not None), IS_RMS=is_rms, EVICT_FIRST=cfg.evict_first,
+            BLOCK_R=cfg.block_r, BLOCK_A=block_a, BLOCK_B=block_b, FULL_A=block_a <= c, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        return y, h, mean, rstd
 
     @torch.library.triton_op("scaleforge::norm_fwd", mutates_args=())
     def _norm_fwd(
@@ -187,48 +429,19 @@ if HAS_TRITON:
         bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None,
         p_gate: int, p_shift: int, p_scale: int, eps: float, is_rms: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        c = x.shape[-1]
-        m = x.numel() // c
-        y = _backend.new_output(x.shape, x.dtype, x.device)
-        h = _backend.new_output(x.shape, x.dtype, x.device) if residual is not None else _empty(x)
-        mean = _backend.new_output((m,), torch.float32, x.device)
-        rstd = _backend.new_output((m,), torch.float32, x.device)
-        block_c = triton.next_power_of_2(c)
-        dummy = x
-        torch.library.wrap_triton(_norm_fwd_kernel)[(m,)](
-            x, dummy if residual is None else residual, dummy if gate is None else gate,
-            dummy if weight is None else weight, dummy if bias is None else bias,
-            dummy if shift is None else shift, dummy if scale is None else scale,
-            y, dummy if residual is None else h, mean, rstd,
-            c, max(p_gate, 1), max(p_shift, 1), max(p_scale, 1), eps,
-            HAS_RES=residual is not None, HAS_G=gate is not None, HAS_W=weight is not None,
-            HAS_B=bias is not None, HAS_SH=shift is not None, HAS_SC=scale is not None, IS_RMS=is_rms,
-            BLOCK_C=block_c, num_warps=_warps(block_c),
-        )  # fmt: skip
-        return y, h, mean, rstd
+        return norm_fwd_impl(x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms)
 
-    def _mode(p: int, present: bool) -> int:
-        return 0 if not present else (1 if p == 1 else 2)
-
-    @torch.library.triton_op("scaleforge::norm_bwd", mutates_args=())
-    def _norm_bwd(
-        dy: torch.Tensor, dh_out: torch.Tensor | None, h_in: torch.Tensor, x: torch.Tensor | None,
-        gate: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-        scale: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-        has_res: bool, has_shift: bool, p_gate: int, p_shift: int, p_scale: int, is_rms: bool,
-    ) -> list[torch.Tensor]:  # fmt: skip
+    def norm_bwd_impl(dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd,
+                      has_res, has_shift, p_gate, p_shift, p_scale, is_rms, cfg: NormConfig | None = None):  # fmt: skip
+        """The backward launch plus the sums of the partials (also called by tune_norms.py)."""
         c = h_in.shape[-1]
         m = h_in.numel() // c
-        # rows are processed in segments of p0 rows inside which every per-sample modulation is constant
-        grouped = [p for p, on in ((p_gate, gate is not None), (p_shift, has_shift), (p_scale, scale is not None))
-                   if on and 1 < p < m]  # fmt: skip
-        if len(set(grouped)) > 1:
-            raise ValueError(f"modulation tensors with different per-sample groupings {grouped} are not supported")
-        p0 = grouped[0] if grouped else m
-        nseg = m // p0
-        s = max(1, min(p0, triton.cdiv(4 * num_sms(h_in.device), nseg)))
-        chunk = triton.cdiv(p0, s)
-        s = triton.cdiv(p0, chunk)
+        cfg = cfg or _default_config(c, True, _case(is_rms, has_res))
+        if cfg.split:
+            raise ValueError("the backward has no split column layout")
+        grouped = _grouped(m, (p_gate, gate is not None), (p_shift, has_shift), (p_scale, scale is not None))
+        p0, nseg, chunk, s = _segments(m, cfg, h_in.device, grouped, backward=True)
+
         def f32_out(shape):
             return _backend.new_output(shape, torch.float32, h_in.device)
 
@@ -244,15 +457,15 @@ if HAS_TRITON:
         dsh = out_for(sh_mode) if sh_mode else dx
         dsc = out_for(sc_mode) if sc_mode else dx
         dg = out_for(g_mode) if g_mode else dx
-        block_c = triton.next_power_of_2(c)
-        torch.library.wrap_triton(_norm_bwd_kernel)[(nseg, s)](
+        block = triton.next_power_of_2(c)
+        torch.library.wrap_triton(_norm_bwd_kernel)[(s, nseg)](
             dy, dy if dh_out is None else dh_out, h_in, h_in if x is None else x, h_in if gate is None else gate,
             h_in if weight is None else weight, h_in if bias is None else bias, h_in if scale is None else scale,
             mean, rstd, dx, dr, dg, dw, db, dsh, dsc,
             c, p0, chunk, s, max(p_gate, 1), max(p_scale, 1),
             HAS_DHO=dh_out is not None, HAS_RES=has_res, G_MODE=g_mode, HAS_W=weight is not None,
-            HAS_B=bias is not None, SH_MODE=sh_mode, SC_MODE=sc_mode, IS_RMS=is_rms,
-            BLOCK_C=block_c, num_warps=_warps(block_c),
+            HAS_B=bias is not None, SH_MODE=sh_mode, SC_MODE=sc_mode, IS_RMS=is_rms, EVICT_FIRST=cfg.evict_first,
+            BLOCK_R=cfg.block_r, BLOCK=block, FULL=block == c, num_warps=cfg.num_warps,
         )  # fmt: skip
 
         def reduce(t, mode, p):
@@ -273,6 +486,16 @@ if HAS_TRITON:
             reduce(dsh, sh_mode, p_shift),
             reduce(dsc, sc_mode, p_scale),
         ]
+
+    @torch.library.triton_op("scaleforge::norm_bwd", mutates_args=())
+    def _norm_bwd(
+        dy: torch.Tensor, dh_out: torch.Tensor | None, h_in: torch.Tensor, x: torch.Tensor | None,
+        gate: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+        scale: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+        has_res: bool, has_shift: bool, p_gate: int, p_shift: int, p_scale: int, is_rms: bool,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        return norm_bwd_impl(dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd,
+                             has_res, has_shift, p_gate, p_shift, p_scale, is_rms)  # fmt: skip
 
     def _norm_setup_context(ctx, inputs, output):
         x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms = inputs

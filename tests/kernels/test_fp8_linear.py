@@ -3,15 +3,22 @@ import torch
 
 from _kernel_testing import DEVICE, needs_triton, rel_err
 from scaleforge.kernels import fp8_linear
+from scaleforge.kernels.reference.fp8 import quantize_fp8_ref
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def _fp8_exact(shape, dtype, max_value, grad=False):
-    """Values exactly representable after per-tensor scaling (amax = max_value·2^10, scale 2^10), so the
+def _fp8_exact(shape, dtype, max_value, grad=False, mult=1024.0, in_dtype=torch.float32):
+    """Values exactly representable after per-tensor scaling (amax = max_value·mult, scale = mult), so the
     test does not depend on the fp32 -> fp8 rounding mode (the interpreter's is not torch's)."""
-    t = (torch.randn(shape, device=DEVICE) * max_value / 4).clamp(-max_value, max_value).to(dtype).float()
-    t.view(-1)[0] = max_value
-    t = t * 1024
+    t = (torch.randn(shape, device=DEVICE) * max_value / 4).clamp(-max_value / 2, max_value / 2).to(dtype).float()
+    t.view(-1)[-1] = max_value  # the only amax element, and the last: the amax pass must reach the end
+    t = (t * mult).to(in_dtype)
     return t.requires_grad_(grad)
+
+
+def _codes(t):
+    return t.view(torch.uint8)
 
 
 def test_reference_is_close_to_bf16_linear():
@@ -22,20 +29,86 @@ def test_reference_is_close_to_bf16_linear():
 
 
 @needs_triton
-def test_triton_path_matches_reference_forward_and_backward():
-    x = _fp8_exact((3, 11, 64), torch.float8_e4m3fn, 448, grad=True)
-    w = _fp8_exact((32, 64), torch.float8_e4m3fn, 448, grad=True)
-    b = torch.randn(32, device=DEVICE, requires_grad=True)
+@pytest.mark.parametrize("shape", [(33, 64), (1, 16), (130, 200), (300, 520), (64, 48)])
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16])
+def test_quantize_transpose_matches_reference(shape, dtype, in_dtype):
+    """One pass writes the codes of quantize_fp8(x, "tensor") row-major and transposed, the transposed
+    copy zero-padded to a multiple of 16 rows of x; (300, 520) takes several amax programs."""
+    from scaleforge.kernels.fp8_linear import _quantize_transpose
+
+    qmax = torch.finfo(dtype).max
+    # fp16 cannot hold qmax·1024: scale 1/16 keeps the values exact there
+    x = _fp8_exact(shape, dtype, qmax, mult=1024.0 if in_dtype == torch.float32 else 1 / 16, in_dtype=in_dtype)
+    q, qt, s = _quantize_transpose(x, dtype)
+    qr, sr = quantize_fp8_ref(x, "tensor", dtype=dtype)
+    r, c = shape
+    rp = -(-r // 16) * 16
+    assert q.shape == (r, c) and qt.shape == (c, rp) and q.dtype == qt.dtype == dtype
+    assert s.shape == () and torch.equal(s, sr)
+    assert torch.equal(_codes(q), _codes(qr))
+    assert torch.equal(_codes(qt[:, :r]), _codes(qr).t())
+    assert not _codes(qt[:, r:]).any()  # +0.0 padding, not the NaN poison
+
+
+@needs_triton
+@pytest.mark.parametrize("x_shape,n,bias", [((3, 11, 64), 32, True), ((80, 48), 16, False), ((2, 40, 32), 48, True)])
+def test_triton_path_matches_reference_forward_and_backward(x_shape, n, bias):
+    x = _fp8_exact(x_shape, E4M3, 448, grad=True)
+    w = _fp8_exact((n, x_shape[-1]), E4M3, 448, grad=True)
+    b = torch.randn(n, device=DEVICE, requires_grad=True) if bias else None
     out = fp8_linear(x, w, b, backend="triton")
     ref = fp8_linear(x, w, b, backend="torch")
-    assert out.shape == (3, 11, 32) and out.dtype == torch.bfloat16
+    assert out.shape == (*x_shape[:-1], n) and out.dtype == torch.bfloat16
     assert rel_err(out, ref) < 1e-2  # both round an fp32 GEMM to bf16
-    g = _fp8_exact((3, 11, 32), torch.float8_e5m2, 57344).to(torch.bfloat16)
-    ga = torch.autograd.grad(out, (x, w, b), g)
-    gb = torch.autograd.grad(ref, (x, w, b), g)
+    g = _fp8_exact((*x_shape[:-1], n), E5M2, 57344).to(torch.bfloat16)
+    leaves = (x, w, b) if bias else (x, w)
+    ga = torch.autograd.grad(out, leaves, g)
+    gb = torch.autograd.grad(ref, leaves, g)
     for a, c in zip(ga, gb):
         assert a.shape == c.shape and a.dtype == c.dtype
         assert rel_err(a, c) < 1e-2
+
+
+@needs_triton
+def test_backward_takes_a_non_contiguous_grad():
+    x = _fp8_exact((33, 64), E4M3, 448, grad=True)
+    w = _fp8_exact((32, 64), E4M3, 448, grad=True)
+    g = _fp8_exact((33, 64), E5M2, 57344).to(torch.bfloat16)[:, ::2]
+    assert not g.is_contiguous()
+    ga = torch.autograd.grad(fp8_linear(x, w, backend="triton"), (x, w), g)
+    gb = torch.autograd.grad(fp8_linear(x, w, backend="torch"), (x, w), g)
+    for a, c in zip(ga, gb):
+        assert rel_err(a, c) < 1e-2
+
+
+@needs_triton
+def test_forward_saves_only_the_transposed_fp8_operands():
+    """Backward must not re-quantize: it gets x_qᵀ (K, M16) and w_qᵀ (K, N) in FP8 plus two fp32 scalars."""
+    x = torch.randn(33, 64, device=DEVICE, requires_grad=True)
+    w = torch.randn(32, 64, device=DEVICE, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fp8_linear(x, w, backend="triton")
+    assert sorted(saved, key=str) == sorted(
+        [((64, 48), E4M3), ((64, 32), E4M3), ((), torch.float32), ((), torch.float32)], key=str
+    )
+
+
+@needs_triton
+def test_custom_ops_fake_tensors_match_the_kernels():
+    """torch.compile traces the ops through their fake implementations (the padded x_qᵀ shape included)."""
+    x, w, b = torch.randn(33, 64, device=DEVICE), torch.randn(32, 64, device=DEVICE), torch.randn(32, device=DEVICE)
+    fwd, bwd = torch.ops.scaleforge.fp8_linear_fwd.default, torch.ops.scaleforge.fp8_linear_bwd.default
+    torch.library.opcheck(fwd, (x, w, b), test_utils=("test_faketensor",))  # test_schema cannot compare FP8
+    saved = fwd(x, w, b)[1:]
+    g = torch.randn(33, 32, device=DEVICE, dtype=torch.bfloat16)
+    torch.library.opcheck(bwd, (g, *saved), test_utils=("test_faketensor",))
 
 
 @needs_triton

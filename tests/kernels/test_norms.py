@@ -77,3 +77,71 @@ def test_bad_modulation_shape_is_named():
         rms_norm(x, shift=_r(4, 64)[:3], backend="triton")
     with pytest.raises(ValueError, match="gate is only used with residual"):
         rms_norm(x, gate=_r(64), backend="triton")
+
+
+@pytest.mark.parametrize("fn_name", FNS)
+@pytest.mark.parametrize("kind", ["full", "per_token", "mod"])
+@pytest.mark.parametrize(
+    "cfg",
+    [(1, 4, True, 0), (1, 2, True, 1, True), (2, 4, False, 1), (4, 4, False, 4, True), (8, 2, False, 64),
+     (2, 8, False, 0)],
+    ids=["r1-split-tile-per-prog", "r1-split-one-prog-per-sm", "r2-one-prog-per-sm", "r4-evict", "r8-many-progs",
+         "r2-tile-per-prog"],
+)
+def test_launch_configs_match_reference(monkeypatch, fn_name, kind, cfg):
+    """Every tile shape the tuner sweeps: one tile per program and persistent programs walking several row
+    tiles with a tail tile (7 rows per sample), C = 80 split into 64 + 16 columns in the forward and one
+    masked 128 block in the backward, streamed (evict_first) loads."""
+    from scaleforge.kernels import norms
+
+    fwd = norms.NormConfig(*cfg)
+    bwd = fwd._replace(split=False, progs_per_sm=fwd.progs_per_sm or 2)
+    monkeypatch.setattr(norms, "_default_config", lambda c, backward, case="layer": bwd if backward else fwd)
+    fn, ref_fn = FNS[fn_name]
+    args, kw = _case(kind, fn_name, 3, 7, 80, torch.float32, grad=True)
+    out = fn(*args, **kw, backend="triton")
+    ref = ref_fn(*args, **kw)
+    out, ref = (out, ref) if isinstance(ref, tuple) else ((out,), (ref,))
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-5
+    inputs = args + list(kw.values())
+    gs = [torch.randn_like(t) for t in ref]
+    for a, b in zip(torch.autograd.grad(out, inputs, gs), torch.autograd.grad(ref, inputs, gs)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_default_configs_are_valid():
+    """The defaults table: forward and backward configs for every case and C class, backward unsplit with
+    programs per SM (it reduces per-program partials)."""
+    from scaleforge.kernels import norms
+
+    for c in (37, 1152, 2240, 4096, 16384):
+        for case in ("layer", "rms", "res"):
+            f, b = norms._default_config(c, False, case), norms._default_config(c, True, case)
+            assert not b.split and b.progs_per_sm > 0
+            assert f.block_r & (f.block_r - 1) == 0 and b.block_r & (b.block_r - 1) == 0
+            assert f.block_r == 1 or not f.split
+
+
+def test_invalid_configs_are_named(monkeypatch):
+    from scaleforge.kernels import norms
+
+    x = _r(2, 4, 80)
+    bad = [((2, 4, True, 0), False, "split needs block_r == 1"), ((1, 4, True, 4), True, "no split"),
+           ((1, 4, False, 0), True, "progs_per_sm")]
+    for cfg, backward, match in bad:
+        monkeypatch.setattr(norms, "_default_config", lambda c, bwd, case="layer", cfg=cfg: norms.NormConfig(*cfg))
+        with pytest.raises(ValueError, match=match):
+            x.requires_grad_(backward)
+            y = layer_norm(x, backend="triton")
+            if backward:
+                y.sum().backward()
+
+
+def test_column_split():
+    from scaleforge.kernels import norms
+
+    assert norms._blocks(2240, True) == (2048, 256)
+    assert norms._blocks(1152, True) == (1024, 128)
+    assert norms._blocks(4096, True) == (4096, 0)
+    assert norms._blocks(2240, False) == (4096, 0)
