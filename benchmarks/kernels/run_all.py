@@ -18,7 +18,6 @@ import csv
 import math
 import os
 import sys
-import time
 import traceback
 
 import torch
@@ -35,42 +34,13 @@ from scaleforge.kernels.reference import (
     rms_norm_ref,
 )
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from _common import DEV, FAILURES, bench, check, copy_bandwidth, log, matmul_rooflines, rel_err
+
 ROWS: list[dict] = []
-FAILURES: list[str] = []
 DATASHEET = {  # kernels.md §1 (dense)
     "H100": dict(bw=3.35e12, bf16=989.4e12, fp8=1979e12),
     "H200": dict(bw=4.8e12, bf16=989.4e12, fp8=1979e12),
 }
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm()).item()
-
-
-def bench(fn, grad_to_none=None) -> float:
-    """Median milliseconds."""
-    if DEV == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])[0]
-    fn()
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
-
-
-def check(name, ok, detail):
-    log(f"[check] {'PASS' if ok else 'FAIL'} {name}: {detail}")
-    if not ok:
-        FAILURES.append(name)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -207,23 +177,9 @@ def run_checks(smoke: bool):
 
 
 def roofline(smoke):
-    n = (1 << 20) if smoke else (1 << 29)  # 1 GiB of bf16
-    a = torch.empty(n, dtype=torch.bfloat16, device=DEV).normal_()
-    b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a))
-    bw = 2 * a.numel() * 2 / ms / 1e-3
-    s = 256 if smoke else 8192
-    x = torch.randn(s, s, device=DEV, dtype=torch.bfloat16)
-    y = torch.randn(s, s, device=DEV, dtype=torch.bfloat16)
-    ms_mm = bench(lambda: x @ y)
-    bf16_flops = 2 * s**3 / ms_mm / 1e-3
-    fp8_flops = float("nan")
-    if DEV == "cuda":
-        xq, yq = x.to(torch.float8_e4m3fn), y.to(torch.float8_e4m3fn).t().contiguous().t()
-        one = torch.ones((), device=DEV)
-        ms8 = bench(lambda: torch._scaled_mm(xq, yq, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
-        fp8_flops = 2 * s**3 / ms8 / 1e-3
-    log(f"[roofline] copy {bw / 1e12:.3f} TB/s (read+write), bf16 matmul {s}^3 {bf16_flops / 1e12:.1f} TFLOP/s, "
+    bw = copy_bandwidth(smoke)
+    bf16_flops, fp8_flops = matmul_rooflines(smoke)
+    log(f"[roofline] copy {bw / 1e12:.3f} TB/s (read+write), bf16 matmul {bf16_flops / 1e12:.1f} TFLOP/s, "
         f"fp8 _scaled_mm {fp8_flops / 1e12:.1f} TFLOP/s")  # fmt: skip
     return dict(bw=bw, bf16=bf16_flops, fp8=fp8_flops)
 

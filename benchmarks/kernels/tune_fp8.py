@@ -35,7 +35,8 @@ from scaleforge.kernels.reference.fp8 import (
     quantize_fp8_state_ref,
 )
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from _common import DEV, bench as _bench, copy_bandwidth, graph_bench
+
 E4M3 = torch.float8_e4m3fn
 ROWS: list[tuple] = []
 BEST: dict[str, tuple[float, dict]] = {}
@@ -94,25 +95,7 @@ def cfg_code(cfg: dict) -> str:
 
 def bench(fn) -> float:
     """Median ms (do_bench flushes L2 between runs; every input here is larger than the 50 MB L2)."""
-    if DEV == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
-
-
-def graph_bench(fn) -> float:
-    """Device time of fn alone: one CUDA-graph replay per sample."""
-    if DEV != "cuda":
-        return float("nan")
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return bench(g.replay)
+    return _bench(fn, warmup=5, rep=25)
 
 
 def poison(shape, dtype):
@@ -164,15 +147,14 @@ def sweep(kernel, configs, launch, check, nbytes, roof, moved=None, read_roof=No
 
 def rooflines(smoke, s) -> tuple[float, float]:
     """Copy (read + write) and read-only bandwidth over 1 GiB of bf16; also a copy of one s x s tensor."""
+    bw = copy_bandwidth(smoke)
     a = torch.randn((1 << 20) if smoke else (1 << 29), device=DEV, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
     nbytes = a.numel() * 2
-    bw = 2 * nbytes / (bench(lambda: b.copy_(a)) * 1e-3)
     reads = {name: nbytes / (bench(fn) * 1e-3) for name, fn in (("sum", a.sum), ("amax", a.amax))}
     read_bw = max(reads.values())
     print(f"[roofline] copy {bw / 1e12:.3f} TB/s (read+write); read-only "
           + ", ".join(f"{k} {v / 1e12:.3f} TB/s" for k, v in reads.items()))  # fmt: skip
-    del a, b
+    del a
     x, y = torch.randn(s, s, device=DEV, dtype=torch.bfloat16), torch.empty(s, s, device=DEV, dtype=torch.bfloat16)
     ms = bench(lambda: y.copy_(x))
     row(f"torch copy_ {s}x{s} bf16 (size-matched)", "", True, ms, 4 * s * s, bw)

@@ -27,7 +27,6 @@ import itertools
 import math
 import os
 import sys
-import time
 import traceback
 
 import torch
@@ -38,41 +37,17 @@ from scaleforge.kernels import fp8
 from scaleforge.kernels.reference import fp8_linear_ref, quantize_fp8_ref
 from scaleforge.kernels.reference.fp8 import fp8_max
 
+from _common import DEV, FAILURES, bench as bench_one, check, copy_bandwidth, log, matmul_rooflines, rel_err
+
 fl = sys.modules["scaleforge.kernels.fp8_linear"]  # the package re-exports the function under that name
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 E4M3, E5M2, BF16 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16
 ROWS: list[dict] = []
-FAILURES: list[str] = []
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm()).item()
-
-
-def check(name, ok, detail):
-    log(f"[check] {'PASS' if ok else 'FAIL'} {name}: {detail}")
-    if not ok:
-        FAILURES.append(name)
 
 
 def bench(fns, grad_to_none=None) -> float:
     """Median ms of calling the closures in turn (one per input set)."""
     it = itertools.cycle(fns if isinstance(fns, (list, tuple)) else [fns])
-    if DEV == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(lambda: next(it)(), grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])[0]
-    next(it)()
-    t = time.perf_counter()
-    next(it)()
-    return (time.perf_counter() - t) * 1e3
+    return bench_one(lambda: next(it)(), grad_to_none)
 
 
 def row(section, variant, shape, ms, amount, kind, roof, config="", note=""):
@@ -142,18 +117,9 @@ def new_linear(x, w):
 
 
 def roofline(smoke):
-    n = (1 << 20) if smoke else (1 << 29)  # 1 GiB of bf16
-    a = torch.empty(n, dtype=BF16, device=DEV).normal_()
-    b = torch.empty_like(a)
-    bw = 2 * a.numel() * 2 / bench(lambda: b.copy_(a)) / 1e-3
-    del a, b
-    s = 256 if smoke else 8192
-    x, y = (torch.randn(s, s, device=DEV, dtype=BF16) for _ in range(2))
-    bf16 = 2 * s**3 / bench(lambda: x @ y) / 1e-3
-    one = torch.ones((), device=DEV)
-    xq, yq = x.to(E4M3), y.to(E4M3).t().contiguous().t()
-    fp8 = 2 * s**3 / bench(lambda: torch._scaled_mm(xq, yq, scale_a=one, scale_b=one, out_dtype=BF16)) / 1e-3
-    log(f"[roofline] copy {bw / 1e12:.3f} TB/s (read+write), bf16 matmul {s}^3 {bf16 / 1e12:.0f} TFLOP/s, "
+    bw = copy_bandwidth(smoke)
+    bf16, fp8 = matmul_rooflines(smoke)
+    log(f"[roofline] copy {bw / 1e12:.3f} TB/s (read+write), bf16 matmul {bf16 / 1e12:.0f} TFLOP/s, "
         f"fp8 _scaled_mm {fp8 / 1e12:.0f} TFLOP/s")  # fmt: skip
     return dict(bw=bw, bf16=bf16, fp8=fp8)
 

@@ -10,8 +10,8 @@ layer_norm + modulate, rms_norm + modulate, layer_norm + gated residual + modula
      each with one tile per program (k0, forward only) and persistent programs (k = programs per SM);
   B: the two best of A over k = 0/1/2/4/8/16 and evict_first ("ef") loads of the read-once tensors.
 Every config is checked against the fp32 reference (forward outputs and every gradient, relative error < 1e-2),
-then timed: a CUDA graph of 10 back-to-back calls, median of 3 replays (no launch gaps, no L2 flush: each tensor
-is > 50 MB = L2 and read once in order, so calls do not hit each other's lines). Kernels are compiled first,
+then timed: a CUDA graph of 10 back-to-back calls (no launch gaps), its replays timed by do_bench (median; each
+tensor is > 50 MB = L2 and read once in order). The bandwidth roofline is the 1 GiB device copy of run_all.py. Kernels are compiled first,
 in parallel worker processes on tiny problems with the same specialization (filling Triton's cache).
 
 Bytes are the kernel's logical I/O, each tensor once: forward reads x (+ residual), writes y (+ h) and the
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import statistics
 import time
 
 import torch
@@ -37,7 +36,8 @@ from scaleforge.kernels import norms
 from scaleforge.kernels.norms import NormConfig
 from scaleforge.kernels.reference.norms import layer_norm_ref, rms_norm_ref
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from _common import DEV, bench, copy_bandwidth, graph_bench, rel_err
+
 TOL = 1e-2
 CASES = {"layer": ("layer_norm + modulate", False, False), "rms": ("rms_norm + modulate", True, False),
          "res": ("layer_norm + gated residual + modulate", False, True)}  # fmt: skip
@@ -80,48 +80,9 @@ def label(cfg, default=None):
     return s + (" ef" if cfg.evict_first else "") + (" (default)" if cfg == default else "")
 
 
-def bench_graph(fn, n=10, reps=3) -> float:
-    """ms per call: a CUDA graph of n calls, median of reps replays."""
-    if DEV != "cuda":
-        fn()
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    g.replay()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) / n)
-    del g
-    return statistics.median(ts)
-
-
 def bench_eager(fn, grad_to_none=None) -> float:
-    if DEV == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none)
-    return bench_graph(fn)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    """Public functions and the eager reference, as a model calls them (host launch included)."""
+    return bench(fn, grad_to_none, warmup=10, rep=40)
 
 
 class Case:
@@ -212,11 +173,11 @@ class Sweep:
         try:
             if pas == "fwd":
                 err = case.fwd_err(case.fwd(cfg))
-                ms = bench_graph(lambda: case.fwd(cfg))
+                ms = graph_bench(lambda: case.fwd(cfg), n=10)
             else:
                 saved = case.fwd(None)
                 err = case.bwd_err(case.bwd(cfg, saved))
-                ms = bench_graph(lambda: case.bwd(cfg, saved))
+                ms = graph_bench(lambda: case.bwd(cfg, saved), n=10)
         except Exception as ex:  # noqa: BLE001 - a config that fails to compile is a row, not a crash
             self.rows.append((case.name, shape_s, pas, label(cfg, default), nan, nan, nan, nan, nan,
                               f"ERROR {type(ex).__name__}: {str(ex)[:80]}"))  # fmt: skip
@@ -268,12 +229,6 @@ def autograd_rows(case, sweep):
                            float("nan"), ""))  # fmt: skip
 
 
-def copy_bw(smoke):
-    a = torch.empty((1 << 20) if smoke else (1 << 29), dtype=torch.bfloat16, device=DEV).normal_()
-    b = torch.empty_like(a)
-    return 2 * a.numel() * 2 / bench_graph(lambda: b.copy_(a), n=5) / 1e-3
-
-
 def defaults(c, key):
     return norms._default_config(c, False, key), norms._default_config(c, True, key)
 
@@ -287,7 +242,7 @@ def main():
         raise SystemExit("no CUDA device: use --smoke with TRITON_INTERPRET=1")
     torch.manual_seed(0)
     t0 = time.time()
-    bw = copy_bw(args.smoke)
+    bw = copy_bandwidth(args.smoke)
     shapes = [(2, 24, 80), (1, 32, 128)] if args.smoke else [(16, 4096, 2240), (8, 4096, 1152), (4, 8192, 4096)]
     sweep = Sweep(bw)
     plan = [(shape, key) for shape in shapes for key in CASES]
