@@ -61,7 +61,7 @@ def make_batch(recipe, image_wh: tuple[int, int], text_tokens: int, mbs: int, se
 
 
 def run_variant(args, projector: str, info, world: int) -> dict:
-    from scaleforge.platform.engine import build_engine
+    from scaleforge.platform.engine import build_engine, clip_coefficient
     from scaleforge.platform.metrics import device_peak_flops
     from scaleforge.platform.trainer import _to_device
 
@@ -89,7 +89,7 @@ def run_variant(args, projector: str, info, world: int) -> dict:
         sq = engine.grad_sq_norm_local()
         dist.all_reduce(sq)
         norm = float(sq.sqrt())
-        engine.scale_grads(min(1.0, cfg.optim.grad_clip / (norm + 1e-6)) if cfg.optim.grad_clip > 0 else 1.0)
+        engine.scale_grads(clip_coefficient(norm, cfg.optim.grad_clip))
         engine.optimizer_step()
         engine.zero_grad()
         if cuda:

@@ -72,6 +72,12 @@ class Engine(ABC):
         return contextlib.nullcontext()
 
 
+def clip_coefficient(grad_norm: float, max_norm: float) -> float:
+    """The factor that clips gradients of norm ``grad_norm`` to ``max_norm`` (torch's
+    ``clip_grad_norm_`` rule, eps 1e-6); 1 when ``max_norm <= 0`` (clipping off)."""
+    return min(1.0, max_norm / (grad_norm + 1e-6)) if max_norm > 0 else 1.0
+
+
 # ---------------------------------------------------------------------------------------------------
 def build_mesh(layout: Layout, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh

@@ -25,7 +25,7 @@ from scaleforge.platform import faults
 from scaleforge.platform.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from scaleforge.platform.config import JobConfig, derive_layout, to_yaml
 from scaleforge.platform.ema import ShardedEMA
-from scaleforge.platform.engine import build_engine
+from scaleforge.platform.engine import build_engine, clip_coefficient
 from scaleforge.platform.metrics import MetricsLogger, device_peak_flops, truncate_jsonl
 from scaleforge.platform.recipe import DataContext, Recipe
 
@@ -185,9 +185,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
         group = engine.optimizer.param_groups[0]  # the base LR (groups may carry LR multipliers)
         lr = group["lr"] / (group.get("lr_mult") or 1.0)
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
-            clip = cfg.optim.grad_clip
-            coef = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
-            engine.scale_grads(normalize * coef)
+            engine.scale_grads(normalize * clip_coefficient(grad_norm, cfg.optim.grad_clip))
             engine.optimizer_step()
             if ema is not None:
                 ema.update()

@@ -12,7 +12,7 @@ from torch import nn
 from scaleforge.platform.checkpoint import (COMPLETE, CheckpointError, CheckpointManager, find_latest,
                                             resolve_resume)
 from scaleforge.platform.config import ConfigError
-from scaleforge.platform.engine import apply_freeze, build_param_groups
+from scaleforge.platform.engine import apply_freeze, build_param_groups, clip_coefficient
 from scaleforge.platform.memory import saved_tensor_bytes
 from scaleforge.platform.metrics import truncate_jsonl
 from scaleforge.platform.recipe import ParallelPlan, ParamGroupRule
@@ -105,3 +105,14 @@ def test_saved_tensor_bytes_counts_activations_not_weights():
     # the weight (a parameter: not counted)
     got = saved_tensor_bytes(lambda: torch.relu(lin(x)).sum(), params=lin.parameters())
     assert got == 2 * 8 * 256 * 4
+
+
+def test_clip_coefficient_matches_torch_clip_grad_norm():
+    for max_norm in (0.5, 1.0, 100.0):
+        p = torch.nn.Parameter(torch.randn(64))
+        p.grad = torch.randn(64) * 3
+        want = p.grad.clone()
+        norm = float(torch.nn.utils.clip_grad_norm_([p], max_norm))
+        assert torch.allclose(p.grad, want * clip_coefficient(norm, max_norm), rtol=1e-6, atol=0)
+    assert clip_coefficient(5.0, 0.0) == 1.0  # clipping off
+    assert clip_coefficient(0.5, 1.0) == 1.0  # under the bound: unchanged
