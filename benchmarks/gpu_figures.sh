@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the GPU figures of docs/benchmarks.md on a 2-GPU node (run from the repo root with the
-# package importable, e.g. PYTHONPATH=$PWD). Logs go to ${OUT:-gpu_logs}/. Sections: kernels lm lm-variants lm-profile sana nvila.
+# package importable, e.g. PYTHONPATH=$PWD). Logs go to ${OUT:-gpu_logs}/. Sections: kernels lm lm-variants lm-profile host-overhead sana nvila.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -12,12 +12,16 @@ for section in "$@"; do
     lm-variants)  # FSDP2 knobs on 2 GPUs, compiled: keep the blocks' bf16 parameters between forward and backward
       python3 benchmarks/lm_train.py --config lm_1b.yaml --nproc 2 --compile on --steps 40 --warmup 15 \
           parallel.reshard_after_forward=false 2>&1 | tee "$OUT/lm_1b_variants.log" ;;
-    lm-profile)  # torch.profiler over steps 20-22 on 2 GPUs, compiled; top operators by device time
-      python3 -m scaleforge.launch.cli --config lm_1b.yaml --nproc 2 --resume none trainer.max_steps=23 \
-          trainer.global_batch_size=8 parallel.compile=true metrics.profile_start_step=20 metrics.profile_steps=3 \
+    lm-profile)  # torch.profiler over steps 20-22, compiled, on ${NPROC:-2} GPUs: top operators and the timeline summary
+      n=${NPROC:-2}; rm -rf /tmp/sf_profile
+      python3 -m scaleforge.launch.cli --config lm_1b.yaml --nproc $n --resume none trainer.max_steps=23 \
+          trainer.global_batch_size=$((4 * n)) parallel.compile=true metrics.profile_start_step=20 metrics.profile_steps=3 \
           metrics.wandb.mode=disabled metrics.progress_bar=false run.output_dir=/tmp/sf_profile run.name=lm_1b \
-          > "$OUT/lm_profile.log" 2>&1
-      for t in top_ops top_ops_host top_ops_by_shape; do cp "/tmp/sf_profile/lm_1b/profile/$t.txt" "$OUT/lm_profile_$t.txt"; done ;;
+          ${LM_OVERRIDES:-} > "$OUT/lm_profile_${n}gpu.log" 2>&1
+      for t in top_ops top_ops_host top_ops_by_shape; do cp "/tmp/sf_profile/lm_1b/profile/$t.txt" "$OUT/lm_profile_${n}gpu_$t.txt"; done
+      python3 benchmarks/trace_summary.py /tmp/sf_profile/lm_1b/profile/trace_rank0_steps20-22.json --steps 3 \
+          | tee "$OUT/lm_profile_${n}gpu_timeline.md" ;;
+    host-overhead) python3 benchmarks/kernels/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     sana)
       for k in torch triton; do
         echo "== SANA 1.6B, 1024px (32x32 latents), 1 GPU, kernels=$k"

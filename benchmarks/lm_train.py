@@ -49,6 +49,10 @@ def run_one(config: str, nproc: int, compile_: bool, steps: int, warmup: int, mb
         "tokens_per_s_per_device": statistics.median(r["tokens_per_s_per_device"] for r in steady),
         "step_time_s": statistics.median(r["step_time_s"] for r in steady),
         "sync_wait_s": statistics.median(r.get("sync_wait_s", float("nan")) for r in steady),
+        # the spread within a run: the GPU machines here vary by up to +-30% between runs of the same code
+        "step_time_min_s": min(r["step_time_s"] for r in steady),
+        "step_time_p90_s": sorted(r["step_time_s"] for r in steady)[int(0.9 * (len(steady) - 1))],
+        "step_times_s": [round(r["step_time_s"], 5) for r in steady],
         "mfu": statistics.median(r["mfu"] for r in steady) if "mfu" in steady[0] else None,
         "mem_peak_gib": max(r.get("mem_peak_gib", 0.0) for r in recs),
         "estimate_gib": estimate_gib(config, nproc, overrides),
@@ -70,9 +74,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     results = []
-    print("| GPUs | compile | tokens/s/GPU | MFU | step (s) | host wait at sync (ms) | peak mem (GiB) | "
-          "dry-run estimate (GiB) | est./peak |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| GPUs | compile | tokens/s/GPU | MFU | step (s) | step min / p90 (s) | host wait at sync (ms) | "
+          "peak mem (GiB) | dry-run estimate (GiB) | est./peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.nproc:
         for c in args.compile:
             r = run_one(args.config, n, c == "on", args.steps, args.warmup, args.micro_batch, args.overrides)
@@ -83,6 +87,7 @@ def main() -> None:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             ratio = r["estimate_gib"] / r["mem_peak_gib"] if r["mem_peak_gib"] else float("nan")
             print(f"| {n} | {c} | {r['tokens_per_s_per_device']:,.0f} | {mfu} | {r['step_time_s']:.3f} | "
+                  f"{r['step_time_min_s']:.3f} / {r['step_time_p90_s']:.3f} | "
                   f"{1e3 * r['sync_wait_s']:.1f} | {r['mem_peak_gib']:.1f} | {r['estimate_gib']:.1f} | "
                   f"{ratio:.2f} |", flush=True)
     if args.json:

@@ -33,3 +33,86 @@ def dot_f32acc(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
     else:
         return tl.dot(a, b, out_dtype=tl.float32)
+
+
+# --- custom ops with a direct eager path ---------------------------------------------------------------
+# Set False to send every call through the torch.library op (tests compare the two paths).
+EAGER_DIRECT = True
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_direct_ok(args) -> bool:
+    """Whether a call may run its implementation directly instead of through its torch.library op: not
+    under torch.compile / export tracing, no dispatch mode or functorch transform active, and every tensor
+    argument a plain tensor (no FakeTensor, FunctionalTensor, DTensor or other subclass). Compile, export,
+    fake-tensor and subclass users still get the op (and its fake / functional registrations)."""
+    if not EAGER_DIRECT or torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+
+
+def direct_launch():
+    """Inside our own eager path, ``torch.library.wrap_triton`` must hand back the plain kernel (as it does
+    inside a triton_op's eager implementation); left on, every launch goes through the higher-order-op
+    machinery, ~0.4-0.6 ms of host time on the H200 hosts (benchmarks/kernels/host_overhead.py)."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    return set_wrap_triton_enabled(False)
+
+
+class KernelOp:
+    """A ``torch.library.triton_op`` plus a direct eager path.
+
+    ``torch.compile(fullgraph=True)``, export and fake tensors go through the op (``self.op``), which
+    Inductor traces into. Plain eager calls on ordinary tensors call the implementation directly, and
+    for ops with autograd a ``torch.autograd.Function`` carrying the same ``setup_context`` and
+    ``backward``: the custom-op dispatch (schema parsing, alias checks, the generated autograd wrapper
+    that materializes zero gradients for every unused output) costs 0.2-0.5 ms of host time per call on
+    the H200 hosts, more than many of these kernels run (benchmarks/kernels/host_overhead.py,
+    docs/benchmarks.md). The numerics are the implementation's either way."""
+
+    def __init__(self, name: str, impl):
+        self.name, self.impl = name, impl
+        self.op = torch.library.triton_op(name, impl, mutates_args=())
+        self._function = None
+
+    def register_autograd(self, backward, setup_context, non_differentiable: tuple[int, ...] = ()) -> None:
+        """``backward`` receives None for the gradient of an output that was not used."""
+        self.op.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(*args):
+                with direct_launch():
+                    return impl(*args)
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                setup_context(ctx, inputs, output)
+                ctx.set_materialize_grads(False)
+                if non_differentiable:
+                    ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
+
+        Function.__name__ = Function.__qualname__ = self.name.split("::")[-1] + "_eager"
+        self._function = Function
+
+    def __call__(self, *args):
+        if not eager_direct_ok(args):
+            return self.op(*args)
+        if self._function is not None and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return self._function.apply(*args)
+        with direct_launch():
+            return self.impl(*args)
+
+
+def kernel_op(name: str):
+    """Decorator: ``@kernel_op("scaleforge::name")`` over a triton_op implementation -> ``KernelOp``."""
+    return lambda impl: KernelOp(name, impl)

@@ -44,7 +44,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from scaleforge.kernels._triton_utils import num_sms
+    from scaleforge.kernels._triton_utils import kernel_op, num_sms
 
     def _cfg(block, warps, waves=0, prefetch=False, evict_first=False):
         """One launch config. BLOCK: elements per tile (whole groups for the group kernels); WAVES: programs
@@ -289,7 +289,7 @@ if HAS_TRITON:
         _launch(_amax_kernel, cfg, triton.cdiv(n, cfg["BLOCK"]), x.device, x, amax, n)
         return amax
 
-    @torch.library.triton_op("scaleforge::quantize_fp8_tensor", mutates_args=())
+    @kernel_op("scaleforge::quantize_fp8_tensor")
     def _quantize_tensor(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.numel()
         q = _backend.new_output(x.shape, dtype, x.device)
@@ -303,7 +303,7 @@ if HAS_TRITON:
         )  # fmt: skip
         return q, out_scale
 
-    @torch.library.triton_op("scaleforge::quantize_fp8_group", mutates_args=())
+    @kernel_op("scaleforge::quantize_fp8_group")
     def _quantize_group(x: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         k = x.shape[-1]
         ng = triton.cdiv(k, group_size)
@@ -318,7 +318,7 @@ if HAS_TRITON:
         )  # fmt: skip
         return q, s
 
-    @torch.library.triton_op("scaleforge::dequantize_fp8", mutates_args=())
+    @kernel_op("scaleforge::dequantize_fp8")
     def _dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
         y = _backend.new_output(q.shape, out_dtype, q.device)
         n = q.numel()
@@ -336,7 +336,7 @@ if HAS_TRITON:
         )  # fmt: skip
         return y
 
-    @torch.library.triton_op("scaleforge::quantize_fp8_state", mutates_args=())
+    @kernel_op("scaleforge::quantize_fp8_state")
     def _quantize_state(
         x: torch.Tensor, group_size: int, dtype: torch.dtype, expand_min: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -352,7 +352,7 @@ if HAS_TRITON:
         )  # fmt: skip
         return q, scale, expand, centre
 
-    @torch.library.triton_op("scaleforge::dequantize_fp8_state", mutates_args=())
+    @kernel_op("scaleforge::dequantize_fp8_state")
     def _dequantize_state(
         q: torch.Tensor, scale: torch.Tensor, expand: torch.Tensor, centre: torch.Tensor, n: int, out_dtype: torch.dtype
     ) -> torch.Tensor:
@@ -394,9 +394,9 @@ def quantize_fp8(
     check_triton_device(x)
     x = x.contiguous()
     if granularity == "tensor":
-        return torch.ops.scaleforge.quantize_fp8_tensor(x, scale, dtype)
+        return _quantize_tensor(x, scale, dtype)
     _pow2(group_size, "quantize_fp8")
-    return torch.ops.scaleforge.quantize_fp8_group(x, group_size, dtype)
+    return _quantize_group(x, group_size, dtype)
 
 
 def dequantize_fp8(
@@ -422,9 +422,9 @@ def dequantize_fp8(
         return dequantize_fp8_ref(q, scale, granularity, group_size, out_dtype)
     check_triton_device(q)
     if granularity == "tensor":
-        return torch.ops.scaleforge.dequantize_fp8(q.contiguous(), scale.float().reshape(()), 0, out_dtype)
+        return _dequantize(q.contiguous(), scale.float().reshape(()), 0, out_dtype)
     _pow2(group_size, "dequantize_fp8")
-    return torch.ops.scaleforge.dequantize_fp8(q.contiguous(), scale.float().contiguous(), group_size, out_dtype)
+    return _dequantize(q.contiguous(), scale.float().contiguous(), group_size, out_dtype)
 
 
 def quantize_fp8_state(
@@ -443,7 +443,7 @@ def quantize_fp8_state(
         return quantize_fp8_state_ref(x, group_size, dtype, expand_min)
     check_triton_device(x)
     _pow2(group_size, "quantize_fp8_state")
-    q, scale, expand, centre = torch.ops.scaleforge.quantize_fp8_state(x.detach().contiguous(), group_size, dtype, expand_min)
+    q, scale, expand, centre = _quantize_state(x.detach().contiguous(), group_size, dtype, expand_min)
     return FP8State(q, scale, expand, centre, x.shape)
 
 
@@ -453,7 +453,7 @@ def dequantize_fp8_state(state: FP8State, out_dtype: torch.dtype = torch.float32
         return dequantize_fp8_state_ref(state, out_dtype)
     check_triton_device(state.q)
     n = math.prod(state.shape)
-    y = torch.ops.scaleforge.dequantize_fp8_state(state.q, state.scale, state.expand, state.sqrt_minmax, n, out_dtype)
+    y = _dequantize_state(state.q, state.scale, state.expand, state.sqrt_minmax, n, out_dtype)
     return y.reshape(state.shape)
 
 

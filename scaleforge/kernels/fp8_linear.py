@@ -42,7 +42,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from scaleforge.kernels._triton_utils import autotune_configs
+    from scaleforge.kernels._triton_utils import direct_launch, autotune_configs
     from scaleforge.kernels.fp8 import _amax_bits
 
     @triton.autotune(
@@ -104,8 +104,9 @@ def _fp8_linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(y, x_qᵀ, s_x, w_qᵀ, s_w)``: the transposed codes are what the backward GEMMs need."""
-    xq, xt, sx = _quantize_transpose(x, E4M3)
-    wq, wt, sw = _quantize_transpose(weight, E4M3)
+    with direct_launch():  # an opaque custom op always runs on real tensors: plain kernel launches
+        xq, xt, sx = _quantize_transpose(x, E4M3)
+        wq, wt, sw = _quantize_transpose(weight, E4M3)
     out = torch._scaled_mm(
         xq, wq.t(), scale_a=sx, scale_b=sw, bias=None if bias is None else bias.to(torch.bfloat16),
         out_dtype=torch.bfloat16,
@@ -131,7 +132,8 @@ def _(x, weight, bias):
 def _fp8_linear_bwd(
     grad: torch.Tensor, xt: torch.Tensor, sx: torch.Tensor, wt: torch.Tensor, sw: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    gq, gt, sg = _quantize_transpose(grad, E5M2)
+    with direct_launch():
+        gq, gt, sg = _quantize_transpose(grad, E5M2)
     dx = torch._scaled_mm(gq, wt.t(), scale_a=sg, scale_b=sw, out_dtype=torch.bfloat16)
     # the zero-padded columns M..M16 of gᵀ and xᵀ add nothing to the contraction over M
     dw = torch._scaled_mm(gt, xt.t(), scale_a=sg, scale_b=sx, out_dtype=torch.bfloat16)

@@ -38,7 +38,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from scaleforge.kernels._triton_utils import autotune_configs, dot_f32acc, dot_precision, num_sms
+    from scaleforge.kernels._triton_utils import autotune_configs, dot_f32acc, dot_precision, kernel_op, num_sms
 
     _STATE_CHUNK = 256  # tokens per state program (multiple of every BLOCK_N below)
 
@@ -212,7 +212,7 @@ if HAS_TRITON:
         chunk = triton.cdiv(triton.cdiv(n, s), _STATE_CHUNK) * _STATE_CHUNK
         return triton.cdiv(n, chunk), chunk
 
-    @torch.library.triton_op("scaleforge::relu_linear_attention_fwd", mutates_args=())
+    @kernel_op("scaleforge::relu_linear_attention_fwd")
     def _rla_fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,7 +237,7 @@ if HAS_TRITON:
         )
         return o, kv, z
 
-    @torch.library.triton_op("scaleforge::relu_linear_attention_bwd", mutates_args=())
+    @kernel_op("scaleforge::relu_linear_attention_bwd")
     def _rla_bwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, z: torch.Tensor,
         do: torch.Tensor, eps: float,
@@ -274,11 +274,14 @@ if HAS_TRITON:
         ctx.eps = eps
 
     def _rla_backward(ctx, do, _dkv, _dz):
+        if do is None:  # the eager path passes None for unused outputs
+            return None, None, None, None
         q, k, v, kv, z = ctx.saved_tensors
         dq, dk, dv = _rla_bwd(q, k, v, kv, z, do, ctx.eps)
         return dq, dk, dv, None
 
-    _rla_fwd.register_autograd(_rla_backward, setup_context=_rla_setup_context)
+    # kv and z (the state sums) are saved for backward, not differentiable outputs
+    _rla_fwd.register_autograd(_rla_backward, setup_context=_rla_setup_context, non_differentiable=(1, 2))
 
 
 def _check_inputs(q, k, v, wq, wk):
@@ -330,4 +333,4 @@ def relu_linear_attention(
         q = _norm_across_heads(q, qk_norm_weight_q, qk_norm_eps)
     if qk_norm_weight_k is not None:
         k = _norm_across_heads(k, qk_norm_weight_k, qk_norm_eps)
-    return torch.ops.scaleforge.relu_linear_attention_fwd(q, k, v, float(eps))[0]
+    return _rla_fwd(q, k, v, float(eps))[0]

@@ -58,7 +58,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from scaleforge.kernels._triton_utils import num_sms
+    from scaleforge.kernels._triton_utils import kernel_op, num_sms
 
     class NormConfig(NamedTuple):
         """Launch shape. Programs hold [block_r, C] tiles and walk a contiguous run of rows inside one modulation
@@ -423,7 +423,7 @@ if HAS_TRITON:
         )  # fmt: skip
         return y, h, mean, rstd
 
-    @torch.library.triton_op("scaleforge::norm_fwd", mutates_args=())
+    @kernel_op("scaleforge::norm_fwd")
     def _norm_fwd(
         x: torch.Tensor, residual: torch.Tensor | None, gate: torch.Tensor | None, weight: torch.Tensor | None,
         bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None,
@@ -487,7 +487,7 @@ if HAS_TRITON:
             reduce(dsc, sc_mode, p_scale),
         ]
 
-    @torch.library.triton_op("scaleforge::norm_bwd", mutates_args=())
+    @kernel_op("scaleforge::norm_bwd")
     def _norm_bwd(
         dy: torch.Tensor, dh_out: torch.Tensor | None, h_in: torch.Tensor, x: torch.Tensor | None,
         gate: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -509,9 +509,13 @@ if HAS_TRITON:
         h_in, x, gate, weight, bias, scale, mean, rstd = ctx.saved_tensors
         has_res, has_shift, p_gate, p_shift, p_scale, is_rms = ctx.meta
         c = h_in.shape[-1]
-        dh2 = dh.reshape(-1, c) if (has_res and dh is not None) else None
+        if dy is None:  # only h was used (the eager path does not materialize unused gradients)
+            dy = torch.zeros_like(h_in)
+        # gradients may arrive as views with zero strides (the backward of .sum() expands a scalar); the
+        # kernel reads rows contiguously
+        dh2 = dh.reshape(-1, c).contiguous() if (has_res and dh is not None) else None
         grads = _norm_bwd(
-            dy.reshape(-1, c), dh2, h_in.reshape(-1, c), None if x is None else x.reshape(-1, c),
+            dy.reshape(-1, c).contiguous(), dh2, h_in.reshape(-1, c), None if x is None else x.reshape(-1, c),
             gate, weight, bias, scale, mean, rstd, has_res, has_shift, p_gate, p_shift, p_scale, is_rms,
         )  # fmt: skip
         dx = grads[0].view(h_in.shape)
@@ -523,7 +527,8 @@ if HAS_TRITON:
             dres = grads[1].view(h_in.shape)
         return dx, dres, dgate, dw, db, dshift, dscale, None, None, None, None, None
 
-    _norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context)
+    # mean and rstd are saved for backward, not differentiable outputs
+    _norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context, non_differentiable=(2, 3))
 
 
 def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms):
@@ -542,7 +547,7 @@ def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms):
     sc2, p_scale = _mod_2d(scale, x, "scale")
     x2 = x.reshape(-1, c).contiguous()
     r2 = None if residual is None else residual.reshape(-1, c).contiguous()
-    y, h, _, _ = torch.ops.scaleforge.norm_fwd(
+    y, h, _, _ = _norm_fwd(
         x2, r2, g2, weight, bias, sh2, sc2, p_gate, p_shift, p_scale, float(eps), is_rms
     )
     y = y.view(x.shape)

@@ -89,6 +89,7 @@ class TrainerConfig:
     checkpoint_interval: int = 0  # 0: only at the end and on signals
     eval_interval: int = 0
     max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
+    gc_interval: int = 0  # > 0: automatic GC off, gc.collect(1) every N steps (torchtitan: 50); 0: automatic GC
     exit_after_steps: int = 0  # > 0: checkpoint and exit after this many steps in this job (time slicing)
     collective_timeout_s: int = 600
     deterministic: bool = True  # torch.use_deterministic_algorithms(warn_only) + fixed seeds
@@ -104,6 +105,7 @@ class ParallelConfig:
     mixed_precision: str = "bf16"  # bf16 | fp32 (parameters stay fp32; compute dtype)
     reduce_dtype: str = "fp32"
     reshard_after_forward: bool = True
+    fsdp_group_size: int = 1  # consecutive FSDP units of the recipe's plan sharded as one group
     fp8: str = "none"  # none | coat
 
 
@@ -334,6 +336,10 @@ def check_choices(cfg: JobConfig) -> None:
         raise ConfigError(f"optim.lr: must be >= 0, got {cfg.optim.lr}")
     if cfg.optim.ema_decay and not 0.0 < cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay: must be in (0, 1), got {cfg.optim.ema_decay}")
+    if cfg.trainer.gc_interval < 0:
+        raise ConfigError(f"trainer.gc_interval: must be >= 0, got {cfg.trainer.gc_interval}")
+    if cfg.parallel.fsdp_group_size < 1:
+        raise ConfigError(f"parallel.fsdp_group_size: must be >= 1, got {cfg.parallel.fsdp_group_size}")
 
 
 # ---------------------------------------------------------------------------------------------------

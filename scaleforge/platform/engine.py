@@ -52,7 +52,16 @@ class Engine(ABC):
         the train loop all-reduces it together with the loss statistics."""
 
     @abstractmethod
-    def optimizer_step(self) -> None: ...
+    def optimizer_step(self, grad_scale: torch.Tensor | None = None,
+                       found_inf: torch.Tensor | None = None) -> None:
+        """One optimizer step. With ``grad_scale`` / ``found_inf`` (fp32 scalars on the device; only
+        where ``supports_device_step``) the gradients are divided by ``grad_scale`` inside the update
+        and the whole step is skipped where ``found_inf`` is 1, without the host reading either."""
+
+    @property
+    def supports_device_step(self) -> bool:
+        """Whether ``optimizer_step`` takes device-side ``grad_scale`` / ``found_inf``."""
+        return False
 
     @abstractmethod
     def zero_grad(self) -> None: ...
@@ -86,6 +95,14 @@ def build_mesh(layout: Layout, device: torch.device):
         return init_device_mesh(device.type, (layout.dp_replicate, layout.dp_shard),
                                 mesh_dim_names=("dp_replicate", "dp_shard"))
     return init_device_mesh(device.type, (layout.dp_shard,), mesh_dim_names=("dp_shard",))
+
+
+def fsdp_groups(units: list[nn.Module], group_size: int) -> list[list[nn.Module]]:
+    """The recipe's FSDP units in runs of ``group_size`` consecutive units, each run sharded as one
+    ``fully_shard`` group (``parallel.fsdp_group_size``): one all-gather and one reduce-scatter per run
+    instead of per unit, so fewer, larger collectives and a fraction of FSDP's per-unit host work (hooks,
+    copy-in / copy-out, chunk-cat), for ``group_size`` units' unsharded parameters in flight."""
+    return [units[i:i + group_size] for i in range(0, len(units), group_size)]
 
 
 def apply_freeze(model: nn.Module, plan: ParallelPlan) -> None:
@@ -167,8 +184,9 @@ class FSDP2Engine(Engine):
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[pcfg.mixed_precision],
                                   reduce_dtype=_DTYPES[pcfg.reduce_dtype])
         kwargs = dict(mesh=self.mesh, mp_policy=mp)
-        for unit in plan.fsdp_units:
-            fully_shard(unit, reshard_after_forward=pcfg.reshard_after_forward, **kwargs)
+        for group in fsdp_groups(plan.fsdp_units, pcfg.fsdp_group_size):
+            fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=pcfg.reshard_after_forward,
+                        **kwargs)
         # The root: parameters outside the units (embeddings, final norm...); no reshard after forward
         # because backward needs them first.
         fully_shard(model, reshard_after_forward=False, **kwargs)
@@ -225,8 +243,25 @@ class FSDP2Engine(Engine):
         # Under HSDP each shard is held (identically) by dp_replicate ranks.
         return sq / self.layout.dp_replicate
 
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
+    @property
+    def supports_device_step(self) -> bool:
+        # torch's fused Adam/AdamW kernels read grad_scale and found_inf on the device
+        return all(g.get("fused") for g in self.optimizer.param_groups) and isinstance(
+            self.optimizer, torch.optim.Adam)
+
+    def optimizer_step(self, grad_scale: torch.Tensor | None = None,
+                       found_inf: torch.Tensor | None = None) -> None:
+        if grad_scale is None and found_inf is None:
+            self.optimizer.step()
+            return
+        if not self.supports_device_step:
+            raise RuntimeError("optimizer_step(grad_scale=, found_inf=) needs a fused Adam/AdamW optimizer")
+        # torch's Adam reads these attributes (the GradScaler protocol) and passes them to the kernel
+        self.optimizer.grad_scale, self.optimizer.found_inf = grad_scale, found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.grad_scale, self.optimizer.found_inf
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -7,8 +7,9 @@ measures, so CUDA context and allocator fragmentation are not included):
 - sharded fp32 gradients: 4 B x trainable / dp_shard
 - optimizer state: AdamW 8 B x trainable / dp_shard (other optimizers: their own bytes per parameter)
 - unsharded compute-dtype parameters of the root unit (embeddings, head; not resharded after forward)
-  plus two block units in flight (the current one and the prefetched one), and the unsharded gradients
-  of one unit before its reduce-scatter
+  plus two FSDP groups in flight (the current one and the prefetched one; a group is
+  ``parallel.fsdp_group_size`` consecutive units), and the unsharded gradients of one group before its
+  reduce-scatter
 - activations of one micro-batch, from the recipe (``Recipe.activation_bytes``)
 
 The total adds all of these, except that without gradient accumulation only the larger of gradients and
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from scaleforge.platform.config import JobConfig, Layout
+from scaleforge.platform.engine import fsdp_groups
 from scaleforge.platform.recipe import Recipe
 
 OPTIM_BYTES_PER_PARAM = {"adamw": 8, "sgd": 4, "came8bit": 2, "came": 4}
@@ -83,7 +85,8 @@ def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
     plan = recipe.parallel_plan(model)
     total, trainable = _count(model, plan.frozen)
     components = {name: _count(child, plan.frozen, prefix=name) for name, child in model.named_children()}
-    unit_sizes = [sum(p.numel() for p in u.parameters()) for u in plan.fsdp_units]
+    unit_sizes = [sum(p.numel() for u in group for p in u.parameters())
+                  for group in fsdp_groups(plan.fsdp_units, cfg.parallel.fsdp_group_size)]
     in_units = sum(unit_sizes)
     root = total - in_units
     largest = max(unit_sizes) if unit_sizes else 0

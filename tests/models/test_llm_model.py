@@ -350,3 +350,22 @@ def test_dry_run_total_counts_gradients_and_activations_together_only_with_accum
     static = sum(v for k, v in one.items() if k not in ("total", "grads (fp32)", "activations"))
     assert one["total"] == pytest.approx(static + max(one["grads (fp32)"], one["activations"]))
     assert two["total"] == pytest.approx(static + two["grads (fp32)"] + two["activations"])
+
+
+def test_dry_run_counts_fsdp_groups_in_flight():
+    """parallel.fsdp_group_size=k: the plan holds two groups of k units unsharded (plus one group's
+    unsharded gradients), so the 'unsharded units' term grows k-fold for equal blocks."""
+    from scaleforge.models import get_recipe_class, recipe_config_class
+    from scaleforge.platform.config import derive_layout, load_config
+    from scaleforge.platform.plan import make_plan
+
+    def unsharded(k: int) -> float:
+        cfg = load_config("lm_tiny.yaml", ["model.n_layers=8", "model.tied_embeddings=true",
+                                           f"parallel.fsdp_group_size={k}"], recipe_config=recipe_config_class)
+        recipe = get_recipe_class("llm")(cfg.model, cfg)
+        return make_plan(cfg, derive_layout(cfg, 2), recipe).memory["unsharded units"]
+
+    c = LLMModelConfig(preset="tiny").resolved()
+    root = 4 * (c.vocab_size * c.dim + c.dim) / 2**30  # tied embedding + final norm, fp32 (lm_tiny)
+    one, four = unsharded(1) - root, unsharded(4) - root
+    assert four == pytest.approx(4 * one, rel=1e-6)

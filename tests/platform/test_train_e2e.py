@@ -123,6 +123,21 @@ def test_nan_step_is_skipped_and_too_many_stop(tmp_path, run_env):
     assert "error: worker rank" in r.stderr
 
 
+def test_device_step_matches_host_step(tmp_path, run_env):
+    """The fused optimizer's device-side step (factor and skip flag computed on the device, the update
+    enqueued before the host reads the statistics; lm_tiny's default) and the host path (plain AdamW:
+    read, then scale, then step) train the same model, a NaN step skipped by both."""
+    nan = {"SCALEFORGE_FAULT_NAN_STEPS": "3"}
+    launch(run_env, tmp_path, "dev", "trainer.max_steps=6", "checkpoint.interval=0", env=nan)
+    launch(run_env, tmp_path, "host", "trainer.max_steps=6", "checkpoint.interval=0", "optim.fused=false", env=nan)
+    dev, host = losses(tmp_path / "dev"), losses(tmp_path / "host")
+    assert sorted(dev) == sorted(host) == list(range(1, 7))
+    assert dev[3] != dev[3] and host[3] != host[3]  # the NaN step, skipped by both
+    for s in (1, 2, 4, 5, 6):
+        assert abs(dev[s] - host[s]) / host[s] < 1e-6, (s, dev[s], host[s])
+    assert dev[6] < dev[1] - 0.5  # and it learns after the skipped step
+
+
 def test_reshard_two_to_one(reference, tmp_path, run_env):
     import shutil
 
@@ -193,3 +208,12 @@ def test_async_save_resume_exact_with_default_metrics(reference, tmp_path, run_e
     assert list((run / "wandb").glob("offline-run-*")), "no offline wandb run"
     out = subprocess.run([str(BIN / "scaleforge"), "plot", str(run)], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("metrics.png")
+
+
+def test_fsdp_groups_train_the_same_model(reference, tmp_path, run_env):
+    """parallel.fsdp_group_size=2 (two consecutive units per fully_shard group: one all-gather and one
+    reduce-scatter per pair) computes the same steps as one group per unit."""
+    r = launch(run_env, tmp_path, "g", "parallel.fsdp_group_size=2", "trainer.max_steps=12")
+    ref, got = losses(reference), losses(tmp_path / "g")
+    for s in range(1, 13):
+        assert abs(got[s] - ref[s]) / ref[s] < 1e-6, (s, got[s], ref[s])

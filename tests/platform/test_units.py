@@ -116,3 +116,73 @@ def test_clip_coefficient_matches_torch_clip_grad_norm():
         assert torch.allclose(p.grad, want * clip_coefficient(norm, max_norm), rtol=1e-6, atol=0)
     assert clip_coefficient(5.0, 0.0) == 1.0  # clipping off
     assert clip_coefficient(0.5, 1.0) == 1.0  # under the bound: unchanged
+
+
+def test_device_step_factor_matches_the_host_rule():
+    """The device-side factor and skip flag (fused-optimizer path) equal the host path's
+    normalize * clip_coefficient and its finiteness test, for clipped, unclipped and bad steps."""
+    from scaleforge.platform.trainer import _device_step_factor
+
+    dp = 2
+    for loss_sum, items, grad_sq, max_norm in [(7.5, 300.0, 9e4, 1.0), (7.5, 300.0, 1e-3, 1.0),
+                                               (7.5, 300.0, 9e4, 0.0), (float("nan"), 300.0, 9e4, 1.0),
+                                               (7.5, 300.0, float("inf"), 1.0), (7.5, 0.0, 9e4, 1.0)]:
+        stats = torch.tensor([loss_sum, items, 1.0, 0.0, grad_sq, 3.0], dtype=torch.float64)
+        factor, nonfinite = _device_step_factor(stats, dp, max_norm)
+        normalize = dp / items if items else math.inf
+        norm = math.sqrt(grad_sq) * normalize if math.isfinite(grad_sq) else math.nan
+        loss = loss_sum / items if items else math.nan
+        host_skip = not (math.isfinite(loss) and math.isfinite(norm))
+        assert bool(nonfinite) == host_skip, (loss_sum, items, grad_sq)
+        if not host_skip:
+            assert float(factor) == pytest.approx(normalize * clip_coefficient(norm, max_norm), rel=1e-15)
+
+
+def test_trace_summary_reads_the_timeline(tmp_path):
+    """benchmarks/trace_summary.py: idle time, NCCL overlapped vs exposed, categories, and the host op
+    that launched the kernel ending the longest gap, on a hand-made Chrome trace."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trace_summary", Path(__file__).parents[2] / "benchmarks" / "trace_summary.py")
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    ev = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10, "dur": 5, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_gemm", "ts": 1000, "dur": 1000, "args": {"correlation": 1}},
+        {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_ReduceScatter", "ts": 1500, "dur": 1000, "args": {"correlation": 2}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::fill_", "ts": 2000, "dur": 100},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 2050, "dur": 5, "args": {"correlation": 3}},
+        {"ph": "X", "cat": "kernel", "name": "vectorized_elementwise_kernel fill", "ts": 4500, "dur": 500, "args": {"correlation": 3}},
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": ev}))
+    out = ts.summarize(str(path), steps=1)
+    # window 1000..5000 = 4 ms; busy 1000..2500 + 4500..5000 = 2 ms; NCCL 1 ms, 0.5 ms under the gemm
+    assert "| 4.0 | 2.0 | 2.0 (50.0%) | 1.5 | 1.0 | 0.5 | 0.5 |" in out, out
+    assert "| 2000 | 1.5 | vectorized_elementwise_kernel fill | aten::fill_ |" in out, out
+    assert "| matmul | 1.0 | 1 |" in out and "| copy/fill | 0.5 | 1 |" in out
+
+
+def test_gc_control_disables_automatic_gc_and_collects_every_n_steps():
+    import gc
+
+    from scaleforge.platform.trainer import _GCControl
+
+    seen = []
+    cb = lambda phase, info: seen.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    assert gc.isenabled()
+    ctl = _GCControl(3)
+    try:
+        assert not gc.isenabled()
+        gc.callbacks.append(cb)
+        for step in range(1, 8):
+            ctl.before_step(step)
+        assert seen == [1, 1]  # steps 3 and 6, generations 0-1
+    finally:
+        gc.callbacks.remove(cb)
+        ctl.close()
+    assert gc.isenabled()
+    off = _GCControl(0)
+    assert gc.isenabled()
+    off.close()
