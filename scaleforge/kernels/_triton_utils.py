@@ -57,8 +57,12 @@ def direct_launch():
     """Inside our own eager path, ``torch.library.wrap_triton`` must hand back the plain kernel (as it does
     inside a triton_op's eager implementation); left on, every launch goes through the higher-order-op
     machinery, ~0.4-0.6 ms of host time on the H200 hosts (benchmarks/kernels/host_overhead.py)."""
-    from torch._library.triton import set_wrap_triton_enabled
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:  # older torch: launches stay correct, only slower
+        import contextlib
 
+        return contextlib.nullcontext()
     return set_wrap_triton_enabled(False)
 
 
@@ -71,7 +75,9 @@ class KernelOp:
     ``backward``: the custom-op dispatch (schema parsing, alias checks, the generated autograd wrapper
     that materializes zero gradients for every unused output) costs 0.2-0.5 ms of host time per call on
     the H200 hosts, more than many of these kernels run (benchmarks/kernels/host_overhead.py,
-    docs/benchmarks.md). The numerics are the implementation's either way."""
+    docs/benchmarks.md). The numerics are the implementation's either way. Calls that need gradients
+    from an op without an autograd formula take the op, which raises on backward (never a silently
+    missing gradient)."""
 
     def __init__(self, name: str, impl):
         self.name, self.impl = name, impl
@@ -106,8 +112,11 @@ class KernelOp:
     def __call__(self, *args):
         if not eager_direct_ok(args):
             return self.op(*args)
-        if self._function is not None and torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            if self._function is None:
+                # no autograd formula: the op raises on backward instead of dropping the gradient silently
+                # (also what a double backward through a backward op reaches)
+                return self.op(*args)
             return self._function.apply(*args)
         with direct_launch():
             return self.impl(*args)

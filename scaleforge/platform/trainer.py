@@ -142,119 +142,124 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
 
     profiler = _Profiler(cfg.metrics, run_dir, info)
     gc_control = _GCControl(cfg.trainer.gc_interval)
-    while step < cfg.trainer.max_steps:
-        gc_control.before_step(step + 1)
-        profiler.before_step(step + 1)
-        t0 = time.perf_counter()
-        dev = info.device
-        # Statistics stay on the device until the single host synchronization of the step (below).
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        items = torch.zeros((), dtype=torch.float64, device=dev)
-        tokens, samples = 0.0, 0
-        extra: dict[str, torch.Tensor] = {}
-        for mb in range(layout.grad_accum):
-            batch = _to_device(next(data), dev)
-            out = recipe.forward_loss(model, batch)
-            loss = out.loss
-            if (step + 1) in nan_steps:
-                loss = loss * float("nan")
-            engine.backward(loss)
-            loss_sum += loss.detach().double()
-            items += _as_device_scalar(out.num_items, dev)
-            tokens += float(out.num_tokens or 0)  # a host int: the recipe knows it without the device
-            samples += layout.micro_batch_size
-            for k, v in out.metrics.items():
-                extra[k] = extra.get(k, 0.0) + _as_device_scalar(v, dev)
-        keys = sorted(extra)
-        stop_local = 1.0 if (stop.signal or (info.is_main and (run_dir / PREEMPT_FILE).exists())) else 0.0
-        # One all-reduce and one host synchronization per step. The gradient norm is taken on the raw
-        # (summed-loss) gradients, so the global item-count normalization and the clipping are applied
-        # together as one factor.
-        stats = torch.stack([loss_sum, items, torch.full((), tokens, dtype=torch.float64, device=dev),
-                             torch.full((), stop_local, dtype=torch.float64, device=dev),
-                             engine.grad_sq_norm_local()] + [extra[k] for k in keys])
-        dist.all_reduce(stats)
-        group = engine.optimizer.param_groups[0]  # the base LR (groups may carry LR multipliers)
-        lr = group["lr"] / (group.get("lr_mult") or 1.0)
-        device_step = engine.supports_device_step and ema is None
-        if device_step:
-            # The update is enqueued before the host reads anything: the factor and the skip flag are
-            # computed on the device and the fused optimizer divides by 1/factor and skips the step when
-            # the loss or norm is not finite. The GPU runs the optimizer while the host waits at the sync
-            # below, instead of idling while the host launches it after the sync.
-            factor, nonfinite = _device_step_factor(stats, layout.dp_size, cfg.optim.grad_clip)
-            engine.optimizer_step(grad_scale=factor.reciprocal().float(), found_inf=nonfinite.float())
-            engine.zero_grad()
-            engine.scheduler.step()
-        t_sync = time.perf_counter()
-        g_loss_sum, g_items, g_tokens, g_stop, g_grad_sq, *g_extra_values = stats.tolist()
-        sync_wait = time.perf_counter() - t_sync
-        g_extra = {k: v / (info.world_size * layout.grad_accum) for k, v in zip(keys, g_extra_values)}
-        if g_items <= 0:
-            raise TrainingError(f"step {step + 1}: the global batch has no loss items (every label masked?)")
-        loss_value = g_loss_sum / g_items
-        # FSDP's reduce-scatter averages over the dp ranks; rescale to the global per-item mean.
-        normalize = layout.dp_size / g_items
-        grad_norm = math.sqrt(g_grad_sq) * normalize if math.isfinite(g_grad_sq) else float("nan")
-        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))  # as _device_step_factor
-        if not device_step:
-            if not skipped:
-                engine.scale_grads(normalize * clip_coefficient(grad_norm, cfg.optim.grad_clip))
-                engine.optimizer_step()
-                if ema is not None:
-                    ema.update()
-            engine.zero_grad()
-            engine.scheduler.step()
-        nonfinite_in_row = nonfinite_in_row + 1 if skipped else 0
-        step += 1
-        if skipped:
-            log.message(f"step {step}: non-finite loss ({loss_value}) or grad norm ({grad_norm}); step skipped "
-                        f"({nonfinite_in_row} in a row, limit {cfg.trainer.max_nonfinite_steps})")
-            if nonfinite_in_row >= cfg.trainer.max_nonfinite_steps:
-                log.close(plot=False)
-                ckpt.wait()
-                raise TrainingError(
-                    f"stopping at step {step}: {nonfinite_in_row} consecutive steps with a non-finite loss or "
-                    f"gradient norm (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); the last "
-                    f"good checkpoint is kept")
-        dt = time.perf_counter() - t0
-        profiler.after_step(step)
-        record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                                  "step_time_s": dt, "samples_per_s": layout.global_batch_size / dt,
-                                  # host time blocked on the device at the step's one synchronization:
-                                  # near 0 means the host (Python, dispatch) limits the step, not the GPU
-                                  "sync_wait_s": sync_wait, "skipped": skipped}
-        if g_tokens > 0:
-            record["tokens_per_s"] = g_tokens / dt
-            record["tokens_per_s_per_device"] = g_tokens / dt / info.world_size
-        if flops_per_sample and peak:
-            record["mfu"] = flops_per_sample * layout.global_batch_size / dt / (peak * info.world_size)
-        if info.device.type == "cuda":
-            record["mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        record.update(g_extra)
-        data_metrics = data.metrics()
-        if data_metrics:
-            record.update({k if k.startswith("data/") else f"data/{k}": v for k, v in data_metrics.items()})
-        if step % cfg.trainer.log_interval == 0 or step == cfg.trainer.max_steps:
-            log.log(record)
+    try:
+        while step < cfg.trainer.max_steps:
+            gc_control.before_step(step + 1)
+            profiler.before_step(step + 1)
+            t0 = time.perf_counter()
+            dev = info.device
+            # Statistics stay on the device until the single host synchronization of the step (below).
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            items = torch.zeros((), dtype=torch.float64, device=dev)
+            tokens, samples = 0.0, 0
+            extra: dict[str, torch.Tensor] = {}
+            for mb in range(layout.grad_accum):
+                batch = _to_device(next(data), dev)
+                out = recipe.forward_loss(model, batch)
+                loss = out.loss
+                if (step + 1) in nan_steps:
+                    loss = loss * float("nan")
+                engine.backward(loss)
+                loss_sum += loss.detach().double()
+                items += _as_device_scalar(out.num_items, dev)
+                tokens += float(out.num_tokens or 0)  # a host int: the recipe knows it without the device
+                samples += layout.micro_batch_size
+                for k, v in out.metrics.items():
+                    extra[k] = extra.get(k, 0.0) + _as_device_scalar(v, dev)
+            keys = sorted(extra)
+            stop_local = 1.0 if (stop.signal or (info.is_main and (run_dir / PREEMPT_FILE).exists())) else 0.0
+            # One all-reduce and one host synchronization per step. The gradient norm is taken on the raw
+            # (summed-loss) gradients, so the global item-count normalization and the clipping are applied
+            # together as one factor.
+            stats = torch.stack([loss_sum, items, torch.full((), tokens, dtype=torch.float64, device=dev),
+                                 torch.full((), stop_local, dtype=torch.float64, device=dev),
+                                 engine.grad_sq_norm_local()] + [extra[k] for k in keys])
+            dist.all_reduce(stats)
+            group = engine.optimizer.param_groups[0]  # the base LR (groups may carry LR multipliers)
+            lr = group["lr"] / (group.get("lr_mult") or 1.0)
+            device_step = engine.supports_device_step and ema is None
+            if device_step:
+                # The update is enqueued before the host reads anything: the factor and the skip flag are
+                # computed on the device and the fused optimizer divides by 1/factor and skips the step when
+                # the loss or norm is not finite. The GPU runs the optimizer while the host waits at the sync
+                # below, instead of idling while the host launches it after the sync.
+                factor, nonfinite = _device_step_factor(stats, layout.dp_size, cfg.optim.grad_clip)
+                # clamped: a huge but finite norm must give a tiny update, as the host path's multiply does,
+                # not an inf scale (which would step with zero gradients)
+                grad_scale = factor.reciprocal().clamp(max=torch.finfo(torch.float32).max).float()
+                engine.optimizer_step(grad_scale=grad_scale, found_inf=nonfinite.float())
+                engine.zero_grad()
+                engine.scheduler.step()
+            t_sync = time.perf_counter()
+            g_loss_sum, g_items, g_tokens, g_stop, g_grad_sq, *g_extra_values = stats.tolist()
+            sync_wait = time.perf_counter() - t_sync
+            g_extra = {k: v / (info.world_size * layout.grad_accum) for k, v in zip(keys, g_extra_values)}
+            if g_items <= 0:
+                raise TrainingError(f"step {step + 1}: the global batch has no loss items (every label masked?)")
+            loss_value = g_loss_sum / g_items
+            # FSDP's reduce-scatter averages over the dp ranks; rescale to the global per-item mean.
+            normalize = layout.dp_size / g_items
+            grad_norm = math.sqrt(g_grad_sq) * normalize if math.isfinite(g_grad_sq) else float("nan")
+            skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))  # as _device_step_factor
+            if not device_step:
+                if not skipped:
+                    engine.scale_grads(normalize * clip_coefficient(grad_norm, cfg.optim.grad_clip))
+                    engine.optimizer_step()
+                    if ema is not None:
+                        ema.update()
+                engine.zero_grad()
+                engine.scheduler.step()
+            nonfinite_in_row = nonfinite_in_row + 1 if skipped else 0
+            step += 1
+            if skipped:
+                log.message(f"step {step}: non-finite loss ({loss_value}) or grad norm ({grad_norm}); step skipped "
+                            f"({nonfinite_in_row} in a row, limit {cfg.trainer.max_nonfinite_steps})")
+                if nonfinite_in_row >= cfg.trainer.max_nonfinite_steps:
+                    log.close(plot=False)
+                    ckpt.wait()
+                    raise TrainingError(
+                        f"stopping at step {step}: {nonfinite_in_row} consecutive steps with a non-finite loss or "
+                        f"gradient norm (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); the last "
+                        f"good checkpoint is kept")
+            dt = time.perf_counter() - t0
+            profiler.after_step(step)
+            record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                                      "step_time_s": dt, "samples_per_s": layout.global_batch_size / dt,
+                                      # host time blocked on the device at the step's one synchronization:
+                                      # near 0 means the host (Python, dispatch) limits the step, not the GPU
+                                      "sync_wait_s": sync_wait, "skipped": skipped}
+            if g_tokens > 0:
+                record["tokens_per_s"] = g_tokens / dt
+                record["tokens_per_s_per_device"] = g_tokens / dt / info.world_size
+            if flops_per_sample and peak:
+                record["mfu"] = flops_per_sample * layout.global_batch_size / dt / (peak * info.world_size)
+            if info.device.type == "cuda":
+                record["mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            record.update(g_extra)
+            data_metrics = data.metrics()
+            if data_metrics:
+                record.update({k if k.startswith("data/") else f"data/{k}": v for k, v in data_metrics.items()})
+            if step % cfg.trainer.log_interval == 0 or step == cfg.trainer.max_steps:
+                log.log(record)
 
-        want_stop = g_stop > 0
-        sliced = cfg.trainer.exit_after_steps > 0 and step - start_step >= cfg.trainer.exit_after_steps
-        if sliced and not want_stop and step < cfg.trainer.max_steps:
-            want_stop, stop.signal = True, "trainer.exit_after_steps"
-        periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
-        if periodic or want_stop:
-            _save(ckpt, step, dcp_state(), data, engine, info, blocking=want_stop)
-            last_saved = step
-            if step in kill_after_ckpt:
-                ckpt.wait()
-                faults.kill_self()
-        if want_stop:
-            stop_reason = stop.signal or PREEMPT_FILE
-            log.message(f"stop requested ({stop_reason}): checkpoint written at step {step}; exiting cleanly")
-            break
+            want_stop = g_stop > 0
+            sliced = cfg.trainer.exit_after_steps > 0 and step - start_step >= cfg.trainer.exit_after_steps
+            if sliced and not want_stop and step < cfg.trainer.max_steps:
+                want_stop, stop.signal = True, "trainer.exit_after_steps"
+            periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
+            if periodic or want_stop:
+                _save(ckpt, step, dcp_state(), data, engine, info, blocking=want_stop)
+                last_saved = step
+                if step in kill_after_ckpt:
+                    ckpt.wait()
+                    faults.kill_self()
+            if want_stop:
+                stop_reason = stop.signal or PREEMPT_FILE
+                log.message(f"stop requested ({stop_reason}): checkpoint written at step {step}; exiting cleanly")
+                break
 
-    gc_control.close()
+    finally:
+        gc_control.close()  # also on errors: automatic GC back on for in-process callers
     if stop_reason is None and cfg.checkpoint.save_final and last_saved != step:
         _save(ckpt, step, dcp_state(), data, engine, info, blocking=True)
     ckpt.wait()

@@ -127,3 +127,20 @@ def test_expanded_output_gradients():
         grads.append(_grads([q, k, v]))
     for a, b in zip(*grads):
         assert (a - b).norm() / b.norm() < 1e-4
+
+
+def test_ops_without_autograd_never_drop_gradients_silently():
+    """A codec op has no autograd formula: with an input that requires grad the call goes through the op,
+    whose backward raises, instead of the direct path returning a tensor without grad_fn. A double
+    backward through the norm (its backward op has no formula either) raises the same way."""
+    q, s = quantize_fp8(torch.randn(8, 256, device=DEVICE), "tensor", backend="triton")
+    s = s.clone().requires_grad_()
+    y = dequantize_fp8(q, s, "tensor", backend="triton")
+    with pytest.raises(RuntimeError, match="autograd"):
+        y.sum().backward()
+    x = torch.randn(2, 4, 32, device=DEVICE, requires_grad=True)
+    w = torch.randn(32, device=DEVICE, requires_grad=True)
+    out = layer_norm(x, w, None, eps=1e-6, backend="triton")
+    (gx,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        gx.pow(2).sum().backward()

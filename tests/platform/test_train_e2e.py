@@ -212,8 +212,10 @@ def test_async_save_resume_exact_with_default_metrics(reference, tmp_path, run_e
 
 def test_fsdp_groups_train_the_same_model(reference, tmp_path, run_env):
     """parallel.fsdp_group_size=2 (two consecutive units per fully_shard group: one all-gather and one
-    reduce-scatter per pair) computes the same steps as one group per unit."""
-    r = launch(run_env, tmp_path, "g", "parallel.fsdp_group_size=2", "trainer.max_steps=12")
+    reduce-scatter per pair) computes the same steps as one group per unit, also with activation
+    checkpointing (recomputed forwards inside a group)."""
+    r = launch(run_env, tmp_path, "g", "parallel.fsdp_group_size=2", "parallel.activation_checkpointing=full",
+               "trainer.max_steps=12")
     ref, got = losses(reference), losses(tmp_path / "g")
     for s in range(1, 13):
         assert abs(got[s] - ref[s]) / ref[s] < 1e-6, (s, got[s], ref[s])

@@ -186,3 +186,51 @@ def test_gc_control_disables_automatic_gc_and_collects_every_n_steps():
     off = _GCControl(0)
     assert gc.isenabled()
     off.close()
+
+
+def test_device_step_scale_stays_finite_for_huge_finite_norms():
+    """A finite norm whose 1/factor overflows fp32 must give a tiny update (the host path's multiply), not
+    an inf grad_scale with found_inf=0 (a step on zero gradients)."""
+    from scaleforge.platform.trainer import _device_step_factor
+
+    stats = torch.tensor([1.0, 1.0, 1.0, 0.0, 4 * (2e38) ** 2, 0.0], dtype=torch.float64)
+    factor, nonfinite = _device_step_factor(stats, 1, 1.0)
+    assert not bool(nonfinite)
+    grad_scale = factor.reciprocal().clamp(max=torch.finfo(torch.float32).max).float()
+    assert torch.isfinite(grad_scale)
+
+
+def test_gc_control_is_restored_when_training_fails(tmp_path, monkeypatch):
+    import gc
+    import os
+
+    from scaleforge.models import get_recipe_class, recipe_config_class
+    from scaleforge.platform import trainer
+    from scaleforge.platform.config import load_config
+    from scaleforge.platform.dist import _free_port
+
+    monkeypatch.setenv("SCALEFORGE_FAULT_NAN_STEPS", "1,2")
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                     LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config("lm_tiny.yaml", ["trainer.max_steps=3", "trainer.max_nonfinite_steps=2", "trainer.gc_interval=1",
+                                       "trainer.global_batch_size=4", "metrics.wandb.mode=disabled",
+                                       "metrics.progress_bar=false", "metrics.plot=false", "checkpoint.interval=0",
+                                       f"run.output_dir={tmp_path}", "run.name=g"], recipe_config=recipe_config_class)
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with pytest.raises(trainer.TrainingError, match="stopping at step 2"):
+            trainer.train(cfg, get_recipe_class("llm"))
+        assert gc.isenabled()
+    finally:  # train() is meant to own its process: undo what it set for the rest of this one
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        gc.enable()
+        torch.use_deterministic_algorithms(deterministic)
+        for s, h in handlers.items():
+            signal.signal(s, h)
