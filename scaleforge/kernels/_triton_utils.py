@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -53,17 +55,19 @@ def eager_direct_ok(args) -> bool:
     return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
 
 
+try:
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:  # older torch: launches stay correct, only slower
+    _set_wrap_triton_enabled = None
+
+
 def direct_launch():
     """Inside our own eager path, ``torch.library.wrap_triton`` must hand back the plain kernel (as it does
     inside a triton_op's eager implementation); left on, every launch goes through the higher-order-op
     machinery, ~0.4-0.6 ms of host time on the H200 hosts (benchmarks/kernels/host_overhead.py)."""
-    try:
-        from torch._library.triton import set_wrap_triton_enabled
-    except ImportError:  # older torch: launches stay correct, only slower
-        import contextlib
-
+    if _set_wrap_triton_enabled is None:
         return contextlib.nullcontext()
-    return set_wrap_triton_enabled(False)
+    return _set_wrap_triton_enabled(False)
 
 
 class KernelOp:

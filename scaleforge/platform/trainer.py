@@ -11,6 +11,7 @@ the run with a message naming the step.
 """
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import time
@@ -188,8 +189,6 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
                 # not an inf scale (which would step with zero gradients)
                 grad_scale = factor.reciprocal().clamp(max=torch.finfo(torch.float32).max).float()
                 engine.optimizer_step(grad_scale=grad_scale, found_inf=nonfinite.float())
-                engine.zero_grad()
-                engine.scheduler.step()
             t_sync = time.perf_counter()
             g_loss_sum, g_items, g_tokens, g_stop, g_grad_sq, *g_extra_values = stats.tolist()
             sync_wait = time.perf_counter() - t_sync
@@ -201,14 +200,13 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
             normalize = layout.dp_size / g_items
             grad_norm = math.sqrt(g_grad_sq) * normalize if math.isfinite(g_grad_sq) else float("nan")
             skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))  # as _device_step_factor
-            if not device_step:
-                if not skipped:
-                    engine.scale_grads(normalize * clip_coefficient(grad_norm, cfg.optim.grad_clip))
-                    engine.optimizer_step()
-                    if ema is not None:
-                        ema.update()
-                engine.zero_grad()
-                engine.scheduler.step()
+            if not device_step and not skipped:
+                engine.scale_grads(normalize * clip_coefficient(grad_norm, cfg.optim.grad_clip))
+                engine.optimizer_step()
+                if ema is not None:
+                    ema.update()
+            engine.zero_grad()
+            engine.scheduler.step()
             nonfinite_in_row = nonfinite_in_row + 1 if skipped else 0
             step += 1
             if skipped:
@@ -292,8 +290,6 @@ class _GCControl:
     pause is predictable and the same on every rank (ranks stall together, not one after another)."""
 
     def __init__(self, interval: int):
-        import gc
-
         self.interval = interval
         self.was_enabled = gc.isenabled()
         if interval > 0:
@@ -302,13 +298,9 @@ class _GCControl:
 
     def before_step(self, step: int) -> None:
         if self.interval > 0 and step > 1 and step % self.interval == 0:
-            import gc
-
             gc.collect(1)
 
     def close(self) -> None:
-        import gc
-
         if self.interval > 0 and self.was_enabled:
             gc.enable()
 
