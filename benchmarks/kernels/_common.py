@@ -2,7 +2,11 @@
 sys.path): timing, the measured rooflines, relative error and PASS/FAIL bookkeeping."""
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 import time
+import traceback
 
 import torch
 
@@ -77,3 +81,34 @@ def matmul_rooflines(smoke: bool) -> tuple[float, float]:
         fp8 = 2 * s**3 / (bench(lambda: torch._scaled_mm(xq, yq, scale_a=one, scale_b=one,
                                                          out_dtype=torch.bfloat16)) * 1e-3)
     return bf16, fp8
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every check/bench script here takes: --smoke (tiny shapes, CPU interpreter) and --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    return ap
+
+
+def start(smoke: bool) -> str:
+    """Refuses to run the full script without a GPU, logs the environment; returns the device name."""
+    if DEV == "cpu" and not smoke:
+        sys.exit("no CUDA device: use --smoke (with TRITON_INTERPRET=1) to test the script on CPU")
+    device_name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (triton interpreter)"
+    log(f"[env] {device_name}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    return device_name
+
+
+def run_step(name: str, fn) -> None:
+    """Runs one part of a script; a crash is printed and recorded as a failure, and the script goes on."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        FAILURES.append(f"{name} crashed")
+
+
+def finish() -> None:
+    log(f"[done] failures: {FAILURES or 'none'}")
+    sys.exit(1 if FAILURES else 0)

@@ -13,11 +13,9 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
-import sys
 import traceback
 
 import torch
@@ -34,7 +32,8 @@ from scaleforge.kernels.reference import (
     rms_norm_ref,
 )
 
-from _common import DEV, FAILURES, bench, check, copy_bandwidth, log, matmul_rooflines, rel_err
+from _common import (DEV, FAILURES, bench, check, copy_bandwidth, finish, log, matmul_rooflines, rel_err,
+                     run_step, script_parser, start)
 
 ROWS: list[dict] = []
 DATASHEET = {  # kernels.md §1 (dense)
@@ -357,23 +356,14 @@ def write_tables(out_dir, roof, device_name):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = script_parser(__doc__)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--only", default="", help="comma list of: quant,linear,norms,attention")
-    ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args()
-    if DEV == "cpu" and not args.smoke:
-        sys.exit("no CUDA device: use --smoke (with TRITON_INTERPRET=1) to test the script on CPU")
-    device_name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (triton interpreter)"
-    log(f"[env] {device_name}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    device_name = start(args.smoke)
     if args.check:
-        try:
-            run_checks(args.smoke)
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            FAILURES.append("checks crashed")
+        run_step("checks", lambda: run_checks(args.smoke))
     if args.bench:
         sheet = next((v for k, v in DATASHEET.items() if k in device_name), {})
         roof = roofline(args.smoke)
@@ -381,14 +371,9 @@ def main():
         for key, fn in (("attention", bench_linear_attention), ("norms", bench_norms), ("quant", bench_quant),
                         ("linear", bench_fp8_linear)):  # fmt: skip
             if key in only:
-                try:
-                    fn(roof, sheet, args.smoke)
-                except Exception:  # noqa: BLE001
-                    traceback.print_exc()
-                    FAILURES.append(f"bench {key} crashed")
+                run_step(f"bench {key}", lambda fn=fn: fn(roof, sheet, args.smoke))
         write_tables(args.out, roof, device_name)
-    log(f"[done] failures: {FAILURES or 'none'}")
-    sys.exit(1 if FAILURES else 0)
+    finish()
 
 
 if __name__ == "__main__":

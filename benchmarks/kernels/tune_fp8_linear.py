@@ -22,7 +22,6 @@ rounding is not torch's); _scaled_mm runs on CPU there, timings are meaningless.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import os
@@ -37,7 +36,8 @@ from scaleforge.kernels import fp8
 from scaleforge.kernels.reference import fp8_linear_ref, quantize_fp8_ref
 from scaleforge.kernels.reference.fp8 import fp8_max
 
-from _common import DEV, FAILURES, bench as bench_one, check, copy_bandwidth, log, matmul_rooflines, rel_err
+from _common import (DEV, FAILURES, bench as bench_one, check, copy_bandwidth, finish, log, matmul_rooflines,
+                     rel_err, run_step, script_parser, start)
 
 fl = sys.modules["scaleforge.kernels.fp8_linear"]  # the package re-exports the function under that name
 E4M3, E5M2, BF16 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16
@@ -327,14 +327,8 @@ def write_table(out_dir, roof, device_name):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
-    ap.add_argument("--out", default=os.environ.get("OUT", ""))
-    args = ap.parse_args()
-    if DEV == "cpu" and not args.smoke:
-        sys.exit("no CUDA device: use --smoke (with TRITON_INTERPRET=1) to test the script on CPU")
-    device_name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (triton interpreter)"
-    log(f"[env] {device_name}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    args = script_parser(__doc__).parse_args()
+    device_name = start(args.smoke)
     torch.manual_seed(0)
     roof = roofline(args.smoke)
     steps = [
@@ -348,16 +342,11 @@ def main():
     steps += [(f"bench {s}", lambda s=s: bench_shape(*s, roof, args.smoke)) for s in shapes]
     steps.append(("config sweep", lambda: sweep_configs(roof, args.smoke)))
     for name, fn in steps:
-        try:
-            fn()
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            FAILURES.append(f"{name} crashed")
+        run_step(name, fn)
         if DEV == "cuda":
             torch.cuda.empty_cache()
     write_table(args.out, roof, device_name)
-    log(f"[done] failures: {FAILURES or 'none'}")
-    sys.exit(1 if FAILURES else 0)
+    finish()
 
 
 if __name__ == "__main__":
