@@ -189,6 +189,11 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
                 # not an inf scale (which would step with zero gradients)
                 grad_scale = factor.reciprocal().clamp(max=torch.finfo(torch.float32).max).float()
                 engine.optimizer_step(grad_scale=grad_scale, found_inf=nonfinite.float())
+                # before the sync too: after it the GPU idles until the host launches the next step, and
+                # freeing the gradients plus the LR step take ~0.8 ms of host time with 16 layers on CPU
+                # (benchmarks/host_step_probe.py: sync -> next step start 0.17 ms here, 1.0 ms after)
+                engine.zero_grad()
+                engine.scheduler.step()
             t_sync = time.perf_counter()
             g_loss_sum, g_items, g_tokens, g_stop, g_grad_sq, *g_extra_values = stats.tolist()
             sync_wait = time.perf_counter() - t_sync
@@ -200,13 +205,14 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
             normalize = layout.dp_size / g_items
             grad_norm = math.sqrt(g_grad_sq) * normalize if math.isfinite(g_grad_sq) else float("nan")
             skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))  # as _device_step_factor
-            if not device_step and not skipped:
-                engine.scale_grads(normalize * clip_coefficient(grad_norm, cfg.optim.grad_clip))
-                engine.optimizer_step()
-                if ema is not None:
-                    ema.update()
-            engine.zero_grad()
-            engine.scheduler.step()
+            if not device_step:
+                if not skipped:
+                    engine.scale_grads(normalize * clip_coefficient(grad_norm, cfg.optim.grad_clip))
+                    engine.optimizer_step()
+                    if ema is not None:
+                        ema.update()
+                engine.zero_grad()
+                engine.scheduler.step()
             nonfinite_in_row = nonfinite_in_row + 1 if skipped else 0
             step += 1
             if skipped:
@@ -284,8 +290,8 @@ def _device_step_factor(stats: torch.Tensor, dp_size: int, max_norm: float) -> t
 
 class _GCControl:
     """Python's generational GC pauses the host at arbitrary points of a step, and a paused host stops
-    launching GPU work (on CPU, lm_tiny with 16 layers: ~1.4 ms of gen-0/1 collections per step and
-    gen-2 pauses of up to 0.3 s). As torchtitan does, ``trainer.gc_interval`` > 0 turns automatic
+    launching GPU work (on CPU, lm_tiny with 16 layers: about one gen-0 collection per step and gen-2
+    pauses of up to 0.14 s; benchmarks/host_step_probe.py). As torchtitan does, ``trainer.gc_interval`` > 0 turns automatic
     collection off for the loop and collects generations 0-1 at the start of every N-th step, where the
     pause is predictable and the same on every rank (ranks stall together, not one after another)."""
 
