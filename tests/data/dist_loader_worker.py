@@ -44,6 +44,7 @@ def main(pattern: str, out_dir: str) -> None:
     if rank == 0:
         with open(os.path.join(out_dir, "all.pkl"), "wb") as f:
             pickle.dump(everyone, f)
+    dist.barrier()  # tear gloo down together (see tests/models/test_llm_fsdp.py)
     dist.destroy_process_group()
 
 

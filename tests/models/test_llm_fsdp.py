@@ -36,6 +36,10 @@ def _fsdp_load_worker(rank: int, world: int, init_file: str, hf_dir: str, out_fi
         full = {k: v.full_tensor() for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(full, out_file)
+        # both ranks tear gloo down together (as the other spawned-worker tests do): a rank that exits
+        # while its peer is still busy (here: rank 0 saving) can close the peer's connections under gloo's
+        # I/O thread, which aborted rank 0 with "terminate called without an active exception" now and then
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
