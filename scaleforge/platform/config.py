@@ -91,6 +91,9 @@ class TrainerConfig:
     max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
     gc_interval: int = 0  # > 0: automatic GC off, gc.collect(1) every N steps (torchtitan: 50); 0: automatic GC
     exit_after_steps: int = 0  # > 0: checkpoint and exit after this many steps in this job (time slicing)
+    # with the device-side optimizer step: read step N's statistics after step N+1's forward/backward are
+    # enqueued (no GPU drain at the step boundary); a stop request then takes effect one step later
+    deferred_stats: bool = True
     collective_timeout_s: int = 600
     deterministic: bool = True  # torch.use_deterministic_algorithms(warn_only) + fixed seeds
 

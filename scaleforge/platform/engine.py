@@ -184,9 +184,12 @@ class FSDP2Engine(Engine):
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[pcfg.mixed_precision],
                                   reduce_dtype=_DTYPES[pcfg.reduce_dtype])
         kwargs = dict(mesh=self.mesh, mp_policy=mp)
-        for group in fsdp_groups(plan.fsdp_units, pcfg.fsdp_group_size):
-            fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=pcfg.reshard_after_forward,
-                        **kwargs)
+        groups = fsdp_groups(plan.fsdp_units, pcfg.fsdp_group_size)
+        for i, group in enumerate(groups):
+            # The last group's backward starts as soon as its forward ends: resharding it would only gather
+            # it again, exposed, before the first backward kernel (torchtitan keeps its last block likewise).
+            reshard = pcfg.reshard_after_forward and i < len(groups) - 1
+            fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=reshard, **kwargs)
         # The root: parameters outside the units (embeddings, final norm...); no reshard after forward
         # because backward needs them first.
         fully_shard(model, reshard_after_forward=False, **kwargs)

@@ -6,6 +6,8 @@ never carry it. Each variable holds comma-separated optimizer steps (1-based).
   of this step is complete (a node lost between checkpoints).
 - ``SCALEFORGE_FAULT_KILL_DURING_SAVE``: every worker SIGKILLs itself after writing its shards of this
   step's checkpoint but before it is marked complete (a checkpoint interrupted mid-write).
+- ``SCALEFORGE_FAULT_SIGTERM_STEPS``: rank 0 sends itself SIGTERM during these steps, before the step's
+  statistics are reduced (a preemption notice reaching one rank at a known step).
 """
 from __future__ import annotations
 
@@ -20,7 +22,12 @@ def steps(var: str) -> set[int]:
 NAN_STEPS = "SCALEFORGE_FAULT_NAN_STEPS"
 KILL_AFTER_CHECKPOINT = "SCALEFORGE_FAULT_KILL_AFTER_CHECKPOINT"
 KILL_DURING_SAVE = "SCALEFORGE_FAULT_KILL_DURING_SAVE"
+SIGTERM_STEPS = "SCALEFORGE_FAULT_SIGTERM_STEPS"
 
 
 def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sigterm_self() -> None:
+    signal.raise_signal(signal.SIGTERM)

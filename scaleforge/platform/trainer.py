@@ -129,6 +129,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
         signal.signal(sig, stop)
     nan_steps = faults.steps(faults.NAN_STEPS)
     kill_after_ckpt = faults.steps(faults.KILL_AFTER_CHECKPOINT)
+    sigterm_steps = faults.steps(faults.SIGTERM_STEPS) if info.is_main else set()
 
     flops_per_sample = recipe.flops_per_sample(None)
     peak = device_peak_flops()
@@ -143,13 +144,58 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
 
     profiler = _Profiler(cfg.metrics, run_dir, info)
     gc_control = _GCControl(cfg.trainer.gc_interval)
+    device_step = engine.supports_device_step and ema is None
+    # With the device-side step the host needs a step's statistics only for logging and the stop /
+    # non-finite decisions, so (trainer.deferred_stats) it reads step N's after enqueueing step N+1's
+    # forward and backward: the GPU never drains at the step boundary. Steps that checkpoint, end the run
+    # or follow a stop request are read at once; every rank decides that from the same global facts.
+    defer = device_step and cfg.trainer.deferred_stats
+    pending: _PendingStats | None = None
+    stop_seen = False  # a read step carried a stop request: the next step is the last
+
+    def account(p: _PendingStats, t_end: float) -> bool:
+        """The host side of step p.step: non-finite bookkeeping, the metrics record. True = stop requested."""
+        nonlocal nonfinite_in_row
+        v = p.values
+        if v.skipped:
+            nonfinite_in_row += 1
+            log.message(f"step {p.step}: non-finite loss ({v.loss}) or grad norm ({v.grad_norm}); step skipped "
+                        f"({nonfinite_in_row} in a row, limit {cfg.trainer.max_nonfinite_steps})")
+            if nonfinite_in_row >= cfg.trainer.max_nonfinite_steps:
+                log.close(plot=False)
+                ckpt.wait()
+                raise TrainingError(
+                    f"stopping at step {p.step}: {nonfinite_in_row} consecutive steps with a non-finite loss or "
+                    f"gradient norm (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); the last "
+                    f"good checkpoint is kept")
+        else:
+            nonfinite_in_row = 0
+        dt = t_end - p.t0
+        record: dict[str, Any] = {"step": p.step, "loss": v.loss, "lr": p.lr, "grad_norm": v.grad_norm,
+                                  "step_time_s": dt, "samples_per_s": layout.global_batch_size / dt,
+                                  # host time blocked on the device when the statistics were read: near 0
+                                  # means the host (Python, dispatch) limits the step, not the GPU
+                                  "sync_wait_s": p.sync_wait, "skipped": v.skipped}
+        if v.tokens > 0:
+            record["tokens_per_s"] = v.tokens / dt
+            record["tokens_per_s_per_device"] = v.tokens / dt / info.world_size
+        if flops_per_sample and peak:
+            record["mfu"] = flops_per_sample * layout.global_batch_size / dt / (peak * info.world_size)
+        if info.device.type == "cuda":
+            record["mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        record.update(v.extra)
+        record.update(p.data_metrics)
+        if p.step % cfg.trainer.log_interval == 0 or p.step == cfg.trainer.max_steps:
+            log.log(record)
+        return v.stop
+
     try:
         while step < cfg.trainer.max_steps:
             gc_control.before_step(step + 1)
             profiler.before_step(step + 1)
             t0 = time.perf_counter()
             dev = info.device
-            # Statistics stay on the device until the single host synchronization of the step (below).
+            # Statistics stay on the device until the host reads them (below, or one step later).
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             items = torch.zeros((), dtype=torch.float64, device=dev)
             tokens, samples = 0.0, 0
@@ -167,90 +213,62 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
                 samples += layout.micro_batch_size
                 for k, v in out.metrics.items():
                     extra[k] = extra.get(k, 0.0) + _as_device_scalar(v, dev)
+            if pending is not None:  # the previous step, now that this one's work is enqueued
+                pending.read()
+                stop_seen = account(pending, t_end=t0) or stop_seen
+                pending = None
             keys = sorted(extra)
+            if step + 1 in sigterm_steps:
+                faults.sigterm_self()
             stop_local = 1.0 if (stop.signal or (info.is_main and (run_dir / PREEMPT_FILE).exists())) else 0.0
-            # One all-reduce and one host synchronization per step. The gradient norm is taken on the raw
-            # (summed-loss) gradients, so the global item-count normalization and the clipping are applied
-            # together as one factor.
+            # One all-reduce per step. The gradient norm is taken on the raw (summed-loss) gradients, so
+            # the global item-count normalization and the clipping are applied together as one factor.
             stats = torch.stack([loss_sum, items, torch.full((), tokens, dtype=torch.float64, device=dev),
                                  torch.full((), stop_local, dtype=torch.float64, device=dev),
                                  engine.grad_sq_norm_local()] + [extra[k] for k in keys])
             dist.all_reduce(stats)
             group = engine.optimizer.param_groups[0]  # the base LR (groups may carry LR multipliers)
             lr = group["lr"] / (group.get("lr_mult") or 1.0)
-            device_step = engine.supports_device_step and ema is None
             if device_step:
                 # The update is enqueued before the host reads anything: the factor and the skip flag are
                 # computed on the device and the fused optimizer divides by 1/factor and skips the step when
-                # the loss or norm is not finite. The GPU runs the optimizer while the host waits at the sync
-                # below, instead of idling while the host launches it after the sync.
+                # the loss or norm is not finite.
                 factor, nonfinite = _device_step_factor(stats, layout.dp_size, cfg.optim.grad_clip)
                 # clamped: a huge but finite norm must give a tiny update, as the host path's multiply does,
                 # not an inf scale (which would step with zero gradients)
                 grad_scale = factor.reciprocal().clamp(max=torch.finfo(torch.float32).max).float()
                 engine.optimizer_step(grad_scale=grad_scale, found_inf=nonfinite.float())
-                # before the sync too: after it the GPU idles until the host launches the next step, and
+                # before the read too: after it the GPU idles until the host launches the next step, and
                 # freeing the gradients plus the LR step take ~0.8 ms of host time with 16 layers on CPU
                 # (benchmarks/host_step_probe.py: sync -> next step start 0.17 ms here, 1.0 ms after)
                 engine.zero_grad()
                 engine.scheduler.step()
-            t_sync = time.perf_counter()
-            g_loss_sum, g_items, g_tokens, g_stop, g_grad_sq, *g_extra_values = stats.tolist()
-            sync_wait = time.perf_counter() - t_sync
-            g_extra = {k: v / (info.world_size * layout.grad_accum) for k, v in zip(keys, g_extra_values)}
-            if g_items <= 0:
-                raise TrainingError(f"step {step + 1}: the global batch has no loss items (every label masked?)")
-            loss_value = g_loss_sum / g_items
-            # FSDP's reduce-scatter averages over the dp ranks; rescale to the global per-item mean.
-            normalize = layout.dp_size / g_items
-            grad_norm = math.sqrt(g_grad_sq) * normalize if math.isfinite(g_grad_sq) else float("nan")
-            skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))  # as _device_step_factor
-            if not device_step:
-                if not skipped:
-                    engine.scale_grads(normalize * clip_coefficient(grad_norm, cfg.optim.grad_clip))
+                current = _PendingStats(step + 1, t0, lr, stats, keys, layout, info.world_size)
+            else:
+                current = _PendingStats(step + 1, t0, lr, stats, keys, layout, info.world_size)
+                current.read()
+                v = current.values
+                if not v.skipped:
+                    engine.scale_grads(v.normalize * clip_coefficient(v.grad_norm, cfg.optim.grad_clip))
                     engine.optimizer_step()
                     if ema is not None:
                         ema.update()
                 engine.zero_grad()
                 engine.scheduler.step()
-            nonfinite_in_row = nonfinite_in_row + 1 if skipped else 0
             step += 1
-            if skipped:
-                log.message(f"step {step}: non-finite loss ({loss_value}) or grad norm ({grad_norm}); step skipped "
-                            f"({nonfinite_in_row} in a row, limit {cfg.trainer.max_nonfinite_steps})")
-                if nonfinite_in_row >= cfg.trainer.max_nonfinite_steps:
-                    log.close(plot=False)
-                    ckpt.wait()
-                    raise TrainingError(
-                        f"stopping at step {step}: {nonfinite_in_row} consecutive steps with a non-finite loss or "
-                        f"gradient norm (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); the last "
-                        f"good checkpoint is kept")
-            dt = time.perf_counter() - t0
-            profiler.after_step(step)
-            record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                                      "step_time_s": dt, "samples_per_s": layout.global_batch_size / dt,
-                                      # host time blocked on the device at the step's one synchronization:
-                                      # near 0 means the host (Python, dispatch) limits the step, not the GPU
-                                      "sync_wait_s": sync_wait, "skipped": skipped}
-            if g_tokens > 0:
-                record["tokens_per_s"] = g_tokens / dt
-                record["tokens_per_s_per_device"] = g_tokens / dt / info.world_size
-            if flops_per_sample and peak:
-                record["mfu"] = flops_per_sample * layout.global_batch_size / dt / (peak * info.world_size)
-            if info.device.type == "cuda":
-                record["mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            record.update(g_extra)
             data_metrics = data.metrics()
-            if data_metrics:
-                record.update({k if k.startswith("data/") else f"data/{k}": v for k, v in data_metrics.items()})
-            if step % cfg.trainer.log_interval == 0 or step == cfg.trainer.max_steps:
-                log.log(record)
+            current.data_metrics = {k if k.startswith("data/") else f"data/{k}": v for k, v in data_metrics.items()}
+            profiler.after_step(step)
 
-            want_stop = g_stop > 0
             sliced = cfg.trainer.exit_after_steps > 0 and step - start_step >= cfg.trainer.exit_after_steps
+            periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
+            if defer and not (stop_seen or sliced or periodic or step >= cfg.trainer.max_steps):
+                pending = current
+                continue
+            current.read()
+            want_stop = account(current, t_end=time.perf_counter()) or stop_seen
             if sliced and not want_stop and step < cfg.trainer.max_steps:
                 want_stop, stop.signal = True, "trainer.exit_after_steps"
-            periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
             if periodic or want_stop:
                 _save(ckpt, step, dcp_state(), data, engine, info, blocking=want_stop)
                 last_saved = step
@@ -286,6 +304,52 @@ def _device_step_factor(stats: torch.Tensor, dp_size: int, max_norm: float) -> t
     clip = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(grad_norm)
     nonfinite = ~(torch.isfinite(loss_sum / items) & torch.isfinite(grad_norm))
     return normalize * clip, nonfinite
+
+
+class _StepValues:
+    """A step's all-reduced statistics [loss_sum, items, tokens, stop, grad_sq, *extra] as host numbers."""
+
+    def __init__(self, values: list[float], step: int, keys: list[str], layout, world_size: int):
+        loss_sum, items, self.tokens, stop, grad_sq, *extra = values
+        if items <= 0:
+            raise TrainingError(f"step {step}: the global batch has no loss items (every label masked?)")
+        self.loss = loss_sum / items
+        # FSDP's reduce-scatter averages over the dp ranks; rescale to the global per-item mean.
+        self.normalize = layout.dp_size / items
+        self.grad_norm = math.sqrt(grad_sq) * self.normalize if math.isfinite(grad_sq) else float("nan")
+        self.skipped = not (math.isfinite(self.loss) and math.isfinite(self.grad_norm))  # as _device_step_factor
+        self.stop = stop > 0
+        self.extra = {k: v / (world_size * layout.grad_accum) for k, v in zip(keys, extra)}
+
+
+class _PendingStats:
+    """One step's statistics on their way to the host: on CUDA an asynchronous copy into pinned memory and
+    an event, so that reading them later waits for this step's work only, not for work enqueued after it
+    (a plain ``tolist()`` then would wait for the whole queue)."""
+
+    def __init__(self, step: int, t0: float, lr: float, stats: torch.Tensor, keys: list[str], layout,
+                 world_size: int):
+        self.step, self.t0, self.lr, self.keys = step, t0, lr, keys
+        self.layout, self.world_size = layout, world_size
+        self.data_metrics: dict[str, Any] = {}
+        self.values: _StepValues | None = None
+        self.sync_wait = 0.0
+        self.event = None
+        if stats.is_cuda:
+            self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            self.host.copy_(stats, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = stats
+
+    def read(self) -> None:
+        t = time.perf_counter()
+        if self.event is not None:
+            self.event.synchronize()
+        values = self.host.tolist()
+        self.sync_wait = time.perf_counter() - t
+        self.values = _StepValues(values, self.step, self.keys, self.layout, self.world_size)
 
 
 class _GCControl:

@@ -234,3 +234,62 @@ def test_gc_control_is_restored_when_training_fails(tmp_path, monkeypatch):
         torch.use_deterministic_algorithms(deterministic)
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def _train_in_process(tmp_path, monkeypatch, name, overrides, env=None):
+    """trainer.train in this process as a world of one (gloo), restoring what train() sets process-wide."""
+    import gc
+    import json
+    import signal
+
+    import torch.distributed as dist
+
+    from scaleforge.models import get_recipe_class, recipe_config_class
+    from scaleforge.platform import trainer
+    from scaleforge.platform.config import load_config
+    from scaleforge.platform.dist import _free_port
+
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                     LOCAL_RANK="0", **(env or {})).items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config("lm_tiny.yaml", ["trainer.global_batch_size=4", "metrics.wandb.mode=disabled",
+                                       "metrics.progress_bar=false", "metrics.plot=false", "checkpoint.interval=0",
+                                       f"run.output_dir={tmp_path}", f"run.name={name}", *overrides],
+                      recipe_config=recipe_config_class)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        summary = trainer.train(cfg, get_recipe_class("llm"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        gc.enable()
+        torch.use_deterministic_algorithms(deterministic)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for k in (env or {}):
+            monkeypatch.delenv(k)
+    recs = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return summary, recs
+
+
+def test_deferred_stats_same_run_and_stop_one_step_later(tmp_path, monkeypatch):
+    """trainer.deferred_stats (the default with the fused optimizer): the host reads step N's statistics
+    after step N+1 is enqueued. The run is the same as with immediate reads (losses, norms, skips, LRs;
+    a NaN step included); a stop request seen at step 3 checkpoints step 4 (immediate reads: step 3), and
+    resuming from it reproduces the uninterrupted losses bit for bit."""
+    keys = ("step", "loss", "grad_norm", "lr", "skipped")
+    nan = {"SCALEFORGE_FAULT_NAN_STEPS": "2"}
+    _, ref = _train_in_process(tmp_path, monkeypatch, "ref", ["trainer.max_steps=6", "trainer.deferred_stats=false"],
+                               env=nan)
+    assert [r["skipped"] for r in ref] == [False, True, False, False, False, False]
+    term = {"SCALEFORGE_FAULT_SIGTERM_STEPS": "3", **nan}
+    summary, recs = _train_in_process(tmp_path, monkeypatch, "d", ["trainer.max_steps=6"], env=term)
+    assert summary["stopped_by"] == "SIGTERM" and summary["step"] == 4
+    assert (tmp_path / "d" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    summary, _ = _train_in_process(tmp_path, monkeypatch, "i", ["trainer.max_steps=6", "trainer.deferred_stats=false"],
+                                   env=term)
+    assert summary["step"] == 3
+    summary, recs = _train_in_process(tmp_path, monkeypatch, "d", ["trainer.max_steps=6"])
+    assert summary["step"] == 6 and summary["stopped_by"] is None
+    assert [tuple(r[k] for k in keys) for r in recs] == [tuple(r[k] for k in keys) for r in ref]
