@@ -5,8 +5,16 @@ launches it, checked against the torch reference (FP8 codes and scales bit-equal
 and timed; then the public functions, eagerly (device time plus any host-side gaps, as run_all.py measures)
 and replayed from a CUDA graph (device time only). Ends with the fp8._LAUNCH entries of the fastest configs.
 
-    PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py            # H200: ~90 s
+    PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py            # H200: ~90 s before the group variants
+    PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py --only quant_group   # the group quantize configs only
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py --smoke   # CPU, tiny shapes
+
+The group quantize sweeps add the compile-time variants of fp8._quant_group_kernel (GROUP_PER_THREAD,
+SATFINITE; see fp8._QUANT_GROUP_OPTS) on the best plain configs of round 1 and a
+persistent prefetching grid, GROUP_PER_THREAD on BLOCK = 32 x warps x group (one group per thread).
+``--only`` takes a comma-separated subset of tensor (amax pass, per-tensor quantize and dequantize),
+quant_group, dequant_group, state, api; with ``--only quant_group`` the group quantize sweeps keep only
+the plain configs the variants are crossed with (GROUP_BASES) of QUANT_CONFIGS.
 
 Bytes are logical (bf16 quantize: read 2 B + write 1 B per element, plus scales; dequantize the reverse);
 the per-tensor dynamic quantize must read the input twice: its rows give % of copy bandwidth for both the
@@ -57,9 +65,19 @@ AMAX_CONFIGS = (
     + [fp8._cfg(16384, 16, evict_first=True)]
     + [fp8._cfg(b, w, k, pf, True) for b, w, k in PERSISTENT + [(8192, 16, 2), (16384, 16, 2)] for pf in (False, True)]
 )
+# group quantize: fp8._quant_group_kernel's compile-time variants on the best plain configs of round 1 (the
+# table's group 128 and 16 entries among them) and a persistent prefetching grid; GROUP_PER_THREAD on
+# BLOCK = 32 x warps x group (one group per thread, ~160 registers: 12 warps per SM) and two persistent
+# grids. Group 16's default tile at BLOCK = 512 x warps already is GROUP_PER_THREAD's: not crossed there.
+GROUP_BASES = [fp8._cfg(4096, 4), fp8._cfg(4096, 8), fp8._cfg(8192, 8), fp8._cfg(4096, 8, 4, True, True)]
+GROUP_VARIANTS = [dict(satfinite=True)]
+PER_THREAD_VARIANTS = [{}, dict(satfinite=True)]
 DEQUANT_CONFIGS = [dict(BLOCK=b, num_warps=w) for b, w in [(4096, 4), (4096, 8), (8192, 4)]]
 # the state codec: small tiles and few warps (see the instruction count at fp8._state_quant_kernel)
 STATE_CONFIGS = [dict(BLOCK=b, num_warps=w) for b, w in [(1024, 2), (1024, 4), (2048, 2), (2048, 4)]]
+SECTIONS = ("tensor", "quant_group", "dequant_group", "state", "api")
+# fp8._cfg's keyword options (the group quantizer's compile-time variants): config key -> keyword
+OPTS = {"GROUP_PER_THREAD": "group_per_thread", "SATFINITE": "satfinite"}
 # sweep name -> fp8._LAUNCH key
 TABLE_KEYS = {
     "amax pass (per-tensor dynamic, 1/2)": "amax",
@@ -74,13 +92,28 @@ TABLE_KEYS = {
 }
 
 
+def group_quant_configs(gs: int, base: list[dict]) -> list[dict]:
+    """base, then the variants on GROUP_BASES and (groups over 16) GROUP_PER_THREAD's configs."""
+    out = base + [fp8._cfg(*cfg_args(c), **v) for c in GROUP_BASES for v in GROUP_VARIANTS]
+    if gs > 16:
+        # (a prefetching grid would need ~2 x 128 values per thread: 255 registers and spills)
+        per_thread = [(32 * w * gs, w) for w in (1, 2, 4)] + [(32 * 4 * gs, 4, 3), (32 * gs, 1, 12)]
+        out += [fp8._cfg(*a, group_per_thread=True, **v) for a in per_thread for v in PER_THREAD_VARIANTS]
+    return out
+
+
+def cfg_args(cfg: dict) -> tuple:
+    """fp8._cfg's positional arguments for cfg."""
+    return cfg["BLOCK"], cfg["num_warps"], cfg["WAVES"], cfg["PREFETCH"], cfg["EVICT_FIRST"]
+
+
 def cfg_str(cfg: dict) -> str:
     out = f"BLOCK={cfg['BLOCK']} w{cfg['num_warps']}"
     if cfg.get("WAVES"):
         out += f" persistent x{cfg['WAVES']}/SM" + (" prefetch" if cfg["PREFETCH"] else "")
     if cfg.get("EVICT_FIRST"):
         out += " evict_first"
-    return out
+    return out + "".join(f" {kw}" for key, kw in OPTS.items() if cfg.get(key))
 
 
 def cfg_code(cfg: dict) -> str:
@@ -90,6 +123,7 @@ def cfg_code(cfg: dict) -> str:
     args = [str(cfg["BLOCK"]), str(cfg["num_warps"])]
     if cfg["WAVES"] or cfg["PREFETCH"] or cfg["EVICT_FIRST"]:
         args += [str(cfg["WAVES"]), str(cfg["PREFETCH"]), str(cfg["EVICT_FIRST"])]
+    args += [f"{kw}=True" for key, kw in OPTS.items() if cfg.get(key)]
     return f"_cfg({', '.join(args)})"
 
 
@@ -136,7 +170,9 @@ def sweep(kernel, configs, launch, check, nbytes, roof, moved=None, read_roof=No
         name = cfg_str(cfg)
         try:
             ok = check(cfg)
-            ms = bench(lambda: launch(cfg))
+            # kernel time alone: a CUDA graph of 10 launches (an eager launch through fp8._launch goes
+            # through wrap_triton's higher-order op, ~0.3 ms of host time, longer than these kernels)
+            ms = graph_bench(lambda: launch(cfg), n=10)
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a result, not a crash
             print(f"{kernel} {name}: {type(e).__name__}: {str(e)[:200]}")
             ROWS.append((kernel, name, "error", "-", "-", "-"))
@@ -173,13 +209,24 @@ def torch_scale_rounding():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU with TRITON_INTERPRET=1")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if not only <= set(SECTIONS):
+        ap.error(f"--only: unknown {','.join(sorted(only - set(SECTIONS)))}; choose from {','.join(SECTIONS)}")
     torch.manual_seed(0)
     global SMOKE
     SMOKE = smoke = args.smoke
 
     def pick(configs):  # --smoke: the first config and the last (a persistent, prefetching one if any)
         return [configs[0], configs[-1]] if smoke else configs
+
+    def pick_group(gs):  # --smoke: also the first config of each variant
+        configs = group_quant_configs(gs, GROUP_BASES if only == {"quant_group"} else QUANT_CONFIGS)
+        firsts = {}
+        for cfg in configs:
+            firsts.setdefault(tuple(k for k in OPTS if cfg.get(k)), cfg)
+        return [c for c in configs if c is configs[-1] or c in firsts.values()] if smoke else configs
 
     s = 256 if smoke else 8192
     n = s * s
@@ -199,46 +246,47 @@ def main():
         return triton.cdiv(n, cfg["BLOCK"])
 
     # ---- per tensor
-    qr, sr = quantize_fp8_ref(x, "tensor", dtype=E4M3)
-    amax_bits = torch.zeros((), dtype=torch.int32, device=DEV)
+    if "tensor" in only:
+        qr, sr = quantize_fp8_ref(x, "tensor", dtype=E4M3)
+        amax_bits = torch.zeros((), dtype=torch.int32, device=DEV)
 
-    def amax_launch(cfg, xx=None):
-        amax_bits.zero_()
-        fp8._launch(fp8._amax_kernel, cfg, tiles(cfg), dev, xx if xx is not None else rot(), amax_bits, n)
+        def amax_launch(cfg, xx=None):
+            amax_bits.zero_()
+            fp8._launch(fp8._amax_kernel, cfg, tiles(cfg), dev, xx if xx is not None else rot(), amax_bits, n)
 
-    sweep("amax pass (per-tensor dynamic, 1/2)", pick(AMAX_CONFIGS), amax_launch,
-          lambda cfg: (amax_launch(cfg, x), amax_bits.view(torch.float32).item() == x.float().abs().amax().item())[1],
-          n * 2, roof, read_roof=read_roof)  # fmt: skip
-    amax_bits.copy_(x.float().abs().amax().view(torch.int32))
-    q, so = poison((s, s), E4M3), poison((), torch.float32)
+        sweep("amax pass (per-tensor dynamic, 1/2)", pick(AMAX_CONFIGS), amax_launch,
+              lambda cfg: (amax_launch(cfg, x), amax_bits.view(torch.float32).item() == x.float().abs().amax().item())[1],
+              n * 2, roof, read_roof=read_roof)  # fmt: skip
+        amax_bits.copy_(x.float().abs().amax().view(torch.int32))
+        q, so = poison((s, s), E4M3), poison((), torch.float32)
 
-    def quant(cfg, src, from_amax, xx=None):
-        fp8._launch(fp8._quant_tensor_kernel, cfg, tiles(cfg), dev, xx if xx is not None else rot(), q, src, so, n,
-                    qmax, inv, FROM_AMAX=from_amax, RECIP=recip)  # fmt: skip
+        def quant(cfg, src, from_amax, xx=None):
+            fp8._launch(fp8._quant_tensor_kernel, cfg, tiles(cfg), dev, xx if xx is not None else rot(), q, src, so, n,
+                        qmax, inv, FROM_AMAX=from_amax, RECIP=recip)  # fmt: skip
 
-    def quant_check(cfg, src, from_amax, qref, sref):
-        q.view(torch.uint8).fill_(0xFF)
-        so.fill_(float("nan"))
-        quant(cfg, src, from_amax, x)
-        return same(q, qref) and same(so, sref)
+        def quant_check(cfg, src, from_amax, qref, sref):
+            q.view(torch.uint8).fill_(0xFF)
+            so.fill_(float("nan"))
+            quant(cfg, src, from_amax, x)
+            return same(q, qref) and same(so, sref)
 
-    sweep("quantize pass (per-tensor dynamic, 2/2)", pick(QUANT_CONFIGS), lambda cfg: quant(cfg, amax_bits, True),
-          lambda cfg: quant_check(cfg, amax_bits, True, qr, sr), n * 3, roof)  # fmt: skip
-    given = sr * 1.5
-    qg, _ = quantize_fp8_ref(x, "tensor", dtype=E4M3, scale=given)
-    sweep("quantize per-tensor, given scale", pick(QUANT_CONFIGS), lambda cfg: quant(cfg, given, False),
-          lambda cfg: quant_check(cfg, given, False, qg, given), n * 3, roof)  # fmt: skip
-    y = poison((s, s), torch.bfloat16)
-    yr = dequantize_fp8_ref(qr, sr, out_dtype=torch.bfloat16)
+        sweep("quantize pass (per-tensor dynamic, 2/2)", pick(QUANT_CONFIGS), lambda cfg: quant(cfg, amax_bits, True),
+              lambda cfg: quant_check(cfg, amax_bits, True, qr, sr), n * 3, roof)  # fmt: skip
+        given = sr * 1.5
+        qg, _ = quantize_fp8_ref(x, "tensor", dtype=E4M3, scale=given)
+        sweep("quantize per-tensor, given scale", pick(QUANT_CONFIGS), lambda cfg: quant(cfg, given, False),
+              lambda cfg: quant_check(cfg, given, False, qg, given), n * 3, roof)  # fmt: skip
+        y = poison((s, s), torch.bfloat16)
+        yr = dequantize_fp8_ref(qr, sr, out_dtype=torch.bfloat16)
 
-    def dequant(cfg):
-        fp8._launch(fp8._dequant_tensor_kernel, cfg, tiles(cfg), dev, qr, sr, y, n)
+        def dequant(cfg):
+            fp8._launch(fp8._dequant_tensor_kernel, cfg, tiles(cfg), dev, qr, sr, y, n)
 
-    sweep("dequantize per-tensor", pick(DEQUANT_CONFIGS), dequant,
-          lambda cfg: (y.fill_(float("nan")), dequant(cfg), same(y, yr))[2], n * 3, roof)  # fmt: skip
+        sweep("dequantize per-tensor", pick(DEQUANT_CONFIGS), dequant,
+              lambda cfg: (y.fill_(float("nan")), dequant(cfg), same(y, yr))[2], n * 3, roof)  # fmt: skip
 
     # ---- per group
-    for gs in (128, 16):
+    for gs in (128, 16) if only & {"quant_group", "dequant_group"} else ():
         g = n // gs
         qr_g, sr_g = quantize_fp8_ref(x, "group", gs, E4M3)
         q_g, s_g = poison((s, s), E4M3), poison((s, s // gs), torch.float32)
@@ -254,7 +302,10 @@ def main():
             f(cfg, x)
             return same(q_g, qr_g) and same(s_g, sr_g)
 
-        sweep(f"quantize group {gs}", pick(QUANT_CONFIGS), quant_group, quant_group_check, n * 3 + 4 * g, roof)
+        if "quant_group" in only:
+            sweep(f"quantize group {gs}", pick_group(gs), quant_group, quant_group_check, n * 3 + 4 * g, roof)
+        if "dequant_group" not in only:
+            continue
         y_g = poison((s, s), torch.bfloat16)
         yr_g = dequantize_fp8_ref(qr_g, sr_g, group_size=gs, out_dtype=torch.bfloat16)
 
@@ -267,11 +318,12 @@ def main():
               n * 3 + 4 * g, roof)  # fmt: skip
 
     # ---- COAT optimizer-state codec (fp32 state, groups of 128)
-    m = torch.randn(n // 4, device=DEV) * torch.rand(n // 4, device=DEV) * 1e-3  # 67 MB for s = 8192
-    ns, gst = m.numel(), triton.cdiv(m.numel(), 128)
-    ref = quantize_fp8_state_ref(m)
-    y_ref = dequantize_fp8_state_ref(ref)
-    outs = [poison((gst * 128,), E4M3)] + [poison((gst,), torch.float32) for _ in range(3)]
+    ns, gst = n // 4, triton.cdiv(n // 4, 128)
+    if only & {"state", "api"}:
+        m = torch.randn(ns, device=DEV) * torch.rand(ns, device=DEV) * 1e-3  # 67 MB for s = 8192
+        ref = quantize_fp8_state_ref(m)
+        y_ref = dequantize_fp8_state_ref(ref)
+        outs = [poison((gst * 128,), E4M3)] + [poison((gst,), torch.float32) for _ in range(3)]
 
     def state_q(cfg):
         fp8._launch(fp8._state_quant_kernel, cfg, fp8._group_tiles(gst, 128, cfg["BLOCK"]), dev,
@@ -285,46 +337,48 @@ def main():
         print(f"  state codec: identical codes {codes:.5f}, roundtrip error / reference's {e / e_ref:.5f}")
         return torch.equal(outs[2], ref.expand) and e <= (5 if SMOKE else 1.01) * e_ref
 
-    sweep("quantize_fp8_state (COAT expand)", pick(STATE_CONFIGS), state_q, state_ok, ns * 5 + gst * 12, roof)
-    yst = poison((ns,), torch.float32)
+    if "state" in only:
+        sweep("quantize_fp8_state (COAT expand)", pick(STATE_CONFIGS), state_q, state_ok, ns * 5 + gst * 12, roof)
+        yst = poison((ns,), torch.float32)
 
-    def state_dq(cfg):
-        fp8._launch(fp8._state_dequant_kernel, cfg, fp8._group_tiles(gst, 128, cfg["BLOCK"]), dev,
-                    ref.q, ref.scale, ref.expand, ref.sqrt_minmax, yst, ns, gst, GS=128)  # fmt: skip
+        def state_dq(cfg):
+            fp8._launch(fp8._state_dequant_kernel, cfg, fp8._group_tiles(gst, 128, cfg["BLOCK"]), dev,
+                        ref.q, ref.scale, ref.expand, ref.sqrt_minmax, yst, ns, gst, GS=128)  # fmt: skip
 
-    sweep("dequantize_fp8_state", pick(STATE_CONFIGS), state_dq,
-          lambda cfg: (yst.fill_(float("nan")), state_dq(cfg), torch.allclose(yst, y_ref, rtol=1e-5, atol=0))[2],
-          ns * 5 + gst * 12, roof)  # fmt: skip
+        sweep("dequantize_fp8_state", pick(STATE_CONFIGS), state_dq,
+              lambda cfg: (yst.fill_(float("nan")), state_dq(cfg), torch.allclose(yst, y_ref, rtol=1e-5, atol=0))[2],
+              ns * 5 + gst * 12, roof)  # fmt: skip
 
     # ---- public functions (fp8._LAUNCH's configs): eager (as run_all.py times them) and graph-replayed
-    q_t, s_t = quantize_fp8(x, "tensor", backend="triton")
-    q_128, s_128 = quantize_fp8(x, "group", 128, backend="triton")
-    api = [
-        ("API quantize tensor dynamic", lambda: quantize_fp8(rot(), "tensor", backend="triton"), n * 3 + 4, n * 5 + 4),
-        ("API quantize tensor given scale", lambda: quantize_fp8(rot(), "tensor", scale=s_t, backend="triton"), n * 3 + 4, None),
-        ("API dequantize tensor", lambda: dequantize_fp8(q_t, s_t, backend="triton"), n * 3 + 4, None),
-        ("API quantize group 128", lambda: quantize_fp8(rot(), "group", 128, backend="triton"), n * 3 + n // 32, None),
-        ("API dequantize group 128", lambda: dequantize_fp8(q_128, s_128, group_size=128, backend="triton"), n * 3 + n // 32, None),
-        ("API quantize group 16", lambda: quantize_fp8(rot(), "group", 16, backend="triton"), n * 3 + n // 4, None),
-        ("API quantize_fp8_state", lambda: quantize_fp8_state(m, backend="triton"), ns * 5 + gst * 12, None),
-        ("API dequantize_fp8_state", lambda: dequantize_fp8_state(ref, backend="triton"), ns * 5 + gst * 12, None),
-    ]
-    for name, fn, nbytes, moved in api:
-        fn()  # compile outside the timings
-        row(name, "eager", True, bench(fn), nbytes, roof, moved)
-        if DEV == "cuda":
-            row(name, "CUDA graph", True, graph_bench(fn), nbytes, roof, moved)
-    if DEV == "cuda":  # host cost per call, on a tensor small enough that the device is never the limit
-        xs_small = torch.randn(64, 1024, device=DEV, dtype=torch.bfloat16)
-        for name, fn in (("tensor dynamic", lambda: quantize_fp8(xs_small, "tensor", backend="triton")),
-                         ("group 128", lambda: quantize_fp8(xs_small, "group", 128, backend="triton"))):  # fmt: skip
-            fn()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(200):
+    if "api" in only:
+        q_t, s_t = quantize_fp8(x, "tensor", backend="triton")
+        q_128, s_128 = quantize_fp8(x, "group", 128, backend="triton")
+        api = [
+            ("API quantize tensor dynamic", lambda: quantize_fp8(rot(), "tensor", backend="triton"), n * 3 + 4, n * 5 + 4),
+            ("API quantize tensor given scale", lambda: quantize_fp8(rot(), "tensor", scale=s_t, backend="triton"), n * 3 + 4, None),
+            ("API dequantize tensor", lambda: dequantize_fp8(q_t, s_t, backend="triton"), n * 3 + 4, None),
+            ("API quantize group 128", lambda: quantize_fp8(rot(), "group", 128, backend="triton"), n * 3 + n // 32, None),
+            ("API dequantize group 128", lambda: dequantize_fp8(q_128, s_128, group_size=128, backend="triton"), n * 3 + n // 32, None),
+            ("API quantize group 16", lambda: quantize_fp8(rot(), "group", 16, backend="triton"), n * 3 + n // 4, None),
+            ("API quantize_fp8_state", lambda: quantize_fp8_state(m, backend="triton"), ns * 5 + gst * 12, None),
+            ("API dequantize_fp8_state", lambda: dequantize_fp8_state(ref, backend="triton"), ns * 5 + gst * 12, None),
+        ]
+        for name, fn, nbytes, moved in api:
+            fn()  # compile outside the timings
+            row(name, "eager", True, bench(fn), nbytes, roof, moved)
+            if DEV == "cuda":
+                row(name, "CUDA graph", True, graph_bench(fn), nbytes, roof, moved)
+        if DEV == "cuda":  # host cost per call, on a tensor small enough that the device is never the limit
+            xs_small = torch.randn(64, 1024, device=DEV, dtype=torch.bfloat16)
+            for name, fn in (("tensor dynamic", lambda: quantize_fp8(xs_small, "tensor", backend="triton")),
+                             ("group 128", lambda: quantize_fp8(xs_small, "group", 128, backend="triton"))):  # fmt: skip
                 fn()
-            torch.cuda.synchronize()
-            print(f"[host] quantize_fp8 {name}: {(time.perf_counter() - t) / 200 * 1e6:.1f} us per call")
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                torch.cuda.synchronize()
+                print(f"[host] quantize_fp8 {name}: {(time.perf_counter() - t) / 200 * 1e6:.1f} us per call")
 
     lines = [
         f"Device: {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (smoke)'}; torch {torch.__version__}, "
@@ -348,6 +402,7 @@ def main():
     table = "\n".join(lines)
     print("\n" + table)
     if os.environ.get("OUT"):
+        os.makedirs(os.environ["OUT"], exist_ok=True)
         with open(os.path.join(os.environ["OUT"], "tune_fp8.md"), "w") as f:
             f.write(table + "\n")
     if FAILED:

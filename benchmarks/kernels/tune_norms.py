@@ -1,6 +1,7 @@
 """Sweep the launch shapes of the fused norm kernels (scaleforge/kernels/norms.py) on the GPU.
 
     PYTHONPATH=$PWD python benchmarks/kernels/tune_norms.py            # GPU, ~90-120 s
+    PYTHONPATH=$PWD python benchmarks/kernels/tune_norms.py --cases res --shapes 16x4096x2240 --passes bwd
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/kernels/tune_norms.py --smoke   # CPU, logic only
 
 Cases as in run_all.py (bf16, no affine, adaLN shift/scale per (batch, channel), gate per (batch, channel)):
@@ -8,7 +9,11 @@ layer_norm + modulate, rms_norm + modulate, layer_norm + gated residual + modula
 8x4096x1152 and 4x8192x4096. Two phases per case, shape and pass (fwd / bwd):
   A: the layouts: split rows (r1, forward only) and one power-of-two block with r rows per tile, over warps,
      each with one tile per program (k0, forward only) and persistent programs (k = programs per SM);
-  B: the two best of A over k = 0/1/2/4/8/16 and evict_first ("ef") loads of the read-once tensors.
+  B: the two best of A over k = 0/1/2/4/8/16 and evict_first ("ef") loads of the read-once tensors;
+  C (timed with B): the two best of A with the row loop software-pipelined, num_stages 2/3/4 ("s2"; a
+     one-tile-per-program forward config is made persistent at k4 first) and, backward only, with the next
+     row tile prefetched ("pf"; also at twice the warps: the prefetched tiles cost registers).
+--cases / --shapes / --passes restrict the run (e.g. just the backward at one shape).
 Every config is checked against the fp32 reference (forward outputs and every gradient, relative error < 1e-2),
 then timed: a CUDA graph of 10 back-to-back calls (no launch gaps), its replays timed by do_bench (median; each
 tensor is > 50 MB = L2 and read once in order). The bandwidth roofline is the 1 GiB device copy of run_all.py. Kernels are compiled first,
@@ -75,9 +80,34 @@ def phase_b(top, bwd, smoke=False):
             for k in (ks[1:4:2] if smoke else ks)]  # fmt: skip
 
 
+def phase_c(top, bwd, smoke=False):
+    """Latency hiding on the best layouts: pipeliner stages (persistent programs only: a one-tile program
+    has no loop to pipeline) and, backward, prefetch (same and 2x warps)."""
+    out = []
+    for cfg in top:
+        if bwd:
+            out += [cfg._replace(prefetch=True)]
+            if not smoke and cfg.num_warps < 16:
+                out += [cfg._replace(prefetch=True, num_warps=2 * cfg.num_warps)]
+        base = cfg if cfg.progs_per_sm else cfg._replace(progs_per_sm=4)
+        out += [base._replace(stages=st) for st in ((2,) if smoke else (2, 3, 4))]
+    return out
+
+
 def label(cfg, default=None):
     s = f"r{cfg.block_r} w{cfg.num_warps} {'split' if cfg.split else 'pow2'} k{cfg.progs_per_sm}"
-    return s + (" ef" if cfg.evict_first else "") + (" (default)" if cfg == default else "")
+    s += (" ef" if cfg.evict_first else "") + (" pf" if cfg.prefetch else "")
+    s += f" s{cfg.stages}" if cfg.stages else ""
+    return s + (" (default)" if cfg == default else "")
+
+
+def cfg_repr(cfg):
+    """NormConfig(...) as in the _DEFAULTS table: the first five fields, later ones only when not default."""
+    vals, n = list(cfg), 5
+    for i, f in enumerate(NormConfig._fields[5:], 5):
+        if vals[i] != NormConfig._field_defaults[f]:
+            n = i + 1
+    return f"NormConfig({', '.join(map(repr, vals[:n]))})"
 
 
 def bench_eager(fn, grad_to_none=None) -> float:
@@ -237,32 +267,46 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; CPU with TRITON_INTERPRET=1")
     ap.add_argument("--procs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile workers")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    ap.add_argument("--shapes", default=None, help="comma-separated BxNxC shapes (default: the standard three; "
+                    "with --smoke two tiny ones)")  # fmt: skip
+    ap.add_argument("--passes", default="fwd,bwd", help="comma-separated subset of fwd,bwd")
     args = ap.parse_args()
     if DEV == "cpu" and not args.smoke:
         raise SystemExit("no CUDA device: use --smoke with TRITON_INTERPRET=1")
+    keys = [k for k in args.cases.split(",") if k]
+    passes = tuple(p for p in ("fwd", "bwd") if p in args.passes.split(","))
+    if not keys or set(keys) - set(CASES) or not passes or set(args.passes.split(",")) - {"fwd", "bwd"}:
+        raise SystemExit(f"--cases takes {','.join(CASES)}; --passes takes fwd,bwd")
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        if any(len(s) != 3 for s in shapes):
+            raise SystemExit("--shapes takes BxNxC, e.g. 16x4096x2240")
+    else:
+        shapes = [(2, 24, 80), (1, 32, 128)] if args.smoke else [(16, 4096, 2240), (8, 4096, 1152), (4, 8192, 4096)]
     torch.manual_seed(0)
     t0 = time.time()
     bw = copy_bandwidth(args.smoke)
-    shapes = [(2, 24, 80), (1, 32, 128)] if args.smoke else [(16, 4096, 2240), (8, 4096, 1152), (4, 8192, 4096)]
     sweep = Sweep(bw)
-    plan = [(shape, key) for shape in shapes for key in CASES]
+    plan = [(shape, key) for shape in shapes for key in keys]
 
     def cfgs_a(c, key, pas):
         d = defaults(c, key)[pas == "bwd"]
         return [d] + [x for x in phase_a(c, pas == "bwd", args.smoke) if x != d]
 
-    warm([(key, s[2], pas, cfg) for s, key in plan for pas in ("fwd", "bwd") for cfg in cfgs_a(s[2], key, pas)],
+    warm([(key, s[2], pas, cfg) for s, key in plan for pas in passes for cfg in cfgs_a(s[2], key, pas)],
          args.procs)  # fmt: skip
     t_a = time.time()
     b_cfgs = {}
     for shape, key in plan:  # phase A
         case = Case(key, shape)
         case.eager = eager_times(case)
-        for pas in ("fwd", "bwd"):
+        for pas in passes:
             d = defaults(shape[2], key)[pas == "bwd"]
             for cfg in cfgs_a(shape[2], key, pas):
                 sweep.run(case, pas, cfg, d)
-            b_cfgs[(shape, key, pas)] = [x for x in phase_b(sweep.top(case, pas), pas == "bwd", args.smoke)]
+            top = sweep.top(case, pas)
+            b_cfgs[(shape, key, pas)] = phase_b(top, pas == "bwd", args.smoke) + phase_c(top, pas == "bwd", args.smoke)
         del case
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -271,11 +315,12 @@ def main():
     for shape, key in plan:  # phase B and the public functions
         case = Case(key, shape)
         case.eager = eager_times(case)
-        for pas in ("fwd", "bwd"):
+        for pas in passes:
             d = defaults(shape[2], key)[pas == "bwd"]
             for cfg in b_cfgs[(shape, key, pas)]:
                 sweep.run(case, pas, cfg, d)
-        autograd_rows(case, sweep)
+        if len(passes) == 2:
+            autograd_rows(case, sweep)
         del case
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -299,10 +344,10 @@ def main():
                      f"(default {label(d)}: {d_ms:.3f} ms)")  # fmt: skip
         table.setdefault((C_CLASS.get(c, c), key), {})[pas] = cfg
     lines += ["", "_DEFAULTS from these bests (norms.py):", "```"]
-    for (cc, key), v in sorted(table.items()):
-        if "fwd" in v and "bwd" in v:
-            f, b = (f"NormConfig({', '.join(map(repr, v[p]))})" for p in ("fwd", "bwd"))
-            lines.append(f"    ({cc}, {key!r}): ({f}, {b}),")
+    for (cc, key), v in sorted(table.items()):  # a pass not measured keeps its current default
+        f, b = (cfg_repr(v.get(p, defaults(cc, key)[p == "bwd"])) for p in ("fwd", "bwd"))
+        kept = [p for p in ("fwd", "bwd") if p not in v]
+        lines.append(f"    ({cc}, {key!r}): ({f}, {b}),{'  # ' + ' and '.join(kept) + ' kept' if kept else ''}")
     lines.append("```")
     fails = [r for r in rows if r[-1] not in ("ok", "")]
     lines.append(f"\n{len(fails)} failing configs; {len(sweep.done)} configs; total {time.time() - t0:.0f} s "
@@ -310,6 +355,7 @@ def main():
     text = "\n".join(lines)
     print(text, flush=True)
     if os.environ.get("OUT"):
+        os.makedirs(os.environ["OUT"], exist_ok=True)
         with open(os.path.join(os.environ["OUT"], "tune_norms.md"), "w") as f:
             f.write(text + "\n")
     raise SystemExit(1 if fails else 0)

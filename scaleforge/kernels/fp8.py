@@ -11,7 +11,7 @@ can also run as a persistent grid that prefetches its next tile (see ``_cfg``):
   fused quantize+transpose reads the same amax (``_amax_bits``);
 * per group (1×G along the last dim, G a power of two): the tensor as rows of G elements, a program takes
   BLOCK/G whole groups, so a group's max is a row reduction; when K % G != 0 the tile indexes (row, column)
-  and masks each row's partial last group;
+  and masks each row's partial last group (compile-time variants of the quantizer: _QUANT_GROUP_OPTS);
 * state codec: the same tiling over the flattened tensor, in groups of 128.
 FP8 codes equal the torch reference's bit for bit (see ``_div_rn`` and ``_scale_from_amax``).
 Reference: ``reference/fp8.py`` (same formulas; COAT ``_quantize.py`` and ``fp8_adamw_expand_cuda_kernel.cu``).
@@ -46,12 +46,16 @@ if HAS_TRITON:
 
     from scaleforge.kernels._triton_utils import kernel_op, num_sms
 
-    def _cfg(block, warps, waves=0, prefetch=False, evict_first=False):
+    def _cfg(block, warps, waves=0, prefetch=False, evict_first=False, *, group_per_thread=False, satfinite=False):
         """One launch config. BLOCK: elements per tile (whole groups for the group kernels); WAVES: programs
         per SM of a persistent grid that loops over the tiles (0: one program per tile); PREFETCH: a
         persistent program loads its next tile before it converts and stores the current one (two tiles
-        in flight per thread); EVICT_FIRST: loads marked evict_first in L2 (data read once)."""
-        return dict(BLOCK=block, num_warps=warps, WAVES=waves, PREFETCH=prefetch, EVICT_FIRST=evict_first)
+        in flight per thread); EVICT_FIRST: loads marked evict_first in L2 (data read once). The keyword
+        options are compile-time variants of the group quantizer only (see _QUANT_GROUP_OPTS), in the
+        dict only when set, so the other kernels take the same configs."""
+        cfg = dict(BLOCK=block, num_warps=warps, WAVES=waves, PREFETCH=prefetch, EVICT_FIRST=evict_first)
+        opts = dict(GROUP_PER_THREAD=group_per_thread, SATFINITE=satfinite)
+        return cfg | {k: True for k, v in opts.items() if v}
 
     # Fixed launch configs, the fastest of the H200 sweep `benchmarks/kernels/tune_fp8.py` (8192² bf16,
     # GPU round 1; ms and % of a measured 4.22 TB/s copy). Fixed rather than autotuned: the spread between
@@ -61,8 +65,9 @@ if HAS_TRITON:
         "amax": _cfg(16384, 16),  # 0.0435 ms, 73% (reads only)
         "quant_tensor": _cfg(16384, 8),  # given scale: 0.0585 ms, 82%
         "dequant_tensor": dict(BLOCK=4096, num_warps=8),  # 0.0549 ms, 87%
-        "quant_group/128": _cfg(4096, 4),  # 0.0587 ms, 82%
-        "quant_group/16": _cfg(4096, 8),  # 0.0584 ms, 88%
+        # group quantizers: round 3 (tune_fp8.py --only quant_group, CUDA graphs): SATFINITE drops the clamp
+        "quant_group/128": _cfg(4096, 4, satfinite=True),  # 0.0531 ms, 90% (clamped: 0.0591, 81%)
+        "quant_group/16": _cfg(4096, 8, satfinite=True),  # 0.0530 ms, 97% (clamped: 0.0550, 93%)
         "dequant_group/128": dict(BLOCK=4096, num_warps=8),  # 0.0546 ms, 88%
         "dequant_group/16": dict(BLOCK=8192, num_warps=4),  # 0.0583 ms, 89%
         # the state codec is partly compute bound (see _state_quant_kernel): small tiles, more programs
@@ -192,29 +197,92 @@ if HAS_TRITON:
         return triton.cdiv(groups, max(block // gs, 1))
 
     @triton.jit
+    def _group_tile_t(t, G, NG, K, GS: tl.constexpr, BG: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+        """_group_tile's groups as a [GS/C, BG, C] tile (element (a, i, c): element a*C + c of group i). The
+        compiler gives threads to the last two dims (C elements each: 16 B of FP8), so with BG = 32 x warps
+        every thread holds one whole group: its max is in-thread and its scale sits where the scale store
+        wants it (no shuffles, no shared-memory round trip, no barrier)."""
+        g = tl.cast(t, tl.int64) * BG + tl.arange(0, BG)
+        j = tl.arange(0, GS // C)[:, None, None] * C + tl.arange(0, C)[None, None, :]
+        if EVEN:
+            offs = g[None, :, None] * GS + j
+            m = (g < G)[None, :, None]
+        else:
+            row = g // NG
+            cols = ((g - row * NG) * GS)[None, :, None] + j
+            offs = row[None, :, None] * K + cols
+            m = (g < G)[None, :, None] & (cols < K)
+        return g, offs, m
+
+    @triton.jit
+    def _quant_group_tile(
+        t, G, NG, K, GS: tl.constexpr, BG: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr,
+        GROUP_PER_THREAD: tl.constexpr,
+    ):  # fmt: skip
+        if GROUP_PER_THREAD:
+            return _group_tile_t(t, G, NG, K, GS, BG, C, EVEN)
+        else:
+            return _group_tile(t, G, NG, K, GS, BG, EVEN)
+
+    # Compile-time variants of the group quantizer (launch-config keys, see _cfg; tune_fp8.py times them).
+    # The default's sm_90 SASS for bf16, group 128, at 4096 w8: a group spans 8 lanes of 16 elements, so
+    # its max ends in 3 shuffle rounds, each lane computes 1/s, and the scale store takes the reduced
+    # values through shared memory (two barriers per tile, the layout of `S + g` is not the reduction's);
+    # ~15 issued instructions per element (~12 with 128 elements per thread, at 233 registers), of which
+    # per element proper: bf16 -> fp32 1.5, |x| max 1, the division 5, clamp 1, FP8 pack 0.5. Group 16
+    # at 4096 w8 (88% of copy) has one group per thread: no shuffles, no barrier.
+    # * GROUP_PER_THREAD: the [GS/16, BG, 16] tile of _group_tile_t, one group per thread when BLOCK =
+    #   32 x num_warps x GS (group 128: 4096 w1, 8192 w2, 16384 w4): ~10 instructions per element, no
+    #   shuffles, no shared memory, 161 registers; each warp access spans 32 lines of 128 B (group 16's,
+    #   8). Other BLOCKs stay correct: larger ones give a thread several groups (the scale store goes
+    #   through shared memory again), smaller ones split groups over lanes and warps. For group 16 the
+    #   default tile at BLOCK = 512 x num_warps already is this one;
+    # * SATFINITE: no clamp to ±qmax before the FP8 conversion (one instruction per element less): with
+    #   s from the group's amax, |x / s| <= qmax (1 + 2^-22), which rounds to ±qmax anyway, and the sm_89+
+    #   conversion saturates (cvt.rn.satfinite; the interpreter's also rounds such values to qmax). Same
+    #   codes, except that a NaN element's code is NaN (as torch's) where the clamp made it ±qmax.
+    # (The 1/s per group and the one-lane scale store are already what the default compiles to, and a
+    # [BG, GS/8, 8] reshape of the loaded tile with a two-step max compiles to the default's SASS: the
+    # reduction is in-thread first anyway. A [BG, GS/8, 8] load tile gives 8-byte FP8 stores.)
+    _QUANT_GROUP_OPTS = dict(GROUP_PER_THREAD=False, SATFINITE=False)
+
+    @triton.jit
     def _quant_group_kernel(
         X, Q, S, G, NG, K, qmax, inv_qmax, GS: tl.constexpr, EVEN: tl.constexpr, RECIP: tl.constexpr,
         BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EVICT_FIRST: tl.constexpr,
+        GROUP_PER_THREAD: tl.constexpr = False, SATFINITE: tl.constexpr = False,
     ):  # fmt: skip
         EVICT: tl.constexpr = "evict_first" if EVICT_FIRST else ""
         qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
         inv_qmax = tl.cast(inv_qmax, tl.float32)
         BG: tl.constexpr = BLOCK // GS if BLOCK > GS else 1
+        C: tl.constexpr = 16 if GS > 16 else GS
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         if PREFETCH:
-            _, offs0, m0 = _group_tile(pid, G, NG, K, GS, BG, EVEN)
+            _, offs0, m0 = _quant_group_tile(pid, G, NG, K, GS, BG, C, EVEN, GROUP_PER_THREAD)
             x_next = tl.load(X + offs0, mask=m0, other=0.0, eviction_policy=EVICT)
         for t in range(pid, tl.cdiv(G, BG), nprog):
-            g, offs, m = _group_tile(t, G, NG, K, GS, BG, EVEN)
+            g, offs, m = _quant_group_tile(t, G, NG, K, GS, BG, C, EVEN, GROUP_PER_THREAD)
             if PREFETCH:
                 x = x_next.to(tl.float32)
-                _, offs_n, m_n = _group_tile(t + nprog, G, NG, K, GS, BG, EVEN)
+                _, offs_n, m_n = _quant_group_tile(t + nprog, G, NG, K, GS, BG, C, EVEN, GROUP_PER_THREAD)
                 x_next = tl.load(X + offs_n, mask=m_n, other=0.0, eviction_policy=EVICT)
             else:
                 x = tl.load(X + offs, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
-            s = _scale_from_amax(tl.max(tl.abs(x), axis=1), qmax, inv_qmax, RECIP)
-            q = _div_rn(x, s[:, None], tl.math.div_rn(1.0, s)[:, None])
-            tl.store(Q + offs, tl.clamp(q, -qmax, qmax).to(Q.dtype.element_ty), mask=m)
+            a = tl.abs(x)
+            if GROUP_PER_THREAD:
+                amax = tl.max(tl.max(a, axis=2), axis=0)
+            else:
+                amax = tl.max(a, axis=1)
+            s = _scale_from_amax(amax.to(tl.float32), qmax, inv_qmax, RECIP)
+            y = tl.math.div_rn(1.0, s)
+            if GROUP_PER_THREAD:
+                q = _div_rn(x, s[None, :, None], y[None, :, None])
+            else:
+                q = _div_rn(x, s[:, None], y[:, None])
+            if not SATFINITE:
+                q = tl.clamp(q, -qmax, qmax)
+            tl.store(Q + offs, q.to(Q.dtype.element_ty), mask=m)
             tl.store(S + g, s, mask=g < G)
 
     @triton.jit
@@ -310,7 +378,7 @@ if HAS_TRITON:
         groups = x.numel() // k * ng
         q = _backend.new_output(x.shape, dtype, x.device)
         s = _backend.new_output((*x.shape[:-1], ng), torch.float32, x.device)
-        cfg = _config("quant_group", group_size)
+        cfg = _QUANT_GROUP_OPTS | _config("quant_group", group_size)  # every option passed, set or not
         _launch(
             _quant_group_kernel, cfg, _group_tiles(groups, group_size, cfg["BLOCK"]), x.device,
             x, q, s, groups, ng, k, fp8_max(dtype), _INV_QMAX[dtype],

@@ -68,13 +68,19 @@ if HAS_TRITON:
         power of two >= the rest (C=2240: 2048 + 256, 2.8% of lanes masked instead of 45% with one 4096 block),
         for block_r == 1 only (row statistics are then scalars, free of register layout); the backward always
         uses one next_power_of_2(C) block (split ran 1.5-2x slower there in round 1).
-        ``evict_first`` streams the read-once tensors (x, residual, dy, h) past L2."""
+        ``evict_first`` streams the read-once tensors (x, residual, dy, h) past L2.
+        To keep more than one row tile's loads in flight per program: ``stages`` > 0 hands the row loop to
+        Triton's software pipeliner (tl.range num_stages: the loads of later tiles go through shared memory
+        as async copies); ``prefetch`` (backward only) issues the loads of the next tile (dy, h, dh, x,
+        mean/rstd) before computing the current one (register double buffer)."""
 
         block_r: int
         num_warps: int
         split: bool = False
         progs_per_sm: int = 4
         evict_first: bool = False
+        prefetch: bool = False
+        stages: int = 0
 
     def _blocks(c: int, split: bool) -> tuple[int, int]:
         if not split or c & (c - 1) == 0:
@@ -83,20 +89,21 @@ if HAS_TRITON:
         return a, triton.next_power_of_2(c - a)
 
     # Defaults per case and C class: (largest C of the class, case) -> (forward, backward), the best checked
-    # configs of the round-2 sweep on an H200 (benchmarks/kernels/tune_norms.py, 2026-11-29; CUDA-graph timings
-    # at 8x4096x1152, 16x4096x2240 and 4x8192x4096 bf16). At C=2240: layer_norm fwd r1 w2 split k16 0.195 ms
-    # (one tile per program: 0.224), rms fwd r1 w2 split k16 0.159 ms (0.271), gated residual fwd r2 w8 k16
-    # 0.354 ms (0.414); backward r1 w4/w8 k4: 0.410 / 0.356 / 0.748 ms. docs/benchmarks.md has the do_bench table.
+    # configs of the round-3 sweep on an H200 (benchmarks/kernels/tune_norms.py, 2026-11-29; CUDA-graph timings
+    # at 8x4096x1152, 16x4096x2240 and 4x8192x4096 bf16). The pipelined row loop (stages, last field) is what
+    # round 3 added: at C=2240 the backward went from 0.409 / 0.354 / 0.745 ms (layer / rms / gated residual,
+    # 51-59% of copy) to 0.276 / 0.282 / 0.539 ms (74-77%), the layer_norm forward from 0.193 to 0.159 ms
+    # (87%). docs/benchmarks.md has the table.
     _DEFAULTS: dict[tuple[int, str], tuple[NormConfig, NormConfig]] = {
-        (1536, "layer"): (NormConfig(1, 1, True, 16, False), NormConfig(1, 4, False, 4, True)),
-        (1536, "rms"): (NormConfig(1, 1, True, 16, False), NormConfig(1, 4, False, 4, False)),
-        (1536, "res"): (NormConfig(2, 4, False, 16, False), NormConfig(1, 4, False, 4, False)),
-        (3072, "layer"): (NormConfig(1, 2, True, 16, False), NormConfig(1, 4, False, 4, False)),
-        (3072, "rms"): (NormConfig(1, 2, True, 16, False), NormConfig(1, 8, False, 4, True)),
-        (3072, "res"): (NormConfig(2, 8, False, 16, False), NormConfig(1, 8, False, 4, False)),
-        (4096, "layer"): (NormConfig(1, 4, False, 16, False), NormConfig(1, 4, False, 2, False)),
-        (4096, "rms"): (NormConfig(2, 8, False, 0, True), NormConfig(4, 16, False, 1, False)),
-        (4096, "res"): (NormConfig(4, 16, False, 4, False), NormConfig(1, 8, False, 2, False)),
+        (1536, "layer"): (NormConfig(1, 1, True, 16, False), NormConfig(1, 2, False, 4, False, False, 4)),
+        (1536, "res"): (NormConfig(2, 4, False, 16, False, False, 3), NormConfig(1, 4, False, 4, False, False, 4)),
+        (1536, "rms"): (NormConfig(1, 1, True, 16, False, False, 2), NormConfig(1, 4, False, 4, False, False, 3)),
+        (3072, "layer"): (NormConfig(1, 2, True, 16, False, False, 3), NormConfig(1, 4, False, 4, False, False, 4)),
+        (3072, "res"): (NormConfig(2, 8, False, 16, False, False, 3), NormConfig(1, 8, False, 4, False, False, 4)),
+        (3072, "rms"): (NormConfig(1, 2, True, 16, False, False, 4), NormConfig(1, 8, False, 4, False, False, 3)),
+        (4096, "layer"): (NormConfig(1, 4, False, 16, False, False, 4), NormConfig(1, 4, False, 2, False, False, 3)),
+        (4096, "res"): (NormConfig(2, 8, False, 0, False), NormConfig(1, 8, False, 2, False, False, 3)),
+        (4096, "rms"): (NormConfig(2, 8, False, 0, False), NormConfig(4, 16, False, 1, False, False, 2)),
     }
 
     def _case(is_rms: bool, residual: bool) -> str:
@@ -174,6 +181,39 @@ if HAS_TRITON:
         return r
 
     @triton.jit
+    def _ld_raw(PTR, offs, mask, EVICT_FIRST: tl.constexpr):
+        """_ld in the stored dtype: a prefetched bf16 tile holds half the registers of an fp32 one."""
+        if EVICT_FIRST:
+            v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        else:
+            v = tl.load(PTR + offs, mask=mask, other=0.0)
+        return v
+
+    @triton.jit
+    def _bwd_loads(DY, DHO, HIN, X, MEAN, RSTD, row0, i, end, cols, C,
+                   HAS_DHO: tl.constexpr, HAS_X: tl.constexpr, IS_RMS: tl.constexpr, EVICT_FIRST: tl.constexpr,
+                   BLOCK_R: tl.constexpr, FULL: tl.constexpr):  # fmt: skip
+        """The streamed inputs of the backward tile at local row i (all masked past end): rstd, mean, h, dy,
+        dh, x. Absent ones are placeholders (jit functions cannot return None), never read."""
+        local = i + tl.arange(0, BLOCK_R)
+        rmask = local < end
+        rows = row0 + local
+        offs, mask = _tile(rows, rmask, cols, C, FULL)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        mean = rstd
+        if not IS_RMS:
+            mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+        h = _ld_raw(HIN, offs, mask, EVICT_FIRST)
+        dy = _ld_raw(DY, offs, mask, EVICT_FIRST)
+        dho = h
+        if HAS_DHO:
+            dho = _ld_raw(DHO, offs, mask, EVICT_FIRST)
+        x = h
+        if HAS_X:
+            x = _ld_raw(X, offs, mask, EVICT_FIRST)
+        return rstd, mean, h, dy, dho, x
+
+    @triton.jit
     def _fwd_consts(G, W, B, SH, SC, g_off, sh_off, sc_off, cols, C,
                     G_MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SH_MODE: tl.constexpr,
                     SC_MODE: tl.constexpr):  # fmt: skip
@@ -230,6 +270,7 @@ if HAS_TRITON:
         HAS_RES: tl.constexpr, G_MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
         SH_MODE: tl.constexpr, SC_MODE: tl.constexpr, IS_RMS: tl.constexpr, EVICT_FIRST: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, FULL_A: tl.constexpr,
+        STAGES: tl.constexpr,
     ):  # fmt: skip
         # Program (sp, seg) owns rows [sp*CHUNK, (sp+1)*CHUNK) of segment seg (P0 rows inside which every
         # per-sample modulation is constant) and walks them BLOCK_R at a time.
@@ -249,7 +290,8 @@ if HAS_TRITON:
             cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
             g_b, a_b, b_b, sh_b = _fwd_consts(G, W, B, SH, SC, g_off, sh_off, sc_off, cols_b, C,
                                               G_MODE, HAS_W, HAS_B, SH_MODE, SC_MODE)  # fmt: skip
-        for i in range(start, end, BLOCK_R):
+        # STAGES == 0 (None): no tt.num_stages attribute, the same loop as the builtin range
+        for i in tl.range(start, end, BLOCK_R, num_stages=STAGES if STAGES > 0 else None):
             local = i + tl.arange(0, BLOCK_R)
             rmask = local < end
             rows = seg * P0 + local
@@ -297,6 +339,7 @@ if HAS_TRITON:
         HAS_DHO: tl.constexpr, HAS_RES: tl.constexpr, G_MODE: tl.constexpr, HAS_W: tl.constexpr,
         HAS_B: tl.constexpr, SH_MODE: tl.constexpr, SC_MODE: tl.constexpr, IS_RMS: tl.constexpr,
         EVICT_FIRST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
+        PREFETCH: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         # Program (sp, seg) owns rows [sp*CHUNK, (sp+1)*CHUNK) of segment seg (as in the forward), walks them
         # BLOCK_R at a time and writes one fp32 partial row per reduced gradient (summed afterwards:
@@ -319,18 +362,36 @@ if HAS_TRITON:
         acc_sh = tl.zeros((BLOCK,), dtype=tl.float32)
         acc_sc = tl.zeros((BLOCK,), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK,), dtype=tl.float32)
-        for i in range(start, end, BLOCK_R):
+        # PREFETCH: one row tile is load -> two cross-warp reductions -> store, so with a single tile in flight
+        # the loads' latency is exposed; the n_* tiles are loaded one iteration ahead (register double buffer).
+        if PREFETCH:
+            n_rstd, n_mean, n_h, n_dy, n_dho, n_x = _bwd_loads(
+                DY, DHO, HIN, X, MEAN, RSTD, seg * P0, start, end, cols, C,
+                HAS_DHO, G_MODE != 0, IS_RMS, EVICT_FIRST, BLOCK_R, FULL)  # fmt: skip
+        # STAGES == 0 (None): no tt.num_stages attribute, the same loop as the builtin range
+        for i in tl.range(start, end, BLOCK_R, num_stages=STAGES if STAGES > 0 else None):
             local = i + tl.arange(0, BLOCK_R)
             rmask = local < end
             rows = seg * P0 + local
             offs, mask = _tile(rows, rmask, cols, C, FULL)
-            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-            if IS_RMS:
-                xhat = _ld(HIN, offs, mask, EVICT_FIRST) * rstd[:, None]
+            if PREFETCH:
+                rstd, mean, h_t, dy_t, dho_t, x_t = n_rstd, n_mean, n_h, n_dy, n_dho, n_x
+                n_rstd, n_mean, n_h, n_dy, n_dho, n_x = _bwd_loads(
+                    DY, DHO, HIN, X, MEAN, RSTD, seg * P0, i + BLOCK_R, end, cols, C,
+                    HAS_DHO, G_MODE != 0, IS_RMS, EVICT_FIRST, BLOCK_R, FULL)  # fmt: skip
+                if IS_RMS:
+                    xhat = h_t.to(tl.float32) * rstd[:, None]
+                else:
+                    xhat = (h_t.to(tl.float32) - mean[:, None]) * rstd[:, None]
+                dy = dy_t.to(tl.float32)
             else:
-                mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
-                xhat = (_ld(HIN, offs, mask, EVICT_FIRST) - mean[:, None]) * rstd[:, None]
-            dy = _ld(DY, offs, mask, EVICT_FIRST)
+                rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+                if IS_RMS:
+                    xhat = _ld(HIN, offs, mask, EVICT_FIRST) * rstd[:, None]
+                else:
+                    mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+                    xhat = (_ld(HIN, offs, mask, EVICT_FIRST) - mean[:, None]) * rstd[:, None]
+                dy = _ld(DY, offs, mask, EVICT_FIRST)
             if SH_MODE == 1:
                 tl.store(DSH + offs, dy, mask=mask)
             if SH_MODE == 2:
@@ -360,11 +421,17 @@ if HAS_TRITON:
                 c2 = tl.sum(g, axis=1) / C
                 dh = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             if HAS_DHO:
-                dh += _ld(DHO, offs, mask, EVICT_FIRST)
+                if PREFETCH:
+                    dh += dho_t.to(tl.float32)
+                else:
+                    dh += _ld(DHO, offs, mask, EVICT_FIRST)
             if HAS_RES:
                 tl.store(DR + offs, dh.to(DR.dtype.element_ty), mask=mask)
             if G_MODE != 0:
-                x = _ld(X, offs, mask, EVICT_FIRST)
+                if PREFETCH:
+                    x = x_t.to(tl.float32)
+                else:
+                    x = _ld(X, offs, mask, EVICT_FIRST)
                 if G_MODE == 1:
                     tl.store(DG + offs, dh * x, mask=mask)
                     dh = dh * _ld(G, offs, mask, False)
@@ -419,7 +486,8 @@ if HAS_TRITON:
             HAS_RES=residual is not None, G_MODE=_mode(p_gate, gate is not None),
             HAS_W=weight is not None, HAS_B=bias is not None, SH_MODE=_mode(p_shift, shift is not None),
             SC_MODE=_mode(p_scale, scale is not None), IS_RMS=is_rms, EVICT_FIRST=cfg.evict_first,
-            BLOCK_R=cfg.block_r, BLOCK_A=block_a, BLOCK_B=block_b, FULL_A=block_a <= c, num_warps=cfg.num_warps,
+            BLOCK_R=cfg.block_r, BLOCK_A=block_a, BLOCK_B=block_b, FULL_A=block_a <= c, STAGES=cfg.stages,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
         return y, h, mean, rstd
 
@@ -465,7 +533,8 @@ if HAS_TRITON:
             c, p0, chunk, s, max(p_gate, 1), max(p_scale, 1),
             HAS_DHO=dh_out is not None, HAS_RES=has_res, G_MODE=g_mode, HAS_W=weight is not None,
             HAS_B=bias is not None, SH_MODE=sh_mode, SC_MODE=sc_mode, IS_RMS=is_rms, EVICT_FIRST=cfg.evict_first,
-            BLOCK_R=cfg.block_r, BLOCK=block, FULL=block == c, num_warps=cfg.num_warps,
+            BLOCK_R=cfg.block_r, BLOCK=block, FULL=block == c, PREFETCH=cfg.prefetch, STAGES=cfg.stages,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
 
         def reduce(t, mode, p):

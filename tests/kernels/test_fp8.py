@@ -137,6 +137,46 @@ def test_persistent_and_prefetch_variants(monkeypatch, waves, prefetch, evict_fi
         assert torch.equal(s, sr) and _codes_match(q, qr) >= MIN_CODE_MATCH
 
 
+# fp8._quant_group_kernel's compile-time variants (fp8._QUANT_GROUP_OPTS; tune_fp8.py times them), as _cfg
+# keyword options
+GROUP_VARIANTS = [
+    dict(satfinite=True),
+    dict(group_per_thread=True),
+    dict(group_per_thread=True, satfinite=True),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("opts", GROUP_VARIANTS, ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_group_quant_variants(monkeypatch, opts, in_dtype):
+    """Each variant of the group quantizer, through quantize_fp8 with the config as the table's entry: the
+    reference's scales and FP8 codes (all codes on a GPU; on CPU the interpreter's FP8 conversion allows
+    most only), and bit for bit the default kernel's codes under the same config. Odd row counts, K % group
+    != 0 (partial last groups), one group per thread (BLOCK = 32 x warps x group), groups split over
+    warps, and a persistent prefetching grid whose programs take several tiles, the last one partial."""
+    from scaleforge.kernels import fp8
+
+    cases = [((21, 100), 32), ((9, 256), 128), ((23, 48), 16), ((3, 5, 200), 128), ((7, 100), 128)]
+    for (shape, group), dtype in zip(cases, [E4M3, E5M2, E4M3, E5M2, E4M3]):
+        x = (torch.randn(shape, device=DEVICE) * torch.rand(shape[-1], device=DEVICE) * 10).to(in_dtype)
+        x.view(-1)[::97] = 0.0  # exact zeros (and a -0.0 below): sign kept
+        x.view(-1)[5] = -0.0
+        qr, sr = quantize_fp8_ref(x, "group", group, dtype)
+        for args in ((32 * group, 1), (16 * group, 4), (8 * group, 2, 1, True, True)):
+            outs = []
+            for kw in (opts, {}):  # the variant, then the default kernel under the same launch config
+                cfg = fp8._cfg(*args, **kw)
+                monkeypatch.setitem(fp8._LAUNCH, "quant_group/128", cfg)
+                monkeypatch.setitem(fp8._LAUNCH, "quant_group/16", cfg)
+                outs.append(quantize_fp8(x, "group", group, dtype, backend="triton"))
+            (q, s), (q0, _) = outs
+            assert s.shape == sr.shape and torch.equal(s, sr), (shape, group, args)
+            assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (shape, group, args)
+            assert _codes_match(q, qr) >= MIN_CODE_MATCH, (shape, group, args)
+            assert q.view(torch.uint8).reshape(-1)[5].item() == qr.view(torch.uint8).reshape(-1)[5].item() == 0x80
+
+
 def test_bad_arguments_are_named():
     x = torch.randn(4, 32)
     with pytest.raises(ValueError, match="granularity"):

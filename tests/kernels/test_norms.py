@@ -145,3 +145,72 @@ def test_column_split():
     assert norms._blocks(1152, True) == (1024, 128)
     assert norms._blocks(4096, True) == (4096, 0)
     assert norms._blocks(2240, False) == (4096, 0)
+
+
+@pytest.mark.parametrize("fn_name", FNS)
+@pytest.mark.parametrize("kind", ["full", "mod", "per_token"])
+@pytest.mark.parametrize("opt", [dict(prefetch=True), dict(stages=2), dict(prefetch=True, stages=2)],
+                         ids=["prefetch", "stages2", "both"])  # fmt: skip
+@pytest.mark.parametrize("r", [1, 2])
+@pytest.mark.parametrize("bnc,dtype", [((3, 7, 80), torch.float32), ((2, 5, 37), torch.float16)],
+                         ids=["80-fp32", "37-fp16"])  # fmt: skip
+def test_backward_prefetch_and_stages_match_reference(fn_name, kind, opt, r, bnc, dtype):
+    """The backward's latency-hiding options through norm_bwd_impl with an explicit config: programs walk
+    several row tiles (4 SMs on CPU, one program per SM) with a tail chunk and a masked tail tile (7 or 5
+    rows per sample), C not a power of two, so the prefetch past the end and masked columns are exercised."""
+    from scaleforge.kernels import norms
+
+    fn, ref_fn = FNS[fn_name]
+    is_rms = fn_name == "rms"
+    b, n, c = bnc
+    args, kw = _case(kind, fn_name, b, n, c, dtype, grad=True)
+    kw = {k: v.to(dtype).detach().requires_grad_() for k, v in kw.items()}  # per_token builds fp32 tensors
+    x, weight, bias = args[0], args[1], (args[2] if fn_name == "layer" else None)
+    d = lambda t: None if t is None else t.detach()  # noqa: E731
+    g2, p_gate = norms._mod_2d(d(kw.get("gate")), x, "gate")
+    sh2, p_shift = norms._mod_2d(d(kw.get("shift")), x, "shift")
+    sc2, p_scale = norms._mod_2d(d(kw.get("scale")), x, "scale")
+    x2, res = x.detach().reshape(-1, c), "residual" in kw
+    r2 = d(kw["residual"]).reshape(-1, c) if res else None
+    _, h, mean, rstd = norms.norm_fwd_impl(x2, r2, g2, d(weight), d(bias), sh2, sc2, p_gate, p_shift, p_scale,
+                                           1e-6, is_rms)  # fmt: skip
+    gy, gh = torch.randn_like(x), torch.randn_like(x)
+    cfg = norms.NormConfig(r, 2, False, 1)._replace(**opt)
+    dx, dr, dg, dw, db, dsh, dsc = norms.norm_bwd_impl(
+        gy.reshape(-1, c), gh.reshape(-1, c) if res else None, h if res else x2, x2 if g2 is not None else None,
+        g2, d(weight), d(bias), sc2, mean, rstd, res, sh2 is not None, p_gate, p_shift, p_scale, is_rms, cfg=cfg)
+    ref = ref_fn(*[a.float() for a in args], **{k: v.float() for k, v in kw.items()})
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    inputs = args + list(kw.values())
+    ref_grads = torch.autograd.grad(ref, inputs, (gy.float(), gh.float())[: len(ref)])
+    ours = {"x": dx, "weight": dw, "bias": db, "shift": dsh, "scale": dsc, "residual": dr, "gate": dg}
+    names = ["x", "weight", "bias"][: len(args)] + list(kw)
+    for name, t, want in zip(names, inputs, ref_grads):
+        got = ours[name].reshape(t.shape)
+        assert rel_err(got, want) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("fn_name", FNS)
+@pytest.mark.parametrize("kind", ["full", "mod", "per_token"])
+@pytest.mark.parametrize("cfg", [(1, 2, True, 1, False, False, 2), (2, 2, False, 1, False, False, 3)],
+                         ids=["split-r1-s2", "r2-s3"])  # fmt: skip
+def test_forward_stages_match_reference(fn_name, kind, cfg):
+    """The forward with the pipelined row loop (NormConfig.stages) through norm_fwd_impl: programs walk several
+    row tiles with a masked tail (7 rows per sample), C not a power of two; y and h against the reference."""
+    from scaleforge.kernels import norms
+
+    fn, ref_fn = FNS[fn_name]
+    b, n, c = 3, 7, 80
+    args, kw = _case(kind, fn_name, b, n, c, torch.float32, grad=False)
+    x, weight, bias = args[0], args[1], (args[2] if fn_name == "layer" else None)
+    g2, p_gate = norms._mod_2d(kw.get("gate"), x, "gate")
+    sh2, p_shift = norms._mod_2d(kw.get("shift"), x, "shift")
+    sc2, p_scale = norms._mod_2d(kw.get("scale"), x, "scale")
+    r2 = kw["residual"].reshape(-1, c) if "residual" in kw else None
+    y, h, _, _ = norms.norm_fwd_impl(x.reshape(-1, c), r2, g2, weight, bias, sh2, sc2, p_gate, p_shift, p_scale,
+                                     1e-6, fn_name == "rms", cfg=norms.NormConfig(*cfg))  # fmt: skip
+    ref = ref_fn(*args, **kw)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    assert rel_err(y.reshape(x.shape), ref[0]) < TOL[torch.float32]
+    if r2 is not None:
+        assert rel_err(h.reshape(x.shape), ref[1]) < TOL[torch.float32]
