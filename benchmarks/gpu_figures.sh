@@ -20,6 +20,7 @@ for section in "$@"; do
           ${LM_OVERRIDES:-} > "$OUT/lm_profile_${n}gpu.log" 2>&1
       for t in top_ops top_ops_host top_ops_by_shape; do cp "/tmp/sf_profile/lm_1b/profile/$t.txt" "$OUT/lm_profile_${n}gpu_$t.txt"; done
       python3 benchmarks/trace_summary.py /tmp/sf_profile/lm_1b/profile/trace_rank0_steps20-22.json --steps 3 \
+          --callers 'aten::(fill_|copy_|_foreach_copy_|zero_)' \
           | tee "$OUT/lm_profile_${n}gpu_timeline.md" ;;
     host-overhead) python3 benchmarks/kernels/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     sana)

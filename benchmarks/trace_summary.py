@@ -126,13 +126,71 @@ def summarize(path: str, steps: int, gaps: int = 12, min_gap_us: float = 20.0) -
     return "\n".join(lines)
 
 
+def callers(path: str, steps: int, pattern: str, depth: int = 4, top: int = 15) -> str:
+    """GPU time of the kernels whose launching host operator matches ``pattern`` (e.g. ``aten::fill_``),
+    grouped by the chain of host operators around the launch (innermost first, ``depth`` of them): which
+    code path issues them (autograd nodes appear as ``autograd::engine::evaluate_function: XBackward0``)."""
+    events = json.load(open(path))["traceEvents"]
+    rx = re.compile(pattern)
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    launches = {e["args"].get("correlation"): e for e in events
+                if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "args" in e}
+    # host operators per thread, nested by a stack sweep: parent[i] = the operator that encloses i
+    by_tid: dict = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function"):
+            by_tid[e.get("tid")].append(e)
+    nest = {}
+    for tid, ops in by_tid.items():
+        ops.sort(key=lambda e: (e["ts"], -e["dur"]))
+        parent, stack = [], []
+        for i, op in enumerate(ops):
+            while stack and ops[stack[-1]]["ts"] + ops[stack[-1]]["dur"] < op["ts"]:
+                stack.pop()
+            parent.append(stack[-1] if stack else -1)
+            stack.append(i)
+        nest[tid] = (ops, [op["ts"] for op in ops], parent)
+
+    def chain(rt) -> list[str]:
+        ops, starts, parent = nest.get(rt.get("tid"), ([], [], []))
+        t, i = rt["ts"], bisect.bisect_right(starts, rt["ts"]) - 1
+        while i >= 0 and not (ops[i]["ts"] <= t <= ops[i]["ts"] + ops[i]["dur"]):
+            i = parent[i]
+        out = []
+        while i >= 0:
+            out.append(ops[i]["name"][:60])
+            i = parent[i]
+        return out
+
+    groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for k in kernels:
+        rt = launches.get(k.get("args", {}).get("correlation"))
+        names = chain(rt) if rt is not None else []
+        if not names or not rx.search(names[0]):
+            continue
+        g = groups[" < ".join(names[:depth])]
+        g[0] += k["dur"]
+        g[1] += 1
+    per = 1000.0 * steps
+    lines = [f"kernels launched by host ops matching {pattern!r}, by enclosing host operators (innermost first):",
+             "| ms/step | kernels/step | host operators around the launch |", "|---|---|---|"]
+    for key, (dur, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"| {dur / per:.2f} | {n / steps:.0f} | {key} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace")
     ap.add_argument("--steps", type=int, default=1, help="profiled steps in the trace (per-step figures)")
     ap.add_argument("--gaps", type=int, default=12)
+    ap.add_argument("--callers", metavar="REGEX", help="also: the host call paths of the kernels launched by "
+                    "host operators matching REGEX (e.g. 'aten::fill_')")
     args = ap.parse_args()
     print(summarize(args.trace, args.steps, args.gaps))
+    if args.callers:
+        print()
+        print(callers(args.trace, args.steps, args.callers))
 
 
 if __name__ == "__main__":

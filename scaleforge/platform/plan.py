@@ -50,16 +50,16 @@ class Plan:
             f"parameters        {_fmt(self.params_total)} total, {_fmt(self.params_trainable)} trainable",
         ]
         for name, (n, t) in self.components.items():
-            out.append(f"  {name:<16}{_fmt(n)} ({'trainable' if t == n else 'frozen' if t == 0 else f'{_fmt(t)} trainable'})")
+            out.append(f"  {name:<16} {_fmt(n)} ({'trainable' if t == n else 'frozen' if t == 0 else f'{_fmt(t)} trainable'})")
         if self.memory:
             out.append(f"memory / device   {self.memory['total']:.1f} GiB estimated")
             for k, v in self.memory.items():
                 if k != "total":
-                    out.append(f"  {k:<16}{v:.2f} GiB")
+                    out.append(f"  {k:<16} {v:.2f} GiB")
             if "activations" in self.memory and L.grad_accum == 1:
                 out.append("  (no accumulation: the total counts the larger of gradients and activations)")
         for k, v in self.extra.items():
-            out.append(f"{k:<18}{v}")
+            out.append(f"{k:<18} {v}")
         return out
 
 

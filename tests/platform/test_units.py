@@ -162,6 +162,19 @@ def test_trace_summary_reads_the_timeline(tmp_path):
     assert "| 4.0 | 2.0 | 2.0 (50.0%) | 1.5 | 1.0 | 0.5 | 0.5 |" in out, out
     assert "| 2000 | 1.5 | vectorized_elementwise_kernel fill | aten::fill_ |" in out, out
     assert "| matmul | 1.0 | 1 |" in out and "| copy/fill | 0.5 | 1 |" in out
+    # --callers: fills under two different autograd nodes, grouped by the host operators around the launch
+    ev += [
+        {"ph": "X", "cat": "cpu_op", "name": "autograd::engine::evaluate_function: SliceBackward0", "ts": 6000, "dur": 300},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::zeros", "ts": 6010, "dur": 200},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::fill_", "ts": 6020, "dur": 100},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 6030, "dur": 5, "args": {"correlation": 4}},
+        {"ph": "X", "cat": "kernel", "name": "fill", "ts": 7000, "dur": 250, "args": {"correlation": 4}},
+    ]
+    path.write_text(json.dumps({"traceEvents": ev}))
+    out = ts.callers(str(path), steps=1, pattern="fill_")
+    assert "| 0.25 | 1 | aten::fill_ < aten::zeros < autograd::engine::evaluate_function: SliceBackward0 |" in out, out
+    assert "| 0.50 | 1 | aten::fill_ |" in out, out
+    assert "aten::mm" not in out
 
 
 def test_gc_control_disables_automatic_gc_and_collects_every_n_steps():
@@ -221,6 +234,7 @@ def test_gc_control_is_restored_when_training_fails(tmp_path, monkeypatch):
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     try:
         with pytest.raises(trainer.TrainingError, match="stopping at step 2"):
             trainer.train(cfg, get_recipe_class("llm"))
@@ -232,6 +246,7 @@ def test_gc_control_is_restored_when_training_fails(tmp_path, monkeypatch):
             dist.destroy_process_group()
         gc.enable()
         torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         for s, h in handlers.items():
             signal.signal(s, h)
 
@@ -258,6 +273,7 @@ def _train_in_process(tmp_path, monkeypatch, name, overrides, env=None):
                       recipe_config=recipe_config_class)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     try:
         summary = trainer.train(cfg, get_recipe_class("llm"))
     finally:
@@ -265,6 +281,7 @@ def _train_in_process(tmp_path, monkeypatch, name, overrides, env=None):
             dist.destroy_process_group()
         gc.enable()
         torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         for s, h in handlers.items():
             signal.signal(s, h)
         for k in (env or {}):
