@@ -79,10 +79,6 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
 
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode also fills every torch.empty with NaN (a debugging aid against reads of
-        # uninitialized memory, not needed for determinism): FSDP's all-gather / reduce-scatter buffers and
-        # cuDNN attention's gradients made that ~400 fill kernels and ~5 ms of GPU time per lm_1b step.
-        torch.utils.deterministic.fill_uninitialized_memory = False
     # Model init uses run.seed on every rank (engine); per-rank randomness (noise, dropout) differs.
     torch.manual_seed(cfg.run.seed * 1_000_003 + info.rank)
 
@@ -148,6 +144,13 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
 
     profiler = _Profiler(cfg.metrics, run_dir, info)
     gc_control = _GCControl(cfg.trainer.gc_interval)
+    # Deterministic mode also fills every new tensor with NaN, a debugging aid against reads of
+    # uninitialized memory, not part of determinism. It stays on while the model is built and loaded (a
+    # parameter that init_weights misses then shows as NaN), and is off for the loop, where FSDP's
+    # all-gather / reduce-scatter buffers and cuDNN attention's gradients made it ~400 fill kernels and
+    # ~5 ms of GPU time per lm_1b step.
+    fill_uninitialized = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
     device_step = engine.supports_device_step and ema is None
     # With the device-side step the host needs a step's statistics only for logging and the stop /
     # non-finite decisions, so (trainer.deferred_stats) it reads step N's after enqueueing step N+1's
@@ -156,10 +159,15 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     defer = device_step and cfg.trainer.deferred_stats
     pending: _PendingStats | None = None
     stop_seen = False  # a read step carried a stop request: the next step is the last
+    last_done = None  # when the host last finished reading a step's statistics
 
-    def account(p: _PendingStats, t_end: float) -> bool:
-        """The host side of step p.step: non-finite bookkeeping, the metrics record. True = stop requested."""
-        nonlocal nonfinite_in_row
+    def account(p: _PendingStats, t_end: float | None = None) -> bool:
+        """The host side of step p.step: non-finite bookkeeping, the metrics record. True = stop requested.
+        Step time: from t_end - p.t0 when given (host path, the step ran to completion before the read);
+        else between the ends of consecutive reads, from this step's start at the earliest. With the
+        deferred read the host enqueues a step about one step ahead of the GPU, so its start time alone
+        says little; successive reads come one GPU step apart, whether or not a read was deferred."""
+        nonlocal nonfinite_in_row, last_done
         v = p.values
         if v.skipped:
             nonfinite_in_row += 1
@@ -174,7 +182,11 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
                     f"good checkpoint is kept")
         else:
             nonfinite_in_row = 0
-        dt = t_end - p.t0
+        if t_end is not None:
+            dt = t_end - p.t0
+        else:
+            dt = p.t_done - (p.t0 if last_done is None else max(p.t0, last_done))
+        last_done = p.t_done
         record: dict[str, Any] = {"step": p.step, "loss": v.loss, "lr": p.lr, "grad_norm": v.grad_norm,
                                   "step_time_s": dt, "samples_per_s": layout.global_batch_size / dt,
                                   # host time blocked on the device when the statistics were read: near 0
@@ -219,7 +231,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
                     extra[k] = extra.get(k, 0.0) + _as_device_scalar(v, dev)
             if pending is not None:  # the previous step, now that this one's work is enqueued
                 pending.read()
-                stop_seen = account(pending, t_end=t0) or stop_seen
+                stop_seen = account(pending) or stop_seen
                 pending = None
             keys = sorted(extra)
             if step + 1 in sigterm_steps:
@@ -269,8 +281,11 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
             if defer and not (stop_seen or sliced or periodic or step >= cfg.trainer.max_steps):
                 pending = current
                 continue
-            current.read()
-            want_stop = account(current, t_end=time.perf_counter()) or stop_seen
+            if current.values is None:  # the device path; the host path read it before its update
+                current.read()
+                want_stop = account(current) or stop_seen
+            else:
+                want_stop = account(current, t_end=time.perf_counter()) or stop_seen
             if sliced and not want_stop and step < cfg.trainer.max_steps:
                 want_stop, stop.signal = True, "trainer.exit_after_steps"
             if periodic or want_stop:
@@ -286,6 +301,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
 
     finally:
         gc_control.close()  # also on errors: automatic GC back on for in-process callers
+        torch.utils.deterministic.fill_uninitialized_memory = fill_uninitialized
     if stop_reason is None and cfg.checkpoint.save_final and last_saved != step:
         _save(ckpt, step, dcp_state(), data, engine, info, blocking=True)
     ckpt.wait()
@@ -338,6 +354,7 @@ class _PendingStats:
         self.data_metrics: dict[str, Any] = {}
         self.values: _StepValues | None = None
         self.sync_wait = 0.0
+        self.t_done = 0.0
         self.event = None
         if stats.is_cuda:
             self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
@@ -352,7 +369,8 @@ class _PendingStats:
         if self.event is not None:
             self.event.synchronize()
         values = self.host.tolist()
-        self.sync_wait = time.perf_counter() - t
+        self.t_done = time.perf_counter()
+        self.sync_wait = self.t_done - t
         self.values = _StepValues(values, self.step, self.keys, self.layout, self.world_size)
 
 
@@ -394,6 +412,8 @@ class _Profiler:
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.info.device.type == "cuda" else [])
+            if self.info.device.type == "cuda":
+                torch.cuda.synchronize()  # with the deferred read the previous step may still be running
             self.prof = profile(activities=acts, record_shapes=True)
             self.prof.__enter__()
 

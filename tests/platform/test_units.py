@@ -310,3 +310,20 @@ def test_deferred_stats_same_run_and_stop_one_step_later(tmp_path, monkeypatch):
     summary, recs = _train_in_process(tmp_path, monkeypatch, "d", ["trainer.max_steps=6"])
     assert summary["step"] == 6 and summary["stopped_by"] is None
     assert [tuple(r[k] for k in keys) for r in recs] == [tuple(r[k] for k in keys) for r in ref]
+
+
+def test_statistics_are_read_once_per_step(tmp_path, monkeypatch):
+    """Each step's statistics reach the host exactly once, on the deferred device path (fused AdamW) and on
+    the host path (foreach AdamW: read before the update), and every step is recorded once, in order."""
+    from scaleforge.platform import trainer
+
+    reads = []
+    read = trainer._PendingStats.read
+    monkeypatch.setattr(trainer._PendingStats, "read", lambda self: (reads.append(self.step), read(self))[1])
+    for name, fused in (("dev", "true"), ("host", "false")):
+        reads.clear()
+        _, recs = _train_in_process(tmp_path, monkeypatch, name, ["trainer.max_steps=5", "checkpoint.interval=3",
+                                                                  f"optim.fused={fused}"])
+        assert reads == [1, 2, 3, 4, 5], (name, reads)
+        assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+        assert all(r["step_time_s"] > 0 for r in recs)
