@@ -16,6 +16,8 @@ Reference: ``reference/norms.py``.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import NamedTuple
 
@@ -105,6 +107,25 @@ if HAS_TRITON:
         (4096, "res"): (NormConfig(2, 8, False, 0, False), NormConfig(1, 8, False, 2, False, False, 3)),
         (4096, "rms"): (NormConfig(2, 8, False, 0, False), NormConfig(4, 16, False, 1, False, False, 2)),
     }
+
+    @functools.lru_cache(maxsize=None)
+    def _smem_budget(device_index: int) -> int:
+        props = torch.cuda.get_device_properties(device_index)
+        return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+
+    def _fit_stages(cfg: NormConfig, tile_elems: int, streamed: list, device: torch.device) -> NormConfig:
+        """cfg with no more pipeline stages than shared memory holds. The pipeliner keeps stages - 1 copies of
+        every tile the row loop loads (sm_90: 4 rows x 4096 x four bf16 tensors at stages 3 asked for 262,464
+        bytes of the 232,448), so the tuned bf16 defaults can overflow with fp32 inputs, per-token modulation
+        or a GPU with less shared memory; those get fewer stages (none below 2). 16 KiB stay for the
+        reductions' scratch."""
+        if cfg.stages < 2 or device.type != "cuda":
+            return cfg
+        per_stage = tile_elems * sum(t.element_size() for t in streamed if t is not None) + 8 * cfg.block_r
+        fit = 1 + (_smem_budget(device.index if device.index is not None else torch.cuda.current_device())
+                   - 16 * 1024) // per_stage
+        stages = min(cfg.stages, fit)
+        return cfg._replace(stages=stages if stages >= 2 else 0)
 
     def _case(is_rms: bool, residual: bool) -> str:
         return "res" if residual else ("rms" if is_rms else "layer")
@@ -476,6 +497,8 @@ if HAS_TRITON:
             raise ValueError("split needs block_r == 1: the two column pieces of a multi-row tile have different "
                              "register layouts, and the compiler converts a whole piece through shared memory")
         block_a, block_b = _blocks(c, cfg.split)
+        per_token = [t for t, p in ((gate, p_gate), (shift, p_shift), (scale, p_scale)) if t is not None and p == 1]
+        cfg = _fit_stages(cfg, cfg.block_r * (block_a + block_b), [x, residual, *per_token], x.device)
         dummy = x
         torch.library.wrap_triton(_norm_fwd_kernel)[(s, nseg)](
             x, dummy if residual is None else residual, dummy if gate is None else gate,
@@ -526,6 +549,9 @@ if HAS_TRITON:
         dsc = out_for(sc_mode) if sc_mode else dx
         dg = out_for(g_mode) if g_mode else dx
         block = triton.next_power_of_2(c)
+        per_token = [t for t, mode in ((gate, g_mode), (scale, sc_mode)) if t is not None and mode == 1]
+        cfg = _fit_stages(cfg, cfg.block_r * block, [dy, dh_out, h_in, x if gate is not None else None, *per_token],
+                          h_in.device)
         torch.library.wrap_triton(_norm_bwd_kernel)[(s, nseg)](
             dy, dy if dh_out is None else dh_out, h_in, h_in if x is None else x, h_in if gate is None else gate,
             h_in if weight is None else weight, h_in if bias is None else bias, h_in if scale is None else scale,

@@ -214,3 +214,23 @@ def test_forward_stages_match_reference(fn_name, kind, cfg):
     assert rel_err(y.reshape(x.shape), ref[0]) < TOL[torch.float32]
     if r2 is not None:
         assert rel_err(h.reshape(x.shape), ref[1]) < TOL[torch.float32]
+
+
+def test_pipeline_stages_fit_shared_memory(monkeypatch):
+    """_fit_stages keeps the tuned stages where their shared-memory copies fit and lowers them where they do
+    not (fp32 inputs, per-token modulation, smaller GPUs); the sm_90 case that failed to launch in the round-3
+    sweep (4 rows x 4096 x four bf16 tensors, 3 stages: 262,464 bytes of 232,448) gets 2."""
+    from scaleforge.kernels import norms
+
+    monkeypatch.setattr(norms, "_smem_budget", lambda index: 232448)
+    cuda = torch.device("cuda", 0)
+    bf16 = [torch.empty(1, dtype=torch.bfloat16)] * 4
+    f32 = [torch.empty(1, dtype=torch.float32)] * 6
+    cfg = norms.NormConfig(4, 16, False, 4, False, False, 3)
+    assert norms._fit_stages(cfg, 4 * 4096, bf16, cuda).stages == 2
+    tuned = norms.NormConfig(1, 8, False, 4, False, False, 4)  # gated residual backward at C = 2240
+    assert norms._fit_stages(tuned, 4096, bf16 + [None], cuda) == tuned
+    assert norms._fit_stages(tuned, 4096, f32, cuda).stages == 3  # six fp32 streams: 96 KiB a copy, 2 fit
+    monkeypatch.setattr(norms, "_smem_budget", lambda index: 99 * 1024)
+    assert norms._fit_stages(tuned, 4096, f32, cuda).stages == 0  # not even two stages fit
+    assert norms._fit_stages(tuned, 4096, bf16, torch.device("cpu")) == tuned  # the interpreter has no limit
