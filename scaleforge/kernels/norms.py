@@ -154,13 +154,19 @@ if HAS_TRITON:
         return p0, nseg, chunk, triton.cdiv(p0, chunk)
 
     @triton.jit
-    def _ld(PTR, offs, mask, EVICT_FIRST: tl.constexpr):
-        """A tile in fp32; EVICT_FIRST for tensors read once (x, residual, dy, h)."""
+    def _ld_raw(PTR, offs, mask, EVICT_FIRST: tl.constexpr):
+        """A tile in its stored dtype; EVICT_FIRST for tensors read once (x, residual, dy, h). (A prefetched
+        bf16 tile held this way takes half the registers of an fp32 one.)"""
         if EVICT_FIRST:
             v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_first")
         else:
             v = tl.load(PTR + offs, mask=mask, other=0.0)
-        return v.to(tl.float32)
+        return v
+
+    @triton.jit
+    def _ld(PTR, offs, mask, EVICT_FIRST: tl.constexpr):
+        """_ld_raw in fp32."""
+        return _ld_raw(PTR, offs, mask, EVICT_FIRST).to(tl.float32)
 
     @triton.jit
     def _row_const(PTR, off, cols, C, ON: tl.constexpr, FILL: tl.constexpr):
@@ -200,15 +206,6 @@ if HAS_TRITON:
         else:
             r = v[:, None]
         return r
-
-    @triton.jit
-    def _ld_raw(PTR, offs, mask, EVICT_FIRST: tl.constexpr):
-        """_ld in the stored dtype: a prefetched bf16 tile holds half the registers of an fp32 one."""
-        if EVICT_FIRST:
-            v = tl.load(PTR + offs, mask=mask, other=0.0, eviction_policy="evict_first")
-        else:
-            v = tl.load(PTR + offs, mask=mask, other=0.0)
-        return v
 
     @triton.jit
     def _bwd_loads(DY, DHO, HIN, X, MEAN, RSTD, row0, i, end, cols, C,

@@ -214,7 +214,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
             # Statistics stay on the device until the host reads them (below, or one step later).
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             items = torch.zeros((), dtype=torch.float64, device=dev)
-            tokens, samples = 0.0, 0
+            tokens = 0.0
             extra: dict[str, torch.Tensor] = {}
             for mb in range(layout.grad_accum):
                 batch = _to_device(next(data), dev)
@@ -226,7 +226,6 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
                 loss_sum += loss.detach().double()
                 items += _as_device_scalar(out.num_items, dev)
                 tokens += float(out.num_tokens or 0)  # a host int: the recipe knows it without the device
-                samples += layout.micro_batch_size
                 for k, v in out.metrics.items():
                     extra[k] = extra.get(k, 0.0) + _as_device_scalar(v, dev)
             if pending is not None:  # the previous step, now that this one's work is enqueued
@@ -259,9 +258,8 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
                 # (benchmarks/host_step_probe.py: sync -> next step start 0.17 ms here, 1.0 ms after)
                 engine.zero_grad()
                 engine.scheduler.step()
-                current = _PendingStats(step + 1, t0, lr, stats, keys, layout, info.world_size)
-            else:
-                current = _PendingStats(step + 1, t0, lr, stats, keys, layout, info.world_size)
+            current = _PendingStats(step + 1, t0, lr, stats, keys, layout, info.world_size)
+            if not device_step:  # the host path reads first: the skip decision and the clip factor
                 current.read()
                 v = current.values
                 if not v.skipped:

@@ -1,5 +1,6 @@
 """Pure units of the runtime: LR schedule, parameter groups, checkpoint discovery and retention,
 metrics truncation on resume, activation-memory probe."""
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -213,54 +214,16 @@ def test_device_step_scale_stays_finite_for_huge_finite_norms():
     assert torch.isfinite(grad_scale)
 
 
-def test_gc_control_is_restored_when_training_fails(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _in_process_world(tmp_path, monkeypatch, name, overrides, env=None):
+    """lm_tiny's config for trainer.train in this process as a world of one (gloo); afterwards restores what
+    train() sets process-wide (it is meant to own its process) and drops ``env`` again."""
     import gc
-    import os
-
-    from scaleforge.models import get_recipe_class, recipe_config_class
-    from scaleforge.platform import trainer
-    from scaleforge.platform.config import load_config
-    from scaleforge.platform.dist import _free_port
-
-    monkeypatch.setenv("SCALEFORGE_FAULT_NAN_STEPS", "1,2")
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                     LOCAL_RANK="0").items():
-        monkeypatch.setenv(k, v)
-    cfg = load_config("lm_tiny.yaml", ["trainer.max_steps=3", "trainer.max_nonfinite_steps=2", "trainer.gc_interval=1",
-                                       "trainer.global_batch_size=4", "metrics.wandb.mode=disabled",
-                                       "metrics.progress_bar=false", "metrics.plot=false", "checkpoint.interval=0",
-                                       f"run.output_dir={tmp_path}", "run.name=g"], recipe_config=recipe_config_class)
-    import signal
-
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    try:
-        with pytest.raises(trainer.TrainingError, match="stopping at step 2"):
-            trainer.train(cfg, get_recipe_class("llm"))
-        assert gc.isenabled()
-    finally:  # train() is meant to own its process: undo what it set for the rest of this one
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        gc.enable()
-        torch.use_deterministic_algorithms(deterministic)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-        for s, h in handlers.items():
-            signal.signal(s, h)
-
-
-def _train_in_process(tmp_path, monkeypatch, name, overrides, env=None):
-    """trainer.train in this process as a world of one (gloo), restoring what train() sets process-wide."""
-    import gc
-    import json
     import signal
 
     import torch.distributed as dist
 
-    from scaleforge.models import get_recipe_class, recipe_config_class
-    from scaleforge.platform import trainer
+    from scaleforge.models import recipe_config_class
     from scaleforge.platform.config import load_config
     from scaleforge.platform.dist import _free_port
 
@@ -275,7 +238,7 @@ def _train_in_process(tmp_path, monkeypatch, name, overrides, env=None):
     deterministic = torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
     try:
-        summary = trainer.train(cfg, get_recipe_class("llm"))
+        yield cfg
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -286,6 +249,29 @@ def _train_in_process(tmp_path, monkeypatch, name, overrides, env=None):
             signal.signal(s, h)
         for k in (env or {}):
             monkeypatch.delenv(k)
+
+
+def test_gc_control_is_restored_when_training_fails(tmp_path, monkeypatch):
+    import gc
+
+    from scaleforge.models import get_recipe_class
+    from scaleforge.platform import trainer
+
+    with _in_process_world(tmp_path, monkeypatch, "g", ["trainer.max_steps=3", "trainer.max_nonfinite_steps=2",
+                                                        "trainer.gc_interval=1"],
+                           env={"SCALEFORGE_FAULT_NAN_STEPS": "1,2"}) as cfg:
+        with pytest.raises(trainer.TrainingError, match="stopping at step 2"):
+            trainer.train(cfg, get_recipe_class("llm"))
+        assert gc.isenabled()
+
+
+def _train_in_process(tmp_path, monkeypatch, name, overrides, env=None):
+    """trainer.train in this process as a world of one; its summary and metrics records."""
+    from scaleforge.models import get_recipe_class
+    from scaleforge.platform import trainer
+
+    with _in_process_world(tmp_path, monkeypatch, name, overrides, env) as cfg:
+        summary = trainer.train(cfg, get_recipe_class("llm"))
     recs = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return summary, recs
 
