@@ -7,11 +7,20 @@ and replayed from a CUDA graph (device time only). Ends with the fp8._LAUNCH ent
 
     PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py            # H200: ~90 s before the group variants
     PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py --only quant_group   # the group quantize configs only
+    PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py --only tensor   # per tensor, dynamic end to end included
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py --smoke   # CPU, tiny shapes
 
 The group quantize sweeps add the compile-time variants of fp8._quant_group_kernel (GROUP_PER_THREAD,
 SATFINITE; see fp8._QUANT_GROUP_OPTS) on the best plain configs of round 1 and a
 persistent prefetching grid, GROUP_PER_THREAD on BLOCK = 32 x warps x group (one group per thread).
+The per-tensor quantize sweeps add SATFINITE (fp8._QUANT_TENSOR_OPTS) on a few plain and persistent configs
+(TENSOR_BASES); the given-scale check also takes a scale that saturates codes (on a GPU: the interpreter's
+conversion does not saturate). The dynamic scale is then timed end to end as the library runs it: the amax
+pass, then the quantize pass on the same x, for the best few configs of each pass's sweep (the amax ones
+without evict_first), the quantize pass with and without REVERSE (tiles in reverse order: the first ones it
+reads are the amax pass's last, which may still be in L2); each repetition takes the next of the rotating
+inputs, so only the first pass leaves x in L2 for the second. Its best pair gives the "amax" and
+"quant_tensor_dynamic" entries.
 ``--only`` takes a comma-separated subset of tensor (amax pass, per-tensor quantize and dequantize),
 quant_group, dequant_group, state, api; with ``--only quant_group`` the group quantize sweeps keep only
 the plain configs the variants are crossed with (GROUP_BASES) of QUANT_CONFIGS.
@@ -70,18 +79,25 @@ AMAX_CONFIGS = (
 # BLOCK = 32 x warps x group (one group per thread, ~160 registers: 12 warps per SM) and two persistent
 # grids. Group 16's default tile at BLOCK = 512 x warps already is GROUP_PER_THREAD's: not crossed there.
 GROUP_BASES = [fp8._cfg(4096, 4), fp8._cfg(4096, 8), fp8._cfg(8192, 8), fp8._cfg(4096, 8, 4, True, True)]
+# per-tensor quantize: SATFINITE on the plain configs of 8 warps (the table's entry among them) and two
+# persistent prefetching grids (the last one: --smoke's persistent config); REVERSE only in the end-to-end
+# sweep, on the fastest configs of the dynamic quantize pass
+TENSOR_BASES = [(16384, 8), (8192, 8), (4096, 8), (8192, 8, 4, True, True), (4096, 8, 4, True, True)]  # _cfg args
+TENSOR_QUANT_CONFIGS = QUANT_CONFIGS + [fp8._cfg(*a, satfinite=True) for a in TENSOR_BASES]
+E2E_TOP = 3  # configs of each pass in the dynamic end-to-end sweep (plus the table's)
 GROUP_VARIANTS = [dict(satfinite=True)]
 PER_THREAD_VARIANTS = [{}, dict(satfinite=True)]
 DEQUANT_CONFIGS = [dict(BLOCK=b, num_warps=w) for b, w in [(4096, 4), (4096, 8), (8192, 4)]]
 # the state codec: small tiles and few warps (see the instruction count at fp8._state_quant_kernel)
 STATE_CONFIGS = [dict(BLOCK=b, num_warps=w) for b, w in [(1024, 2), (1024, 4), (2048, 2), (2048, 4)]]
 SECTIONS = ("tensor", "quant_group", "dequant_group", "state", "api")
-# fp8._cfg's keyword options (the group quantizer's compile-time variants): config key -> keyword
-OPTS = {"GROUP_PER_THREAD": "group_per_thread", "SATFINITE": "satfinite"}
+# fp8._cfg's keyword options (the quantizers' compile-time variants): config key -> keyword
+OPTS = {"GROUP_PER_THREAD": "group_per_thread", "SATFINITE": "satfinite", "REVERSE": "reverse"}
 # sweep name -> fp8._LAUNCH key
 TABLE_KEYS = {
     "amax pass (per-tensor dynamic, 1/2)": "amax",
     "quantize per-tensor, given scale": "quant_tensor",
+    "dynamic per-tensor end to end": ("amax", "quant_tensor_dynamic"),  # a pair of configs
     "dequantize per-tensor": "dequant_tensor",
     "quantize group 128": "quant_group/128",
     "dequantize group 128": "dequant_group/128",
@@ -107,7 +123,9 @@ def cfg_args(cfg: dict) -> tuple:
     return cfg["BLOCK"], cfg["num_warps"], cfg["WAVES"], cfg["PREFETCH"], cfg["EVICT_FIRST"]
 
 
-def cfg_str(cfg: dict) -> str:
+def cfg_str(cfg: dict | tuple) -> str:
+    if isinstance(cfg, tuple):  # the dynamic end-to-end sweep's (amax, quantize) pair
+        return f"amax {cfg_str(cfg[0])}; quant {cfg_str(cfg[1])}"
     out = f"BLOCK={cfg['BLOCK']} w{cfg['num_warps']}"
     if cfg.get("WAVES"):
         out += f" persistent x{cfg['WAVES']}/SM" + (" prefetch" if cfg["PREFETCH"] else "")
@@ -164,8 +182,10 @@ def row(kernel, config, ok, ms, nbytes, roof, moved=None, read_roof=None, cfg=No
         BEST[kernel] = (ms, cfg)
 
 
-def sweep(kernel, configs, launch, check, nbytes, roof, moved=None, read_roof=None):
-    """launch(cfg) runs one config on rotating inputs; check(cfg) runs it on the reference input."""
+def sweep(kernel, configs, launch, check, nbytes, roof, moved=None, read_roof=None) -> list[tuple[float, dict]]:
+    """launch(cfg) runs one config on rotating inputs; check(cfg) runs it on the reference input. Returns
+    the (ms, config) of the configs that passed the check, fastest first."""
+    passed = []
     for cfg in configs:
         name = cfg_str(cfg)
         try:
@@ -179,6 +199,31 @@ def sweep(kernel, configs, launch, check, nbytes, roof, moved=None, read_roof=No
             FAILED.append(f"{kernel} {name} (error)")
             continue
         row(kernel, name, ok, ms, nbytes, roof, moved, read_roof, cfg)
+        if ok:
+            passed.append((ms, cfg))
+    return sorted(passed, key=lambda r: r[0])
+
+
+def dedup(configs: list) -> list:
+    return [c for i, c in enumerate(configs) if c not in configs[:i]]
+
+
+def launch_entries() -> list[str]:
+    """The fp8._LAUNCH entries of the best configs, each with the table's current entry in its comment. The
+    dynamic end-to-end sweep gives a pair, "amax" among them: the amax pass alone's best is then only a
+    comment (the library's amax pass is the first half of the dynamic quantize)."""
+    pair = TABLE_KEYS["dynamic per-tensor end to end"]
+    out = []
+    for k, (ms, cfg) in BEST.items():
+        if k not in TABLE_KEYS:
+            continue
+        keys, cfgs = (TABLE_KEYS[k], cfg) if isinstance(cfg, tuple) else ((TABLE_KEYS[k],), (cfg,))
+        note = " end to end" if isinstance(cfg, tuple) else ""
+        for key, c in zip(keys, cfgs):
+            line = f'"{key}": {cfg_code(c)},  # {ms:.4f} ms{note}; current {cfg_code(fp8._LAUNCH[key])}'
+            alone = key in pair and not isinstance(cfg, tuple) and "dynamic per-tensor end to end" in BEST
+            out.append(f"# {line} (alone)" if alone else line)
+    return out
 
 
 def rooflines(smoke, s) -> tuple[float, float]:
@@ -254,9 +299,11 @@ def main():
             amax_bits.zero_()
             fp8._launch(fp8._amax_kernel, cfg, tiles(cfg), dev, xx if xx is not None else rot(), amax_bits, n)
 
-        sweep("amax pass (per-tensor dynamic, 1/2)", pick(AMAX_CONFIGS), amax_launch,
-              lambda cfg: (amax_launch(cfg, x), amax_bits.view(torch.float32).item() == x.float().abs().amax().item())[1],
-              n * 2, roof, read_roof=read_roof)  # fmt: skip
+        amax_passed = sweep(
+            "amax pass (per-tensor dynamic, 1/2)", pick(AMAX_CONFIGS), amax_launch,
+            lambda cfg: (amax_launch(cfg, x), amax_bits.view(torch.float32).item() == x.float().abs().amax().item())[1],
+            n * 2, roof, read_roof=read_roof,
+        )  # fmt: skip
         amax_bits.copy_(x.float().abs().amax().view(torch.int32))
         q, so = poison((s, s), E4M3), poison((), torch.float32)
 
@@ -270,12 +317,47 @@ def main():
             quant(cfg, src, from_amax, x)
             return same(q, qref) and same(so, sref)
 
-        sweep("quantize pass (per-tensor dynamic, 2/2)", pick(QUANT_CONFIGS), lambda cfg: quant(cfg, amax_bits, True),
-              lambda cfg: quant_check(cfg, amax_bits, True, qr, sr), n * 3, roof)  # fmt: skip
+        quant_passed = sweep(
+            "quantize pass (per-tensor dynamic, 2/2)", pick(TENSOR_QUANT_CONFIGS),
+            lambda cfg: quant(cfg, amax_bits, True), lambda cfg: quant_check(cfg, amax_bits, True, qr, sr), n * 3, roof,
+        )  # fmt: skip
         given = sr * 1.5
         qg, _ = quantize_fp8_ref(x, "tensor", dtype=E4M3, scale=given)
-        sweep("quantize per-tensor, given scale", pick(QUANT_CONFIGS), lambda cfg: quant(cfg, given, False),
-              lambda cfg: quant_check(cfg, given, False, qg, given), n * 3, roof)  # fmt: skip
+        # also a scale that saturates codes (|x / s| up to ~4 qmax: beyond the clamp's 2 qmax too), where
+        # SATFINITE leaves it to the conversion; the interpreter's does not saturate (--smoke: not checked)
+        given_sat = sr / 4
+        qg_sat, _ = quantize_fp8_ref(x, "tensor", dtype=E4M3, scale=given_sat)
+
+        def given_check(cfg):
+            ok = quant_check(cfg, given, False, qg, given)
+            return ok and (SMOKE or quant_check(cfg, given_sat, False, qg_sat, given_sat))
+
+        sweep("quantize per-tensor, given scale", pick(TENSOR_QUANT_CONFIGS), lambda cfg: quant(cfg, given, False),
+              given_check, n * 3, roof)  # fmt: skip
+
+        # The dynamic scale end to end, as fp8._quantize_tensor runs it: the amax pass, then the quantize pass
+        # on the same x. The fastest few of each pass's sweep (the amax pass without evict_first, whose lines
+        # REVERSE wants in L2) and the table's, the quantize pass with and without REVERSE. Each repetition
+        # takes the next of the two rotating 128 MB inputs: one last read two repetitions before, 320 MB of
+        # traffic ago, so only a repetition's own amax pass can leave its x in the 50 MB L2.
+        amaxes = dedup([dict(c, EVICT_FIRST=False) for _, c in amax_passed[:E2E_TOP]] + [fp8._LAUNCH["amax"]])
+        quants = [c for _, c in quant_passed[:E2E_TOP]] + [fp8._LAUNCH["quant_tensor_dynamic"]]
+        quants = [{k: v for k, v in c.items() if k != "REVERSE"} for c in quants]
+        quants = dedup([c | r for c in quants for r in ({}, {"REVERSE": True})])
+
+        def dynamic(pair, xx=None):
+            xx = xx if xx is not None else rot()
+            amax_launch(pair[0], xx)
+            quant(pair[1], amax_bits, True, xx)
+
+        def dynamic_check(pair):
+            q.view(torch.uint8).fill_(0xFF)
+            so.fill_(float("nan"))
+            dynamic(pair, x)
+            return same(q, qr) and same(so, sr)
+
+        sweep("dynamic per-tensor end to end", [(a, c) for a in amaxes for c in quants], dynamic, dynamic_check,
+              n * 3, roof, moved=n * 5)  # fmt: skip
         y = poison((s, s), torch.bfloat16)
         yr = dequantize_fp8_ref(qr, sr, out_dtype=torch.bfloat16)
 
@@ -389,14 +471,13 @@ def main():
         "|---|---|---|---|---|---|",
         *(f"| {' | '.join(r)} |" for r in ROWS),
         "",
-        "Best config per kernel (the dynamic quantize pass shares quant_tensor's entry), then as fp8._LAUNCH",
-        "entries (each with the table's current entry in its comment):",
+        "Best config per kernel (the dynamic scale's entries, amax and quant_tensor_dynamic, are the best pair",
+        "end to end), then as fp8._LAUNCH entries (each with the table's current entry in its comment):",
         "",
         *(f"- {k}: {cfg_str(cfg)} ({ms:.4f} ms)" for k, (ms, cfg) in BEST.items()),
         "",
         "```python",
-        *(f'"{TABLE_KEYS[k]}": {cfg_code(cfg)},  # {ms:.4f} ms; current {cfg_code(fp8._LAUNCH[TABLE_KEYS[k]])}'
-          for k, (ms, cfg) in BEST.items() if k in TABLE_KEYS),
+        *launch_entries(),
         "```",
     ]
     table = "\n".join(lines)

@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python benchmarks/kernels/tune_norms.py            # GPU, ~90-120 s
     PYTHONPATH=$PWD python benchmarks/kernels/tune_norms.py --cases res --shapes 16x4096x2240 --passes bwd
+    PYTHONPATH=$PWD python benchmarks/kernels/tune_norms.py --cases res --shapes 16x4096x2240 --passes fwd --wide
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/kernels/tune_norms.py --smoke   # CPU, logic only
 
 Cases as in run_all.py (bf16, no affine, adaLN shift/scale per (batch, channel), gate per (batch, channel)):
@@ -13,6 +14,8 @@ layer_norm + modulate, rms_norm + modulate, layer_norm + gated residual + modula
   C (timed with B): the two best of A with the row loop software-pipelined, num_stages 2/3/4 ("s2"; a
      one-tile-per-program forward config is made persistent at k4 first) and, backward only, with the next
      row tile prefetched ("pf"; also at twice the warps: the prefetched tiles cost registers).
+  D (--wide, after B/C): the three best so far crossed with k = 2/4/8/16, stages 0/2/3/4 and evict_first
+     (the combinations B and C do not try: B varies k and evict_first without stages, C stages alone).
 --cases / --shapes / --passes restrict the run (e.g. just the backward at one shape).
 Every config is checked against the fp32 reference (forward outputs and every gradient, relative error < 1e-2),
 then timed: a CUDA graph of 10 back-to-back calls (no launch gaps), its replays timed by do_bench (median; each
@@ -92,6 +95,13 @@ def phase_c(top, bwd, smoke=False):
         base = cfg if cfg.progs_per_sm else cfg._replace(progs_per_sm=4)
         out += [base._replace(stages=st) for st in ((2,) if smoke else (2, 3, 4))]
     return out
+
+
+def phase_d(top, smoke=False):
+    """The best layouts crossed with persistence, pipeline stages and evict_first together."""
+    ks, sts = ((2,), (0, 2)) if smoke else ((2, 4, 8, 16), (0, 2, 3, 4))
+    return [cfg._replace(progs_per_sm=k, stages=st, evict_first=ef, prefetch=False)
+            for cfg in top for k in ks for st in sts for ef in (False, True)]  # fmt: skip
 
 
 def label(cfg, default=None):
@@ -222,9 +232,9 @@ class Sweep:
         if ok and (bkey not in self.best or ms < self.best[bkey][0]):
             self.best[bkey] = (ms, cfg, pct, xe, case.name, shape_s)
 
-    def top(self, case, pas, n=2):
-        shape_s = "x".join(map(str, case.shape))
-        mine = [(ms, k[3]) for k, ms in self.done.items() if k[:3] == (case.key, shape_s, pas) and ms == ms]
+    def top(self, key, shape, pas, n=2):
+        shape_s = "x".join(map(str, shape))
+        mine = [(ms, k[3]) for k, ms in self.done.items() if k[:3] == (key, shape_s, pas) and ms == ms]
         return [cfg for _, cfg in sorted(mine)[:n]]
 
 
@@ -271,6 +281,7 @@ def main():
     ap.add_argument("--shapes", default=None, help="comma-separated BxNxC shapes (default: the standard three; "
                     "with --smoke two tiny ones)")  # fmt: skip
     ap.add_argument("--passes", default="fwd,bwd", help="comma-separated subset of fwd,bwd")
+    ap.add_argument("--wide", action="store_true", help="phase D: the three best x k x stages x evict_first")
     args = ap.parse_args()
     if DEV == "cpu" and not args.smoke:
         raise SystemExit("no CUDA device: use --smoke with TRITON_INTERPRET=1")
@@ -305,7 +316,7 @@ def main():
             d = defaults(shape[2], key)[pas == "bwd"]
             for cfg in cfgs_a(shape[2], key, pas):
                 sweep.run(case, pas, cfg, d)
-            top = sweep.top(case, pas)
+            top = sweep.top(key, shape, pas)
             b_cfgs[(shape, key, pas)] = phase_b(top, pas == "bwd", args.smoke) + phase_c(top, pas == "bwd", args.smoke)
         del case
         if DEV == "cuda":
@@ -324,6 +335,24 @@ def main():
         del case
         if DEV == "cuda":
             torch.cuda.empty_cache()
+
+    if args.wide:  # phase D
+        d_cfgs = {}
+        for shape, key in plan:
+            for pas in passes:
+                d_cfgs[(shape, key, pas)] = [c for c in phase_d(sweep.top(key, shape, pas, 3), args.smoke)
+                                             if (key, "x".join(map(str, shape)), pas, c) not in sweep.done]
+        warm([(key, shape[2], pas, cfg) for (shape, key, pas), cfgs in d_cfgs.items() for cfg in cfgs], args.procs)
+        for shape, key in plan:
+            case = Case(key, shape)
+            case.eager = eager_times(case)
+            for pas in passes:
+                d = defaults(shape[2], key)[pas == "bwd"]
+                for cfg in d_cfgs[(shape, key, pas)]:
+                    sweep.run(case, pas, cfg, d)
+            del case
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
 
     dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (triton interpreter)"
     lines = [f"Device: {dev}; measured copy {bw / 1e12:.2f} TB/s (read+write); targets: fwd >= 80%, bwd >= 70% "

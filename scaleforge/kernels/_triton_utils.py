@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -24,8 +25,33 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
 
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# Host-side integer helpers for the launch paths: triton.cdiv and triton.next_power_of_2 are constexpr
+# functions in triton 3.6, whose call wrapper unwraps every argument (~6 us per call on a fast host).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    if type(n) is not int:  # a SymInt under torch.compile with dynamic shapes
+        return triton.next_power_of_2(n)
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def cached_call(fn, *args):
+    """fn(*args) through fn's functools.lru_cache, or uncached when an argument is a SymInt (torch.compile with
+    dynamic shapes traces the launch code with symbolic sizes, which cannot be hashed)."""
+    if any(isinstance(a, torch.SymInt) for a in args):
+        return fn.__wrapped__(*args)
+    return fn(*args)
 
 
 @triton.jit
@@ -93,18 +119,20 @@ class KernelOp:
         self.op.register_autograd(backward, setup_context=setup_context)
         impl = self.impl
 
+        # forward(ctx, *args) with the context set up inside it, not a separate setup_context staticmethod:
+        # Function.apply binds a separate setup_context's arguments through inspect.signature on every call
+        # (~55 us of host time on a fast host). Functorch transforms, which need the separate form, take
+        # the op (eager_direct_ok).
         class Function(torch.autograd.Function):
             @staticmethod
-            def forward(*args):
+            def forward(ctx, *args):
                 with direct_launch():
-                    return impl(*args)
-
-            @staticmethod
-            def setup_context(ctx, inputs, output):
-                setup_context(ctx, inputs, output)
+                    output = impl(*args)
+                setup_context(ctx, args, output)
                 ctx.set_materialize_grads(False)
                 if non_differentiable:
                     ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+                return output
 
             @staticmethod
             def backward(ctx, *grads):

@@ -7,7 +7,8 @@ configs come from a fixed table measured on an H200 (``_LAUNCH``), where the qua
 can also run as a persistent grid that prefetches its next tile (see ``_cfg``):
 * per tensor: one flat pass; a dynamic scale first needs an amax pass (each program's max folded into one
   int32 ``atomic_max`` on the fp32 bits), and the quantize pass turns that amax into the scale on the device
-  (no host sync, no torch ops between the passes; 5 B/element move for the 3 logical ones). fp8_linear.py's
+  (no host sync, no torch ops between the passes; 5 B/element move for the 3 logical ones; its own table
+  entry, and it can visit the tiles in reverse to find the amax pass's last ones in L2). fp8_linear.py's
   fused quantize+transpose reads the same amax (``_amax_bits``);
 * per group (1×G along the last dim, G a power of two): the tensor as rows of G elements, a program takes
   BLOCK/G whole groups, so a group's max is a row reduction; when K % G != 0 the tile indexes (row, column)
@@ -44,17 +45,21 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from scaleforge.kernels._triton_utils import kernel_op, num_sms
+    from scaleforge.kernels._triton_utils import cdiv, kernel_op, num_sms
 
-    def _cfg(block, warps, waves=0, prefetch=False, evict_first=False, *, group_per_thread=False, satfinite=False):
+    def _cfg(
+        block, warps, waves=0, prefetch=False, evict_first=False, *, group_per_thread=False, satfinite=False,
+        reverse=False,
+    ):  # fmt: skip
         """One launch config. BLOCK: elements per tile (whole groups for the group kernels); WAVES: programs
         per SM of a persistent grid that loops over the tiles (0: one program per tile); PREFETCH: a
         persistent program loads its next tile before it converts and stores the current one (two tiles
         in flight per thread); EVICT_FIRST: loads marked evict_first in L2 (data read once). The keyword
-        options are compile-time variants of the group quantizer only (see _QUANT_GROUP_OPTS), in the
-        dict only when set, so the other kernels take the same configs."""
+        options are compile-time variants of the quantizers (group: GROUP_PER_THREAD, SATFINITE, see
+        _QUANT_GROUP_OPTS; per tensor: SATFINITE, REVERSE, see _QUANT_TENSOR_OPTS), in the dict only when
+        set, so the other kernels take the same configs."""
         cfg = dict(BLOCK=block, num_warps=warps, WAVES=waves, PREFETCH=prefetch, EVICT_FIRST=evict_first)
-        opts = dict(GROUP_PER_THREAD=group_per_thread, SATFINITE=satfinite)
+        opts = dict(GROUP_PER_THREAD=group_per_thread, SATFINITE=satfinite, REVERSE=reverse)
         return cfg | {k: True for k, v in opts.items() if v}
 
     # Fixed launch configs, the fastest of the H200 sweep `benchmarks/kernels/tune_fp8.py` (8192² bf16,
@@ -62,9 +67,18 @@ if HAS_TRITON:
     # the top configs is a few %, and an autotuner would re-benchmark every new shape inside training.
     # The sweep prints the entries to paste here when a variant beats these.
     _LAUNCH = {
-        "amax": _cfg(16384, 16),  # 0.0435 ms, 73% (reads only)
-        "quant_tensor": _cfg(16384, 8),  # given scale: 0.0585 ms, 82%
-        "dequant_tensor": dict(BLOCK=4096, num_warps=8),  # 0.0549 ms, 87%
+        # per tensor: round 4 (tune_fp8.py --only tensor, CUDA graphs of 10 launches, 2026-11-30, % of a 4.22 TB/s
+        # copy); the round-1 figures of the old entries (amax 16384 w16 0.0435 ms, given scale 16384 w8 0.0585 ms,
+        # 82%) were eager-timed, host-bound. The dynamic pair end to end: 0.0824 ms, 58% of copy for the logical
+        # 3 B/element, 96% of the 5 B it moves (the same quantize pass without REVERSE 0.0844 ms, without
+        # REVERSE and SATFINITE 0.0854 ms)
+        "amax": _cfg(8192, 8, 4, True),  # persistent, prefetching (alone, with evict_first: 0.0355 ms, 90%)
+        # given scale: 0.0494 ms, 96% (SATFINITE at 4096 w8: 0.0486 ms, within noise; not the default, since
+        # the interpreter's FP8 conversion does not saturate and the CPU tests could not check its codes)
+        "quant_tensor": _cfg(16384, 8),
+        # the dynamic scale's quantize pass, after "amax" on the same x: alone 0.0485 ms, 98%
+        "quant_tensor_dynamic": _cfg(4096, 8, satfinite=True, reverse=True),
+        "dequant_tensor": dict(BLOCK=4096, num_warps=8),  # 0.0511 ms, 93% (round 4; round 1: 0.0549 ms, 87%)
         # group quantizers: round 3 (tune_fp8.py --only quant_group, CUDA graphs): SATFINITE drops the clamp
         "quant_group/128": _cfg(4096, 4, satfinite=True),  # 0.0531 ms, 90% (clamped: 0.0591, 81%)
         "quant_group/16": _cfg(4096, 8, satfinite=True),  # 0.0530 ms, 97% (clamped: 0.0550, 93%)
@@ -106,11 +120,14 @@ if HAS_TRITON:
         ulp; each step q - (s*q - x) * y (exact fma residual) shrinks the error, the first to under one ulp,
         the second (Markstein's theorem) to the correctly rounded quotient. Five FMAs instead of a per-element
         IEEE division (reciprocal + slow-path branch); Triton's plain `/` is div.full.f32 (2 ulp) and would
-        change a few FP8 codes. The residual's sign convention keeps -0.0 negative. Needs |x / s| in the
-        fp32 normal range wherever the FP8 rounding depends on it (true for |x / s| >= 2^-17)."""
+        change a few FP8 codes. The residual's sign convention keeps -0.0 negative: for x = -0.0 the residual
+        is +0.0, and q + (+0.0 * -y) = -0.0 + -0.0. (Negating the residual instead needs -(+0.0) = -0.0,
+        which Triton 3.6 computes as 0 - r = +0.0: every -0.0 came out +0.0.) Needs |x / s| in the fp32
+        normal range wherever the FP8 rounding depends on it (true for |x / s| >= 2^-17)."""
+        ny = -y  # a scale's (per tensor or per group), not per element
         q = x * y
-        q = tl.fma(-tl.fma(s, q, -x), y, q)
-        return tl.fma(-tl.fma(s, q, -x), y, q)
+        q = tl.fma(tl.fma(s, q, -x), ny, q)
+        return tl.fma(tl.fma(s, q, -x), ny, q)
 
     # The streaming kernels below loop `for t in range(pid, tiles, nprog)`: with one program per tile (WAVES
     # 0) that is a single trip, with a persistent grid each program walks its share of the tiles.
@@ -138,10 +155,27 @@ if HAS_TRITON:
         amax = tl.max(acc, axis=0).to(tl.float32)
         tl.atomic_max(AMAX, amax.to(tl.int32, bitcast=True), sem="relaxed")
 
+    # Compile-time variants of the per-tensor quantizer (launch-config keys, see _cfg; tune_fp8.py times them):
+    # * SATFINITE: no clamp of x / s to ±qmax before the FP8 conversion (one instruction per element less),
+    #   as for the group quantizer: the sm_89+ conversion saturates (cvt.rn.satfinite). With the scale from
+    #   the amax, |x / s| <= qmax (1 + 2^-22), which rounds to ±qmax anyway (the interpreter's conversion
+    #   does that too). A given scale keeps the clamp of x to ±2 qmax |s| before the division (_div_rn's
+    #   residual of an overflowing x / s would be inf - inf: NaN), then the conversion saturates |x / s| up
+    #   to 2 qmax; the interpreter's does not (1.5 qmax gives 352 in E4M3, NaN in E5M2), so only a GPU
+    #   checks those codes. Same codes, except that a NaN element's code is NaN (as torch's) where the
+    #   clamps made it ±qmax: the clamp of x propagates NaN in this variant (same instruction count);
+    # * REVERSE: the tiles in reverse order (trip t of the tile loop takes tile tiles-1-t, for the one-tile
+    #   grid and the persistent one, prefetch included). The dynamic scale's amax pass reads x front to back
+    #   just before, so the tiles this pass reads first are the last ones the amax pass read: up to the 50
+    #   MB L2's worth of x (of 128 MiB for 8192^2 bf16) may still be there instead of in HBM. Needs an amax
+    #   config without EVICT_FIRST; pointless (and harmless) with a given scale.
+    _QUANT_TENSOR_OPTS = dict(SATFINITE=False, REVERSE=False)
+
     @triton.jit
     def _quant_tensor_kernel(
         X, Q, SRC, SCALE, n, qmax, inv_qmax, FROM_AMAX: tl.constexpr, RECIP: tl.constexpr,
         BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EVICT_FIRST: tl.constexpr,
+        SATFINITE: tl.constexpr = False, REVERSE: tl.constexpr = False,
     ):  # fmt: skip
         EVICT: tl.constexpr = "evict_first" if EVICT_FIRST else ""
         qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
@@ -154,22 +188,35 @@ if HAS_TRITON:
         tl.store(SCALE, s, mask=pid == 0)
         y = tl.math.div_rn(1.0, s)
         bound = 2 * qmax * tl.abs(s)
+        tiles = tl.cdiv(n, BLOCK)
+        # the next trip's tile is nprog tiles on (REVERSE: back); only the first one visited, the last
+        # tile, can be partial, and a prefetch past either end is masked
         step = nprog.to(tl.int64) * BLOCK
+        if REVERSE:
+            step = -step
         if PREFETCH:
-            offs0 = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            x_next = tl.load(X + offs0, mask=offs0 < n, other=0.0, eviction_policy=EVICT)
-        for t in range(pid, tl.cdiv(n, BLOCK), nprog):
-            offs = tl.cast(t, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            offs0 = tl.cast(tiles - 1 - pid if REVERSE else pid, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            m0 = (offs0 >= 0) & (offs0 < n) if REVERSE else offs0 < n
+            x_next = tl.load(X + offs0, mask=m0, other=0.0, eviction_policy=EVICT)
+        for t in range(pid, tiles, nprog):
+            offs = tl.cast(tiles - 1 - t if REVERSE else t, tl.int64) * BLOCK + tl.arange(0, BLOCK)
             m = offs < n
             if PREFETCH:
                 x = x_next.to(tl.float32)
-                x_next = tl.load(X + offs + step, mask=offs + step < n, other=0.0, eviction_policy=EVICT)
+                offs_n = offs + step
+                m_n = offs_n >= 0 if REVERSE else offs_n < n
+                x_next = tl.load(X + offs_n, mask=m_n, other=0.0, eviction_policy=EVICT)
             else:
                 x = tl.load(X + offs, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
             if not FROM_AMAX:  # a given scale may overflow x / s: beyond 2 qmax the code is ±qmax anyway
-                x = tl.clamp(x, -bound, bound)
+                if SATFINITE:
+                    x = tl.clamp(x, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
+                else:
+                    x = tl.clamp(x, -bound, bound)
             q = _div_rn(x, s, y)
-            tl.store(Q + offs, tl.clamp(q, -qmax, qmax).to(Q.dtype.element_ty), mask=m)
+            if not SATFINITE:
+                q = tl.clamp(q, -qmax, qmax)
+            tl.store(Q + offs, q.to(Q.dtype.element_ty), mask=m)
 
     @triton.jit
     def _dequant_tensor_kernel(Q, SCALE, Y, n, BLOCK: tl.constexpr):
@@ -194,7 +241,7 @@ if HAS_TRITON:
         return g, offs, m
 
     def _group_tiles(groups, gs, block):
-        return triton.cdiv(groups, max(block // gs, 1))
+        return cdiv(groups, max(block // gs, 1))
 
     @triton.jit
     def _group_tile_t(t, G, NG, K, GS: tl.constexpr, BG: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
@@ -354,7 +401,7 @@ if HAS_TRITON:
         amax = torch.zeros((), dtype=torch.int32, device=x.device)
         n = x.numel()
         cfg = _config("amax")
-        _launch(_amax_kernel, cfg, triton.cdiv(n, cfg["BLOCK"]), x.device, x, amax, n)
+        _launch(_amax_kernel, cfg, cdiv(n, cfg["BLOCK"]), x.device, x, amax, n)
         return amax
 
     @kernel_op("scaleforge::quantize_fp8_tensor")
@@ -363,9 +410,9 @@ if HAS_TRITON:
         q = _backend.new_output(x.shape, dtype, x.device)
         out_scale = _backend.new_output((), torch.float32, x.device)
         src = _amax_bits(x) if scale is None else scale.reshape(())
-        cfg = _config("quant_tensor")
+        cfg = _QUANT_TENSOR_OPTS | _config("quant_tensor" if scale is not None else "quant_tensor_dynamic")
         _launch(
-            _quant_tensor_kernel, cfg, triton.cdiv(n, cfg["BLOCK"]), x.device,
+            _quant_tensor_kernel, cfg, cdiv(n, cfg["BLOCK"]), x.device,
             x, q, src, out_scale, n, fp8_max(dtype), _INV_QMAX[dtype],
             FROM_AMAX=scale is None, RECIP=x.device.type == "cuda",
         )  # fmt: skip
@@ -374,7 +421,7 @@ if HAS_TRITON:
     @kernel_op("scaleforge::quantize_fp8_group")
     def _quantize_group(x: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         k = x.shape[-1]
-        ng = triton.cdiv(k, group_size)
+        ng = cdiv(k, group_size)
         groups = x.numel() // k * ng
         q = _backend.new_output(x.shape, dtype, x.device)
         s = _backend.new_output((*x.shape[:-1], ng), torch.float32, x.device)
@@ -392,7 +439,7 @@ if HAS_TRITON:
         n = q.numel()
         if group_size <= 0:
             cfg = _config("dequant_tensor")
-            _launch(_dequant_tensor_kernel, cfg, triton.cdiv(n, cfg["BLOCK"]), q.device, q, scale, y, n)
+            _launch(_dequant_tensor_kernel, cfg, cdiv(n, cfg["BLOCK"]), q.device, q, scale, y, n)
             return y
         k = q.shape[-1]
         ng = scale.shape[-1]
@@ -409,7 +456,7 @@ if HAS_TRITON:
         x: torch.Tensor, group_size: int, dtype: torch.dtype, expand_min: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         n = x.numel()
-        g = triton.cdiv(n, group_size)
+        g = cdiv(n, group_size)
         qmax = fp8_max(dtype)
         q = _backend.new_output((g * group_size,), dtype, x.device)
         scale, expand, centre = (_backend.new_output((g,), torch.float32, x.device) for _ in range(3))

@@ -42,7 +42,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from scaleforge.kernels._triton_utils import direct_launch, autotune_configs
+    from scaleforge.kernels._triton_utils import autotune_configs, cdiv, direct_launch
     from scaleforge.kernels.fp8 import _amax_bits
 
     @triton.autotune(
@@ -93,7 +93,7 @@ def _quantize_transpose(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     q = _backend.new_output((r, c), dtype, x.device)
     qt = _backend.new_output((c, rp), dtype, x.device)
     scale = _backend.new_output((), torch.float32, x.device)
-    _quant_transpose_kernel[lambda meta: (triton.cdiv(rp, meta["BR"]), triton.cdiv(c, meta["BC"]))](
+    _quant_transpose_kernel[lambda meta: (cdiv(rp, meta["BR"]), cdiv(c, meta["BC"]))](
         x, q, qt, scale, amax, r, c, rp, fp8_max(dtype)
     )
     return q, qt, scale

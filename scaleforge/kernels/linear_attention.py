@@ -38,7 +38,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from scaleforge.kernels._triton_utils import autotune_configs, dot_f32acc, dot_precision, kernel_op, num_sms
+    from scaleforge.kernels._triton_utils import autotune_configs, cdiv, dot_f32acc, dot_precision, kernel_op, next_pow2, num_sms
 
     _STATE_CHUNK = 256  # tokens per state program (multiple of every BLOCK_N below)
 
@@ -206,18 +206,18 @@ if HAS_TRITON:
 
     def _split(bh: int, n: int, device: torch.device) -> tuple[int, int]:
         """Number of N-chunks per (batch, head) for the reduction passes and the chunk length."""
-        chunks = triton.cdiv(n, _STATE_CHUNK)
-        want = max(1, triton.cdiv(4 * num_sms(device), bh))
+        chunks = cdiv(n, _STATE_CHUNK)
+        want = max(1, cdiv(4 * num_sms(device), bh))
         s = min(chunks, want)
-        chunk = triton.cdiv(triton.cdiv(n, s), _STATE_CHUNK) * _STATE_CHUNK
-        return triton.cdiv(n, chunk), chunk
+        chunk = cdiv(cdiv(n, s), _STATE_CHUNK) * _STATE_CHUNK
+        return cdiv(n, chunk), chunk
 
     @kernel_op("scaleforge::relu_linear_attention_fwd")
     def _rla_fwd(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, h, n, d = q.shape
-        bd = max(16, triton.next_power_of_2(d))
+        bd = max(16, next_pow2(d))
         s, chunk = _split(b * h, n, q.device)
         kv_part = _backend.new_output((b * h, s, bd, bd), torch.float32, q.device)
         z_part = _backend.new_output((b * h, s, bd), torch.float32, q.device)
@@ -230,7 +230,7 @@ if HAS_TRITON:
         o = _token_major_empty(q)
 
         def grid(meta):
-            return (b * h, triton.cdiv(n, meta["BLOCK_N"]))
+            return (b * h, cdiv(n, meta["BLOCK_N"]))
 
         torch.library.wrap_triton(_rla_out_kernel)[grid](
             q, kv, z, o, n, h, eps, *q.stride(), *o.stride(), D=d, BLOCK_D=bd, PREC=prec
@@ -259,7 +259,7 @@ if HAS_TRITON:
         dz = dz_part.sum(1)
 
         def grid(meta):
-            return (b * h, triton.cdiv(n, meta["BLOCK_N"]))
+            return (b * h, cdiv(n, meta["BLOCK_N"]))
 
         torch.library.wrap_triton(_rla_bwd_kv_kernel)[grid](
             k, v, dkv, dz, dk, dv, n, h, *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),

@@ -30,37 +30,11 @@ from scaleforge.kernels.reference.norms import layer_norm_ref, rms_norm_ref
 __all__ = ["layer_norm", "rms_norm"]
 
 
-def _mod_2d(t: torch.Tensor | None, x: torch.Tensor, name: str) -> tuple[torch.Tensor | None, int]:
-    """Modulation tensor -> ((G, C) contiguous, rows per G) for x viewed as (M, C)."""
-    if t is None:
-        return None, 0
-    c = x.shape[-1]
-    m = x.numel() // c
-    if t.shape[-1] != c:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; its last dim must be C = {c}")
-    if t.numel() == c:
-        return t.reshape(1, c).contiguous(), m
-    shape = tuple(t.shape)
-    if t.ndim == 2 and x.ndim == 3:
-        if shape[0] != x.shape[0]:
-            raise ValueError(f"2-D {name} {shape} for x {tuple(x.shape)} must be (B, C) per sample")
-        shape = (shape[0], 1, c)  # (B, C) modulation for (B, N, C) tokens
-    shape = (1,) * (x.ndim - len(shape)) + shape
-    for j in range(x.ndim - 1, -1, -1):
-        if shape[:j] == tuple(x.shape[:j]) and all(s == 1 for s in shape[j:-1]):
-            g = math.prod(x.shape[:j])
-            return t.reshape(g, c).contiguous(), m // g
-    raise ValueError(
-        f"{name} of shape {tuple(t.shape)} does not broadcast against x {tuple(x.shape)} as a per-channel "
-        "(C,), per-sample (B, 1, C) / (B, C) or per-token tensor"
-    )
-
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from scaleforge.kernels._triton_utils import kernel_op, num_sms
+    from scaleforge.kernels._triton_utils import cached_call, cdiv, kernel_op, next_pow2, num_sms
 
     class NormConfig(NamedTuple):
         """Launch shape. Programs hold [block_r, C] tiles and walk a contiguous run of rows inside one modulation
@@ -86,9 +60,9 @@ if HAS_TRITON:
 
     def _blocks(c: int, split: bool) -> tuple[int, int]:
         if not split or c & (c - 1) == 0:
-            return triton.next_power_of_2(c), 0
-        a = triton.next_power_of_2(c) // 2
-        return a, triton.next_power_of_2(c - a)
+            return next_pow2(c), 0
+        a = next_pow2(c) // 2
+        return a, next_pow2(c - a)
 
     # Defaults per case and C class: (largest C of the class, case) -> (forward, backward), the best checked
     # configs of the round-3 sweep on an H200 (benchmarks/kernels/tune_norms.py, 2026-11-29; CUDA-graph timings
@@ -121,7 +95,7 @@ if HAS_TRITON:
         reductions' scratch."""
         if cfg.stages < 2 or device.type != "cuda":
             return cfg
-        per_stage = tile_elems * sum(t.element_size() for t in streamed if t is not None) + 8 * cfg.block_r
+        per_stage = tile_elems * sum(t.itemsize for t in streamed if t is not None) + 8 * cfg.block_r
         fit = 1 + (_smem_budget(device.index if device.index is not None else torch.cuda.current_device())
                    - 16 * 1024) // per_stage
         stages = min(cfg.stages, fit)
@@ -135,7 +109,7 @@ if HAS_TRITON:
             if c <= c_max and name == case:
                 return cfgs[backward]
         # beyond the measured classes: one row of ~16 elements per thread (up to 16 warps)
-        return NormConfig(1, min(16, max(4, triton.next_power_of_2(c) // 512)), False, 0 if not backward else 4)
+        return NormConfig(1, min(16, max(4, next_pow2(c) // 512)), False, 0 if not backward else 4)
 
     def _segments(m: int, cfg: NormConfig, device, grouped: list[int], backward: bool) -> tuple[int, int, int, int]:
         """(p0, nseg, chunk, s): rows form nseg segments of p0 rows inside which every per-sample modulation is
@@ -147,11 +121,11 @@ if HAS_TRITON:
         if cfg.progs_per_sm == 0:
             if backward:
                 raise ValueError("the backward needs progs_per_sm > 0 (it reduces per-program partials)")
-            s = triton.cdiv(p0, cfg.block_r)
+            s = cdiv(p0, cfg.block_r)
         else:
-            s = max(1, min(triton.cdiv(p0, cfg.block_r), triton.cdiv(cfg.progs_per_sm * num_sms(device), nseg)))
-        chunk = triton.cdiv(triton.cdiv(p0, s), cfg.block_r) * cfg.block_r
-        return p0, nseg, chunk, triton.cdiv(p0, chunk)
+            s = max(1, min(cdiv(p0, cfg.block_r), cdiv(cfg.progs_per_sm * num_sms(device), nseg)))
+        chunk = cdiv(cdiv(p0, s), cfg.block_r) * cfg.block_r
+        return p0, nseg, chunk, cdiv(p0, chunk)
 
     @triton.jit
     def _ld_raw(PTR, offs, mask, EVICT_FIRST: tl.constexpr):
@@ -478,36 +452,53 @@ if HAS_TRITON:
     def _grouped(m: int, *mods: tuple[int, bool]) -> list[int]:
         return [p for p, on in mods if on and 1 < p < m]
 
+    # The launch plans (grid, scalar arguments, compile-time flags) depend only on shapes, dtypes, the
+    # modulation layout, the device and the config, so they are cached: the eager path runs per call only
+    # the allocations and the launch (computed per call they were ~40 us of host time, mostly triton.cdiv).
+    @functools.lru_cache(maxsize=1024)
+    def _fwd_plan(m, c, cfg: NormConfig, is_rms, has_res, p_gate, p_shift, p_scale, dtypes, device):
+        """dtypes: x, residual, gate, weight, bias, shift, scale (None where absent)."""
+        x_dt, r_dt, g_dt, w_dt, b_dt, sh_dt, sc_dt = dtypes
+        grouped = _grouped(m, (p_gate, g_dt is not None), (p_shift, sh_dt is not None), (p_scale, sc_dt is not None))
+        p0, nseg, chunk, s = _segments(m, cfg, device, grouped, backward=False)
+        if cfg.split and cfg.block_r > 1:
+            raise ValueError("split needs block_r == 1: the two column pieces of a multi-row tile have different "
+                             "register layouts, and the compiler converts a whole piece through shared memory")
+        block_a, block_b = _blocks(c, cfg.split)
+        per_token = [dt for dt, p in ((g_dt, p_gate), (sh_dt, p_shift), (sc_dt, p_scale)) if dt is not None and p == 1]
+        cfg = _fit_stages(cfg, cfg.block_r * (block_a + block_b), [x_dt, r_dt, *per_token], device)
+        meta = dict(
+            C=c, P0=p0, CHUNK=chunk, P_G=max(p_gate, 1), P_SH=max(p_shift, 1), P_SC=max(p_scale, 1),
+            HAS_RES=has_res, G_MODE=_mode(p_gate, g_dt is not None), HAS_W=w_dt is not None,
+            HAS_B=b_dt is not None, SH_MODE=_mode(p_shift, sh_dt is not None),
+            SC_MODE=_mode(p_scale, sc_dt is not None), IS_RMS=is_rms, EVICT_FIRST=cfg.evict_first,
+            BLOCK_R=cfg.block_r, BLOCK_A=block_a, BLOCK_B=block_b, FULL_A=block_a <= c, STAGES=cfg.stages,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+        return (s, nseg), meta
+
+    def _dtype(t: torch.Tensor | None):
+        return None if t is None else t.dtype
+
     def norm_fwd_impl(x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms,
                       cfg: NormConfig | None = None):  # fmt: skip
         """The forward launch (also called directly, with explicit configs, by benchmarks/kernels/tune_norms.py)."""
         c = x.shape[-1]
         m = x.numel() // c
         cfg = cfg or _default_config(c, False, _case(is_rms, residual is not None))
+        dtypes = tuple(map(_dtype, (x, residual, gate, weight, bias, shift, scale)))
+        grid, meta = cached_call(_fwd_plan, m, c, cfg, is_rms, residual is not None, p_gate, p_shift, p_scale, dtypes,
+                                 x.device)  # fmt: skip
         y = _backend.new_output(x.shape, x.dtype, x.device)
         h = _backend.new_output(x.shape, x.dtype, x.device) if residual is not None else _empty(x)
         mean = _backend.new_output((m,), torch.float32, x.device)
         rstd = _backend.new_output((m,), torch.float32, x.device)
-        grouped = _grouped(m, (p_gate, gate is not None), (p_shift, shift is not None), (p_scale, scale is not None))
-        p0, nseg, chunk, s = _segments(m, cfg, x.device, grouped, backward=False)
-        if cfg.split and cfg.block_r > 1:
-            raise ValueError("split needs block_r == 1: the two column pieces of a multi-row tile have different "
-                             "register layouts, and the compiler converts a whole piece through shared memory")
-        block_a, block_b = _blocks(c, cfg.split)
-        per_token = [t for t, p in ((gate, p_gate), (shift, p_shift), (scale, p_scale)) if t is not None and p == 1]
-        cfg = _fit_stages(cfg, cfg.block_r * (block_a + block_b), [x, residual, *per_token], x.device)
         dummy = x
-        torch.library.wrap_triton(_norm_fwd_kernel)[(s, nseg)](
+        torch.library.wrap_triton(_norm_fwd_kernel)[grid](
             x, dummy if residual is None else residual, dummy if gate is None else gate,
             dummy if weight is None else weight, dummy if bias is None else bias,
             dummy if shift is None else shift, dummy if scale is None else scale,
-            y, dummy if residual is None else h, mean, rstd,
-            c, p0, chunk, max(p_gate, 1), max(p_shift, 1), max(p_scale, 1), eps,
-            HAS_RES=residual is not None, G_MODE=_mode(p_gate, gate is not None),
-            HAS_W=weight is not None, HAS_B=bias is not None, SH_MODE=_mode(p_shift, shift is not None),
-            SC_MODE=_mode(p_scale, scale is not None), IS_RMS=is_rms, EVICT_FIRST=cfg.evict_first,
-            BLOCK_R=cfg.block_r, BLOCK_A=block_a, BLOCK_B=block_b, FULL_A=block_a <= c, STAGES=cfg.stages,
-            num_warps=cfg.num_warps,
+            y, dummy if residual is None else h, mean, rstd, eps=eps, **meta,
         )  # fmt: skip
         return y, h, mean, rstd
 
@@ -519,65 +510,89 @@ if HAS_TRITON:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         return norm_fwd_impl(x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms)
 
-    def norm_bwd_impl(dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd,
-                      has_res, has_shift, p_gate, p_shift, p_scale, is_rms, cfg: NormConfig | None = None):  # fmt: skip
-        """The backward launch plus the sums of the partials (also called by tune_norms.py)."""
-        c = h_in.shape[-1]
-        m = h_in.numel() // c
-        cfg = cfg or _default_config(c, True, _case(is_rms, has_res))
+    @functools.lru_cache(maxsize=1024)
+    def _bwd_plan(m, c, cfg: NormConfig, is_rms, has_res, has_dho, p_gate, p_shift, p_scale, dtypes, device):
+        """dtypes: dy, dh_out, h_in, x, gate, weight, bias, scale (None where absent; has_shift via p_shift)."""
+        dy_dt, dho_dt, h_dt, x_dt, g_dt, w_dt, b_dt, sc_dt = dtypes
         if cfg.split:
             raise ValueError("the backward has no split column layout")
-        grouped = _grouped(m, (p_gate, gate is not None), (p_shift, has_shift), (p_scale, scale is not None))
-        p0, nseg, chunk, s = _segments(m, cfg, h_in.device, grouped, backward=True)
-
-        def f32_out(shape):
-            return _backend.new_output(shape, torch.float32, h_in.device)
-
-        g_mode, sh_mode, sc_mode = _mode(p_gate, gate is not None), _mode(p_shift, has_shift), _mode(p_scale, scale is not None)
-
-        def out_for(mode):
-            return f32_out((m, c)) if mode == 1 else f32_out((nseg * s, c))
-
-        dx = _backend.new_output((m, c), dy.dtype, dy.device)
-        dr = _backend.new_output((m, c), dy.dtype, dy.device) if has_res else dx
-        dw = f32_out((nseg * s, c)) if weight is not None else dx
-        db = f32_out((nseg * s, c)) if bias is not None else dx
-        dsh = out_for(sh_mode) if sh_mode else dx
-        dsc = out_for(sc_mode) if sc_mode else dx
-        dg = out_for(g_mode) if g_mode else dx
-        block = triton.next_power_of_2(c)
-        per_token = [t for t, mode in ((gate, g_mode), (scale, sc_mode)) if t is not None and mode == 1]
-        cfg = _fit_stages(cfg, cfg.block_r * block, [dy, dh_out, h_in, x if gate is not None else None, *per_token],
-                          h_in.device)
-        torch.library.wrap_triton(_norm_bwd_kernel)[(s, nseg)](
-            dy, dy if dh_out is None else dh_out, h_in, h_in if x is None else x, h_in if gate is None else gate,
-            h_in if weight is None else weight, h_in if bias is None else bias, h_in if scale is None else scale,
-            mean, rstd, dx, dr, dg, dw, db, dsh, dsc,
-            c, p0, chunk, s, max(p_gate, 1), max(p_scale, 1),
-            HAS_DHO=dh_out is not None, HAS_RES=has_res, G_MODE=g_mode, HAS_W=weight is not None,
-            HAS_B=bias is not None, SH_MODE=sh_mode, SC_MODE=sc_mode, IS_RMS=is_rms, EVICT_FIRST=cfg.evict_first,
+        has_shift = p_shift > 0
+        grouped = _grouped(m, (p_gate, g_dt is not None), (p_shift, has_shift), (p_scale, sc_dt is not None))
+        p0, nseg, chunk, s = _segments(m, cfg, device, grouped, backward=True)
+        g_mode, sh_mode, sc_mode = _mode(p_gate, g_dt is not None), _mode(p_shift, has_shift), _mode(p_scale, sc_dt is not None)
+        block = next_pow2(c)
+        per_token = [dt for dt, mode in ((g_dt, g_mode), (sc_dt, sc_mode)) if dt is not None and mode == 1]
+        cfg = _fit_stages(cfg, cfg.block_r * block, [dy_dt, dho_dt, h_dt, x_dt if g_dt is not None else None, *per_token],
+                          device)  # fmt: skip
+        meta = dict(
+            C=c, P0=p0, CHUNK=chunk, S=s, P_G=max(p_gate, 1), P_SC=max(p_scale, 1),
+            HAS_DHO=has_dho, HAS_RES=has_res, G_MODE=g_mode, HAS_W=w_dt is not None,
+            HAS_B=b_dt is not None, SH_MODE=sh_mode, SC_MODE=sc_mode, IS_RMS=is_rms, EVICT_FIRST=cfg.evict_first,
             BLOCK_R=cfg.block_r, BLOCK=block, FULL=block == c, PREFETCH=cfg.prefetch, STAGES=cfg.stages,
             num_warps=cfg.num_warps,
         )  # fmt: skip
+        return (s, nseg), meta
 
-        def reduce(t, mode, p):
-            if mode == 0:
-                return _empty(dy)
-            if mode == 1:
-                return t
-            if p >= m:  # per channel: sum over everything
-                return t.sum(0, keepdim=True)
-            return t.view(nseg, s, c).sum(1)
+    def _bwd_launch(dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd,
+                    has_res, has_shift, p_gate, p_shift, p_scale, is_rms, cfg: NormConfig | None = None):  # fmt: skip
+        """The backward kernel. Tensors are contiguous, any shape with C = the last dim (the kernel reads rows of
+        C). -> dx, dr, (per-sample, per-channel) fp32 partial stacks, their names, the per-token gradients.
 
-        return [
-            dx,
-            dr if has_res else _empty(dy),
-            reduce(dg, g_mode, p_gate),
-            dw.sum(0) if weight is not None else _empty(dy),
-            db.sum(0) if bias is not None else _empty(dy),
-            reduce(dsh, sh_mode, p_shift),
-            reduce(dsc, sc_mode, p_scale),
-        ]
+        The reduced gradients' per-program partials go into one stack per reduction, so each takes one torch
+        sum, not one per gradient: per-sample modulation (summed over the programs of each segment) and
+        per-channel parameters / modulation (summed over all programs)."""
+        c = h_in.shape[-1]
+        m = h_in.numel() // c
+        cfg = cfg or _default_config(c, True, _case(is_rms, has_res))
+        p_shift = p_shift if has_shift else 0
+        dtypes = tuple(map(_dtype, (dy, dh_out, h_in, x, gate, weight, bias, scale)))
+        grid, meta = cached_call(_bwd_plan, m, c, cfg, is_rms, has_res, dh_out is not None, p_gate, p_shift, p_scale,
+                                 dtypes, h_in.device)  # fmt: skip
+        s, nseg = grid
+        modes = {"gate": (meta["G_MODE"], p_gate, gate), "shift": (meta["SH_MODE"], p_shift, dy),
+                 "scale": (meta["SC_MODE"], p_scale, scale)}  # fmt: skip
+        per_sample = [k for k, (mode, p, _) in modes.items() if mode == 2 and p < m]
+        per_channel = [k for k, t in (("weight", weight), ("bias", bias)) if t is not None]
+        per_channel += [k for k, (mode, p, _) in modes.items() if mode == 2 and p >= m]
+        parts = [_backend.new_output((len(names), nseg * s, c), torch.float32, dy.device) if names else None
+                 for names in (per_sample, per_channel)]  # fmt: skip
+        dx = _backend.new_output(h_in.shape, dy.dtype, dy.device)
+        out = {"dr": _backend.new_output(h_in.shape, dy.dtype, dy.device) if has_res else dx}
+        for names, stack in zip((per_sample, per_channel), parts):
+            out.update({k: stack[i] for i, k in enumerate(names)})
+        # per-token gradients are stored by the kernel in their tensor's dtype (shift: dy's, it is not passed)
+        per_token = {k: _backend.new_output(h_in.shape, like.dtype, dy.device) for k, (mode, _, like) in modes.items()
+                     if mode == 1}  # fmt: skip
+        out.update(per_token)
+        torch.library.wrap_triton(_norm_bwd_kernel)[grid](
+            dy, dy if dh_out is None else dh_out, h_in, h_in if x is None else x, h_in if gate is None else gate,
+            h_in if weight is None else weight, h_in if bias is None else bias, h_in if scale is None else scale,
+            mean, rstd, dx, out["dr"], *(out.get(k, dx) for k in ("gate", "weight", "bias", "shift", "scale")),
+            **meta,
+        )  # fmt: skip
+        return dx, out["dr"] if has_res else None, parts, (per_sample, per_channel), per_token, nseg, s
+
+    def _reduce_partials(parts, nseg, s, c):
+        """(per-sample stack (k, P, C), per-channel stack (k, P, C)) -> (k, nseg, C) and (k, C) fp32 sums."""
+        ps, pc = parts
+        return (None if ps is None else ps.view(-1, nseg, s, c).sum(2), None if pc is None else pc.sum(1))
+
+    def norm_bwd_impl(dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd,
+                      has_res, has_shift, p_gate, p_shift, p_scale, is_rms, cfg: NormConfig | None = None):  # fmt: skip
+        """The backward launch plus the sums of the partials, as fp32 [dx, dr, dg, dw, db, dsh, dsc] (empty where
+        absent; reduced gradients (nseg, C) per sample, (1, C) or (C,) per channel); called with explicit configs
+        by benchmarks/kernels/tune_norms.py and the tests."""
+        c = h_in.shape[-1]
+        dx, dr, parts, (ps_names, pc_names), per_token, nseg, s = _bwd_launch(
+            dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd, has_res, has_shift, p_gate, p_shift, p_scale,
+            is_rms, cfg)  # fmt: skip
+        sums = _reduce_partials(parts, nseg, s, c)
+        got = dict(per_token)
+        for names, total in zip((ps_names, pc_names), sums):
+            got.update({k: total[i] for i, k in enumerate(names)})
+        got = {k: (v.unsqueeze(0) if v.ndim == 1 and k not in ("weight", "bias") else v) for k, v in got.items()}
+        outs = [dx, dr] + [got.get(k) for k in ("gate", "weight", "bias", "shift", "scale")]
+        return [_empty(dy) if t is None else t for t in outs]
 
     @kernel_op("scaleforge::norm_bwd")
     def _norm_bwd(
@@ -586,8 +601,23 @@ if HAS_TRITON:
         scale: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
         has_res: bool, has_shift: bool, p_gate: int, p_shift: int, p_scale: int, is_rms: bool,
     ) -> list[torch.Tensor]:  # fmt: skip
-        return norm_bwd_impl(dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd,
-                             has_res, has_shift, p_gate, p_shift, p_scale, is_rms)  # fmt: skip
+        """-> [dx, dr, per-sample sums (k, nseg, C), per-channel sums (k, C), per-token dgate, dshift, dscale]
+        (empty where absent; separate tensors: a custom op's outputs may not alias each other). The order of the
+        stacked gradients is _stack_names'."""
+        c = h_in.shape[-1]
+        dx, dr, parts, _, per_token, nseg, s = _bwd_launch(
+            dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd, has_res, has_shift, p_gate, p_shift, p_scale,
+            is_rms)  # fmt: skip
+        ps, pc = _reduce_partials(parts, nseg, s, c)
+        outs = [dx, dr, ps, pc] + [per_token.get(k) for k in ("gate", "shift", "scale")]
+        return [_empty(dy) if t is None else t for t in outs]  # distinct empties: no aliasing outputs
+
+    def _stack_names(m, present, p):
+        """Names of the per-sample and the per-channel stacks, as _bwd_launch orders them. present/p: dicts over
+        gate, weight, bias, shift, scale."""
+        mods = [k for k in ("gate", "shift", "scale") if present[k] and p[k] != 1]
+        return ([k for k in mods if p[k] < m],
+                [k for k in ("weight", "bias") if present[k]] + [k for k in mods if p[k] >= m])
 
     def _norm_setup_context(ctx, inputs, output):
         x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms = inputs
@@ -595,32 +625,74 @@ if HAS_TRITON:
         has_res = residual is not None
         ctx.save_for_backward(h if has_res else x, x if gate is not None else None, gate, weight, bias, scale, mean, rstd)
         ctx.meta = (has_res, shift is not None, p_gate, p_shift, p_scale, is_rms)
-        ctx.shapes = [None if t is None else (t.shape, t.dtype) for t in (residual, gate, weight, bias, shift, scale)]
+        ctx.shapes = {k: None if t is None else (t.shape, t.dtype) for k, t in
+                      (("gate", gate), ("weight", weight), ("bias", bias), ("shift", shift), ("scale", scale))}
 
     def _norm_backward(ctx, dy, dh, _dmean, _drstd):
         h_in, x, gate, weight, bias, scale, mean, rstd = ctx.saved_tensors
         has_res, has_shift, p_gate, p_shift, p_scale, is_rms = ctx.meta
-        c = h_in.shape[-1]
         if dy is None:  # only h was used (the eager path does not materialize unused gradients)
             dy = torch.zeros_like(h_in)
         # gradients may arrive as views with zero strides (the backward of .sum() expands a scalar); the
         # kernel reads rows contiguously
-        dh2 = dh.reshape(-1, c).contiguous() if (has_res and dh is not None) else None
-        grads = _norm_bwd(
-            dy.reshape(-1, c).contiguous(), dh2, h_in.reshape(-1, c), None if x is None else x.reshape(-1, c),
-            gate, weight, bias, scale, mean, rstd, has_res, has_shift, p_gate, p_shift, p_scale, is_rms,
+        dh2 = dh.contiguous() if (has_res and dh is not None) else None
+        dx, dr, ps, pc, *per_token = _norm_bwd(
+            dy.contiguous(), dh2, h_in, x, gate, weight, bias, scale, mean, rstd,
+            has_res, has_shift, p_gate, p_shift, p_scale, is_rms,
         )  # fmt: skip
-        dx = grads[0].view(h_in.shape)
-        rest = []
-        for g, shp in zip(grads[1:], ctx.shapes):
-            rest.append(None if shp is None else g.reshape(shp[0]).to(shp[1]))
-        dres, dgate, dw, db, dshift, dscale = rest
-        if dres is not None:
-            dres = grads[1].view(h_in.shape)
-        return dx, dres, dgate, dw, db, dshift, dscale, None, None, None, None, None
+        shapes = ctx.shapes
+        grads = dict(zip(("gate", "shift", "scale"), per_token))
+        m = h_in.numel() // h_in.shape[-1]
+        present = {k: v is not None for k, v in shapes.items()}
+        ps_names, pc_names = _stack_names(m, present, dict(gate=p_gate, shift=p_shift, scale=p_scale, weight=m, bias=m))
+        for names, total in zip((ps_names, pc_names), (ps, pc)):
+            if not names:
+                continue
+            dts = {shapes[k][1] for k in names}
+            if len(dts) == 1:  # one cast for the stack
+                total = total.to(dts.pop())
+            grads.update({k: total[i] for i, k in enumerate(names)})
+        out = [None if shapes[k] is None else grads[k].reshape(shapes[k][0]).to(shapes[k][1])
+               for k in ("gate", "weight", "bias", "shift", "scale")]
+        dgate, dw, db, dshift, dscale = out
+        return dx, dr if has_res else None, dgate, dw, db, dshift, dscale, None, None, None, None, None
 
     # mean and rstd are saved for backward, not differentiable outputs
     _norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context, non_differentiable=(2, 3))
+
+
+@functools.lru_cache(maxsize=1024)
+def _mod_layout(t_shape: tuple, x_shape: tuple, name: str) -> int:
+    """Rows of x (viewed as (M, C)) per row of a modulation tensor of shape t_shape: M for per channel (C,),
+    N for per sample (B, 1, C) / (B, C), 1 per token; a ValueError naming the tensor otherwise."""
+    c = x_shape[-1]
+    m = math.prod(x_shape) // c
+    if t_shape[-1] != c:
+        raise ValueError(f"{name} has shape {t_shape}; its last dim must be C = {c}")
+    if math.prod(t_shape) == c:
+        return m
+    shape = t_shape
+    if len(shape) == 2 and len(x_shape) == 3:
+        if shape[0] != x_shape[0]:
+            raise ValueError(f"2-D {name} {shape} for x {x_shape} must be (B, C) per sample")
+        shape = (shape[0], 1, c)  # (B, C) modulation for (B, N, C) tokens
+    shape = (1,) * (len(x_shape) - len(shape)) + shape
+    for j in range(len(x_shape) - 1, -1, -1):
+        if shape[:j] == x_shape[:j] and all(s == 1 for s in shape[j:-1]):
+            return m // math.prod(x_shape[:j])
+    raise ValueError(
+        f"{name} of shape {t_shape} does not broadcast against x {x_shape} as a per-channel "
+        "(C,), per-sample (B, 1, C) / (B, C) or per-token tensor"
+    )
+
+
+def _mod_rows(t: torch.Tensor | None, x: torch.Tensor, name: str) -> int:
+    if t is None:
+        return 0
+    t_shape, x_shape = tuple(t.shape), tuple(x.shape)
+    if any(isinstance(d, torch.SymInt) for d in t_shape + x_shape):  # torch.compile, dynamic shapes: unhashable
+        return _mod_layout.__wrapped__(t_shape, x_shape, name)
+    return _mod_layout(t_shape, x_shape, name)
 
 
 def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms):
@@ -634,19 +706,19 @@ def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms):
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     check_triton_device(x)
-    g2, p_gate = _mod_2d(gate, x, "gate")
-    sh2, p_shift = _mod_2d(shift, x, "shift")
-    sc2, p_scale = _mod_2d(scale, x, "scale")
-    x2 = x.reshape(-1, c).contiguous()
-    r2 = None if residual is None else residual.reshape(-1, c).contiguous()
+    p_gate, p_shift, p_scale = _mod_rows(gate, x, "gate"), _mod_rows(shift, x, "shift"), _mod_rows(scale, x, "scale")
+    # the kernels read every tensor as rows of C through its pointer, so the tensors go in with their own
+    # shapes (a reshape here would add a view node per tensor to the autograd graph; outputs come back shaped
+    # like x); per-sample modulation (B, 1, C) is the same memory as (B, C)
     y, h, _, _ = _norm_fwd(
-        x2, r2, g2, weight, bias, sh2, sc2, p_gate, p_shift, p_scale, float(eps), is_rms
-    )
-    y = y.view(x.shape)
-    if residual is None:
-        return y
-    # the autograd node hands back grads shaped like the inputs it got; reshape the modulation grads
-    return y, h.view(x.shape)
+        x.contiguous(), None if residual is None else residual.contiguous(), _contig(gate), weight, bias,
+        _contig(shift), _contig(scale), p_gate, p_shift, p_scale, float(eps), is_rms,
+    )  # fmt: skip
+    return y if residual is None else (y, h)
+
+
+def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 def rms_norm(

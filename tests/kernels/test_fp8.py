@@ -17,7 +17,8 @@ def _codes_match(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of identical FP8 codes; NaN codes (e.g. a poisoned, unwritten element) never match."""
     assert a.dtype == b.dtype and a.shape == b.shape
     assert not torch.isnan(a.float()).any()
-    return (a.view(torch.uint8) == b.view(torch.uint8)).float().mean().item()
+    # a count, not a float mean: CUDA's mean multiplies by 1/n, which can give 0.99999994 for all equal
+    return (a.view(torch.uint8) == b.view(torch.uint8)).sum().item() / a.numel()
 
 
 def test_reference_sqnr_meets_torchao_bar():
@@ -120,7 +121,7 @@ def test_persistent_and_prefetch_variants(monkeypatch, waves, prefetch, evict_fi
     from scaleforge.kernels import fp8
 
     cfg = fp8._cfg(256, 4, waves, prefetch, evict_first)
-    for name in ("amax", "quant_tensor", "quant_group/128", "quant_group/16"):
+    for name in ("amax", "quant_tensor", "quant_tensor_dynamic", "quant_group/128", "quant_group/16"):
         monkeypatch.setitem(fp8._LAUNCH, name, cfg)
     x = torch.randn(13, 333, device=DEVICE) * 3
     x[-1, -1] = 50.0  # the amax in the last tile
@@ -175,6 +176,120 @@ def test_group_quant_variants(monkeypatch, opts, in_dtype):
             assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), (shape, group, args)
             assert _codes_match(q, qr) >= MIN_CODE_MATCH, (shape, group, args)
             assert q.view(torch.uint8).reshape(-1)[5].item() == qr.view(torch.uint8).reshape(-1)[5].item() == 0x80
+
+
+# fp8._quant_tensor_kernel's compile-time variants (fp8._QUANT_TENSOR_OPTS; tune_fp8.py times them), as _cfg
+# keyword options
+TENSOR_VARIANTS = [dict(satfinite=True), dict(reverse=True), dict(satfinite=True, reverse=True)]
+
+
+def _on_fp8_grid(shape, dtype, in_dtype):
+    """Random FP8 values (every finite code: ±0, subnormals, ±qmax) times 2^-4, qmax among them: with the
+    scale 2^-4 (given, or the dynamic one: (amax + 1e-10) / qmax, exact on CPU) every x / s is an FP8 value,
+    so even the interpreter's conversion gives the reference's codes bit for bit."""
+    v = torch.randint(0, 256, shape, dtype=torch.uint8).view(dtype).float()
+    v = torch.where(torch.isfinite(v), v, 0.0)
+    v.view(-1)[len(v.view(-1)) // 3] = -torch.finfo(dtype).max
+    return (v * 2.0**-4).to(in_dtype).to(DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("opts", TENSOR_VARIANTS, ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16])
+def test_tensor_quant_variants(monkeypatch, opts, in_dtype):
+    """Each variant of the per-tensor quantizer, through quantize_fp8 with the config as the table's entries
+    (dynamic and given scale): the reference's scale; bit for bit the default kernel's codes under the same
+    config, and the reference's (all on a GPU; on CPU the interpreter's FP8 conversion allows most only);
+    on the FP8 grid the reference's codes bit for bit on CPU too. One partial tile only, several tiles with
+    the last partial, one program per tile, persistent grids (3 SMs, so a GPU's grids are as small) whose
+    programs take unequal numbers of tiles, with and without the next tile prefetched."""
+    from scaleforge.kernels import fp8
+
+    monkeypatch.setattr(fp8, "num_sms", lambda device: 3)
+    cases = [
+        ((13, 333), E4M3, (256, 4)),  # 17 tiles, the last partial; one program each
+        ((13, 333), E5M2, (256, 4, 1)),  # 3 programs: 6, 6 and 5 tiles
+        ((7, 1001), E4M3, (256, 4, 1, True, True)),  # 28 tiles, 3 prefetching programs: 10, 9 and 9
+        ((7, 1001), E5M2, (512, 4, 2, True)),  # 14 tiles, 6 programs: 3, 3, 2, 2, 2, 2
+        ((3, 5, 97), E4M3, (256, 4, 2, True)),  # 6 tiles, 6 programs: every prefetch past an end
+        ((1, 200), E5M2, (256, 4, 1, True)),  # one partial tile
+    ]
+    for shape, dtype, args in cases:
+        x = (torch.randn(shape, device=DEVICE) * 3).to(in_dtype)
+        x.view(-1)[::97] = 0.0  # exact zeros (and a -0.0): sign kept
+        x.view(-1)[5] = -0.0
+        qr, sr = quantize_fp8_ref(x, "tensor", dtype=dtype)
+        given = sr * 2
+        qg, _ = quantize_fp8_ref(x, "tensor", dtype=dtype, scale=given)
+        outs = []
+        for kw in (opts, {}):  # the variant, then the default kernel under the same launch config
+            cfg = fp8._cfg(*args, **kw)
+            monkeypatch.setitem(fp8._LAUNCH, "quant_tensor", cfg)
+            monkeypatch.setitem(fp8._LAUNCH, "quant_tensor_dynamic", cfg)
+            outs.append((quantize_fp8(x, "tensor", dtype=dtype, backend="triton"),
+                         quantize_fp8(x, "tensor", dtype=dtype, scale=given, backend="triton")))  # fmt: skip
+        ((q, s), (q_g, s_g)), ((q0, _), (q0_g, _)) = outs
+        assert torch.equal(s, sr) and torch.equal(s_g, given), (shape, args)
+        for a, b, ref in ((q, q0, qr), (q_g, q0_g, qg)):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (shape, args)
+            assert _codes_match(a, ref) >= MIN_CODE_MATCH, (shape, args)
+            assert a.view(torch.uint8).reshape(-1)[5].item() == ref.view(torch.uint8).reshape(-1)[5].item() == 0x80
+        xg = _on_fp8_grid(shape, dtype, in_dtype)
+        qr, sr = quantize_fp8_ref(xg, "tensor", dtype=dtype)
+        q, s = quantize_fp8(xg, "tensor", dtype=dtype, backend="triton")
+        assert torch.equal(s, sr) and (DEVICE == "cuda" or sr.item() == 2.0**-4)
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), (shape, args)
+        s2 = torch.tensor(2.0**-4, device=DEVICE)
+        q, _ = quantize_fp8(xg, "tensor", dtype=dtype, scale=s2, backend="triton")
+        qr, _ = quantize_fp8_ref(xg, "tensor", dtype=dtype, scale=s2)
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), (shape, args)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_tensor_quant_satfinite_saturation_and_nan(monkeypatch, dtype):
+    """SATFINITE with a given scale leaves |x / s| up to 2 qmax to the saturating FP8 conversion: the
+    reference's codes, and a NaN element's code is NaN (the default kernel's clamps make it ±qmax). The
+    interpreter's conversion does not saturate, except (by its truncation) the ±2 qmax of a scale so small
+    that the clamp of x decides every nonzero code, in E4M3: on CPU only that case runs."""
+    from scaleforge.kernels import fp8
+
+    if DEVICE != "cuda" and dtype == E5M2:
+        pytest.skip("the interpreter's fp32 -> E5M2 conversion gives NaN for 2 qmax")
+    monkeypatch.setattr(fp8, "num_sms", lambda device: 3)
+    x = torch.randn(7, 301, device=DEVICE) * 3
+    x[0, :64] = 0.0
+    x[0, 64:128] = -0.0
+    sr = quantize_fp8_ref(x, "tensor", dtype=dtype)[1]
+    # far too small (x / s overflows fp32; every nonzero code ±qmax), sr / 4 (|x / s| up to ~4 qmax: some
+    # beyond the clamp's 2 qmax, more between qmax and 2 qmax) and just under sr (the amax's just over qmax)
+    scales = [torch.tensor(1e-38, device=DEVICE)] + ([sr / 4, sr * (1 - 2**-20)] if DEVICE == "cuda" else [])
+    for args in ((256, 4), (256, 4, 1, True, True)):
+        monkeypatch.setitem(fp8._LAUNCH, "quant_tensor", fp8._cfg(*args, satfinite=True))
+        for scale in scales:
+            q, s = quantize_fp8(x, "tensor", dtype=dtype, scale=scale, backend="triton")
+            qr, _ = quantize_fp8_ref(x, "tensor", dtype=dtype, scale=scale)
+            assert torch.equal(s, scale) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), (args, scale)
+        if DEVICE != "cuda":
+            continue
+        xn = x.clone()
+        xn[3, 7], xn[4, 8], xn[5, 9] = float("nan"), float("inf"), -float("inf")
+        for scale in scales:
+            q, _ = quantize_fp8(xn, "tensor", dtype=dtype, scale=scale, backend="triton")
+            qr, _ = quantize_fp8_ref(xn, "tensor", dtype=dtype, scale=scale)
+            assert torch.isnan(q[3, 7].float()) and torch.isnan(qr[3, 7].float())
+            q[3, 7] = qr[3, 7] = 0.0
+            assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), (args, scale)
+        # a dynamic scale (the reference's is NaN): the NaN element's code is NaN, the others the default's
+        xn[4, 8] = xn[5, 9] = 0.0
+        outs = []
+        for kw in (dict(satfinite=True), {}):
+            monkeypatch.setitem(fp8._LAUNCH, "quant_tensor_dynamic", fp8._cfg(*args, **kw))
+            outs.append(quantize_fp8(xn, "tensor", dtype=dtype, backend="triton"))
+        (q, s), (q0, s0) = outs
+        assert torch.equal(s, s0) and torch.isnan(q[3, 7].float())
+        q[3, 7] = q0[3, 7] = 0.0
+        assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)), args
 
 
 def test_bad_arguments_are_named():

@@ -147,6 +147,13 @@ def test_column_split():
     assert norms._blocks(2240, False) == (4096, 0)
 
 
+def _mod(t, x, name):
+    """A modulation tensor as the kernels take it (its own shape, contiguous) and its rows of x per row."""
+    from scaleforge.kernels import norms
+
+    return (None if t is None else t.contiguous()), norms._mod_rows(t, x, name)
+
+
 @pytest.mark.parametrize("fn_name", FNS)
 @pytest.mark.parametrize("kind", ["full", "mod", "per_token"])
 @pytest.mark.parametrize("opt", [dict(prefetch=True), dict(stages=2), dict(prefetch=True, stages=2)],
@@ -167,9 +174,9 @@ def test_backward_prefetch_and_stages_match_reference(fn_name, kind, opt, r, bnc
     kw = {k: v.to(dtype).detach().requires_grad_() for k, v in kw.items()}  # per_token builds fp32 tensors
     x, weight, bias = args[0], args[1], (args[2] if fn_name == "layer" else None)
     d = lambda t: None if t is None else t.detach()  # noqa: E731
-    g2, p_gate = norms._mod_2d(d(kw.get("gate")), x, "gate")
-    sh2, p_shift = norms._mod_2d(d(kw.get("shift")), x, "shift")
-    sc2, p_scale = norms._mod_2d(d(kw.get("scale")), x, "scale")
+    g2, p_gate = _mod(d(kw.get("gate")), x, "gate")
+    sh2, p_shift = _mod(d(kw.get("shift")), x, "shift")
+    sc2, p_scale = _mod(d(kw.get("scale")), x, "scale")
     x2, res = x.detach().reshape(-1, c), "residual" in kw
     r2 = d(kw["residual"]).reshape(-1, c) if res else None
     _, h, mean, rstd = norms.norm_fwd_impl(x2, r2, g2, d(weight), d(bias), sh2, sc2, p_gate, p_shift, p_scale,
@@ -203,9 +210,9 @@ def test_forward_stages_match_reference(fn_name, kind, cfg):
     b, n, c = 3, 7, 80
     args, kw = _case(kind, fn_name, b, n, c, torch.float32, grad=False)
     x, weight, bias = args[0], args[1], (args[2] if fn_name == "layer" else None)
-    g2, p_gate = norms._mod_2d(kw.get("gate"), x, "gate")
-    sh2, p_shift = norms._mod_2d(kw.get("shift"), x, "shift")
-    sc2, p_scale = norms._mod_2d(kw.get("scale"), x, "scale")
+    g2, p_gate = _mod(kw.get("gate"), x, "gate")
+    sh2, p_shift = _mod(kw.get("shift"), x, "shift")
+    sc2, p_scale = _mod(kw.get("scale"), x, "scale")
     r2 = kw["residual"].reshape(-1, c) if "residual" in kw else None
     y, h, _, _ = norms.norm_fwd_impl(x.reshape(-1, c), r2, g2, weight, bias, sh2, sc2, p_gate, p_shift, p_scale,
                                      1e-6, fn_name == "rms", cfg=norms.NormConfig(*cfg))  # fmt: skip
@@ -234,3 +241,29 @@ def test_pipeline_stages_fit_shared_memory(monkeypatch):
     monkeypatch.setattr(norms, "_smem_budget", lambda index: 99 * 1024)
     assert norms._fit_stages(tuned, 4096, f32, cuda).stages == 0  # not even two stages fit
     assert norms._fit_stages(tuned, 4096, bf16, torch.device("cpu")) == tuned  # the interpreter has no limit
+
+
+def test_launch_helpers_take_symbolic_sizes():
+    """torch.compile with dynamic shapes runs the launch code with SymInt sizes, which cannot be hashed: the
+    cached helpers (modulation layout, launch plans) then compute uncached, with the same results."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from scaleforge.kernels import norms
+    from scaleforge.kernels._triton_utils import cached_call
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    x = mode.from_tensor(torch.randn(2, 5, 48), symbolic_context=dynamic)
+    shift = mode.from_tensor(torch.randn(2, 1, 48))
+    assert isinstance(x.shape[1], torch.SymInt)
+    assert norms._mod_rows(shift, x, "shift") == 5 and norms._mod_rows(None, x, "shift") == 0
+    with pytest.raises(ValueError, match="shift"):
+        norms._mod_rows(mode.from_tensor(torch.randn(3, 1, 48)), x, "shift")
+    m = x.shape[0] * x.shape[1]
+    cfg = norms._default_config(48, False, "layer")
+    dtypes = (torch.float32,) + (None,) * 4 + (torch.float32,) * 2
+    grid, meta = cached_call(norms._fwd_plan, m, 48, cfg, False, False, 0, 5, 5, dtypes, torch.device("cpu"))
+    want_grid, want_meta = norms._fwd_plan(10, 48, cfg, False, False, 0, 5, 5, dtypes, torch.device("cpu"))
+    assert [int(g) for g in grid] == list(want_grid)
+    assert {k: int(v) if isinstance(v, torch.SymInt) else v for k, v in meta.items()} == want_meta
