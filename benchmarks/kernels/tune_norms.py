@@ -16,7 +16,8 @@ layer_norm + modulate, rms_norm + modulate, layer_norm + gated residual + modula
      row tile prefetched ("pf"; also at twice the warps: the prefetched tiles cost registers).
   D (--wide, after B/C): the three best so far crossed with k = 2/4/8/16, stages 0/2/3/4 and evict_first
      (the combinations B and C do not try: B varies k and evict_first without stages, C stages alone).
---cases / --shapes / --passes restrict the run (e.g. just the backward at one shape).
+--cases / --shapes / --passes restrict the run (e.g. just the backward at one shape); --configs times a given
+list of configs (and the default) instead of the phases.
 Every config is checked against the fp32 reference (forward outputs and every gradient, relative error < 1e-2),
 then timed: a CUDA graph of 10 back-to-back calls (no launch gaps), its replays timed by do_bench (median; each
 tensor is > 50 MB = L2 and read once in order). The bandwidth roofline is the 1 GiB device copy of run_all.py. Kernels are compiled first,
@@ -282,6 +283,9 @@ def main():
                     "with --smoke two tiny ones)")  # fmt: skip
     ap.add_argument("--passes", default="fwd,bwd", help="comma-separated subset of fwd,bwd")
     ap.add_argument("--wide", action="store_true", help="phase D: the three best x k x stages x evict_first")
+    ap.add_argument("--configs", default=None, help="time only these NormConfigs (and the default), no phases: "
+                    "';'-separated field lists, e.g. '1,4,True,16,False,False,3;2,8,False,16' (block_r, num_warps, "
+                    "split, progs_per_sm, evict_first, prefetch, stages)")  # fmt: skip
     args = ap.parse_args()
     if DEV == "cpu" and not args.smoke:
         raise SystemExit("no CUDA device: use --smoke with TRITON_INTERPRET=1")
@@ -301,9 +305,17 @@ def main():
     sweep = Sweep(bw)
     plan = [(shape, key) for shape in shapes for key in keys]
 
+    explicit = None
+    if args.configs:
+        def field(v):
+            return v == "True" if v in ("True", "False") else int(v)
+
+        explicit = [NormConfig(*map(field, c.split(","))) for c in args.configs.split(";") if c.strip()]
+
     def cfgs_a(c, key, pas):
         d = defaults(c, key)[pas == "bwd"]
-        return [d] + [x for x in phase_a(c, pas == "bwd", args.smoke) if x != d]
+        return [d] + [x for x in (explicit if explicit is not None else phase_a(c, pas == "bwd", args.smoke))
+                      if x != d]
 
     warm([(key, s[2], pas, cfg) for s, key in plan for pas in passes for cfg in cfgs_a(s[2], key, pas)],
          args.procs)  # fmt: skip
@@ -317,7 +329,8 @@ def main():
             for cfg in cfgs_a(shape[2], key, pas):
                 sweep.run(case, pas, cfg, d)
             top = sweep.top(key, shape, pas)
-            b_cfgs[(shape, key, pas)] = phase_b(top, pas == "bwd", args.smoke) + phase_c(top, pas == "bwd", args.smoke)
+            b_cfgs[(shape, key, pas)] = [] if explicit is not None else (
+                phase_b(top, pas == "bwd", args.smoke) + phase_c(top, pas == "bwd", args.smoke))
         del case
         if DEV == "cuda":
             torch.cuda.empty_cache()
