@@ -179,6 +179,15 @@ def run_checks(smoke: bool):
         return K.rms_norm(y, backend="triton"), h
 
     compiled_ok("layer_norm/rms_norm", norm_fwd, x, *mods)
+    wb = [torch.randn(256, device=DEV, dtype=bf16, requires_grad=True) for _ in range(2)]
+    tok = torch.randn(4, 64, 256, device=DEV, dtype=bf16, requires_grad=True)
+
+    def norm_params(x, w, b, sc, tok):  # weight and bias, a per-channel (C,) scale, a per-token shift and gate
+        y, h = K.layer_norm(x, w, b, shift=tok, scale=sc, residual=x * 2, gate=tok, backend="triton")
+        return K.rms_norm(y, w, backend="triton"), h
+
+    compiled_ok("layer_norm/rms_norm with weight, bias, per-channel and per-token modulation", norm_params, x, *wb,
+                wb[0] * 0.5, tok)  # fmt: skip
     xq = torch.randn(256, 512, device=DEV, dtype=bf16)
     compiled_ok("quantize/dequantize group", lambda x: K.dequantize_fp8(*K.quantize_fp8(x, "group", 128, backend="triton"), backend="triton"), xq)
     compiled_ok("quantize/dequantize tensor", lambda x: K.dequantize_fp8(*K.quantize_fp8(x, "tensor", backend="triton"), backend="triton"), xq)

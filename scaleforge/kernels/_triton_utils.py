@@ -121,8 +121,8 @@ class KernelOp:
 
         # forward(ctx, *args) with the context set up inside it, not a separate setup_context staticmethod:
         # Function.apply binds a separate setup_context's arguments through inspect.signature on every call
-        # (~55 us of host time on a fast host). Functorch transforms, which need the separate form, take
-        # the op (eager_direct_ok).
+        # (~55 us of host time on a fast host). Functorch transforms (which need the separate form) take the
+        # op instead (eager_direct_ok), whose generated autograd raises under them as it did before.
         class Function(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *args):

@@ -536,7 +536,8 @@ if HAS_TRITON:
     def _bwd_launch(dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd,
                     has_res, has_shift, p_gate, p_shift, p_scale, is_rms, cfg: NormConfig | None = None):  # fmt: skip
         """The backward kernel. Tensors are contiguous, any shape with C = the last dim (the kernel reads rows of
-        C). -> dx, dr, (per-sample, per-channel) fp32 partial stacks, their names, the per-token gradients.
+        C). -> dx, dr (dy's dtype), the (per-sample, per-channel) fp32 partial stacks, their names, the per-token
+        gradients (each in its tensor's dtype, shift's in dy's), and the segment count and programs per segment.
 
         The reduced gradients' per-program partials go into one stack per reduction, so each takes one torch
         sum, not one per gradient: per-sample modulation (summed over the programs of each segment) and
@@ -579,9 +580,10 @@ if HAS_TRITON:
 
     def norm_bwd_impl(dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd,
                       has_res, has_shift, p_gate, p_shift, p_scale, is_rms, cfg: NormConfig | None = None):  # fmt: skip
-        """The backward launch plus the sums of the partials, as fp32 [dx, dr, dg, dw, db, dsh, dsc] (empty where
-        absent; reduced gradients (nseg, C) per sample, (1, C) or (C,) per channel); called with explicit configs
-        by benchmarks/kernels/tune_norms.py and the tests."""
+        """The backward launch plus the sums of the partials: [dx, dr, dg, dw, db, dsh, dsc] (empty where absent;
+        dx, dr in dy's dtype, per-token gradients in their tensor's dtype, reduced ones fp32: (nseg, C) per
+        sample, (1, C) per channel, weight and bias (C,)); called with explicit configs by
+        benchmarks/kernels/tune_norms.py and the tests."""
         c = h_in.shape[-1]
         dx, dr, parts, (ps_names, pc_names), per_token, nseg, s = _bwd_launch(
             dy, dh_out, h_in, x, gate, weight, bias, scale, mean, rstd, has_res, has_shift, p_gate, p_shift, p_scale,
@@ -651,6 +653,8 @@ if HAS_TRITON:
             dts = {shapes[k][1] for k in names}
             if len(dts) == 1:  # one cast for the stack
                 total = total.to(dts.pop())
+            # the gradients of one stack are views of one buffer (the autograd engine keeps them as .grad): no
+            # copy per gradient, which is what the stacks save
             grads.update({k: total[i] for i, k in enumerate(names)})
         out = [None if shapes[k] is None else grads[k].reshape(shapes[k][0]).to(shapes[k][1])
                for k in ("gate", "weight", "bias", "shift", "scale")]
@@ -690,7 +694,8 @@ def _mod_rows(t: torch.Tensor | None, x: torch.Tensor, name: str) -> int:
     if t is None:
         return 0
     t_shape, x_shape = tuple(t.shape), tuple(x.shape)
-    if any(isinstance(d, torch.SymInt) for d in t_shape + x_shape):  # torch.compile, dynamic shapes: unhashable
+    # uncached under torch.compile: Dynamo warns at lru_cache'd calls, and symbolic sizes cannot be hashed
+    if torch.compiler.is_compiling() or any(isinstance(d, torch.SymInt) for d in t_shape + x_shape):
         return _mod_layout.__wrapped__(t_shape, x_shape, name)
     return _mod_layout(t_shape, x_shape, name)
 
@@ -707,11 +712,15 @@ def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms):
         raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     check_triton_device(x)
     p_gate, p_shift, p_scale = _mod_rows(gate, x, "gate"), _mod_rows(shift, x, "shift"), _mod_rows(scale, x, "scale")
+    if x.numel() == 0:  # no rows to launch over (the launch plan divides by the row count)
+        ref = rms_norm_ref(x, weight, eps, shift=shift, scale=scale, residual=residual, gate=gate) if is_rms else \
+            layer_norm_ref(x, weight, bias, eps, shift=shift, scale=scale, residual=residual, gate=gate)  # fmt: skip
+        return ref
     # the kernels read every tensor as rows of C through its pointer, so the tensors go in with their own
     # shapes (a reshape here would add a view node per tensor to the autograd graph; outputs come back shaped
     # like x); per-sample modulation (B, 1, C) is the same memory as (B, C)
     y, h, _, _ = _norm_fwd(
-        x.contiguous(), None if residual is None else residual.contiguous(), _contig(gate), weight, bias,
+        x.contiguous(), _contig(residual), _contig(gate), _contig(weight), _contig(bias),
         _contig(shift), _contig(scale), p_gate, p_shift, p_scale, float(eps), is_rms,
     )  # fmt: skip
     return y if residual is None else (y, h)

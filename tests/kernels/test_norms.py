@@ -267,3 +267,88 @@ def test_launch_helpers_take_symbolic_sizes():
     want_grid, want_meta = norms._fwd_plan(10, 48, cfg, False, False, 0, 5, 5, dtypes, torch.device("cpu"))
     assert [int(g) for g in grid] == list(want_grid)
     assert {k: int(v) if isinstance(v, torch.SymInt) else v for k, v in meta.items()} == want_meta
+
+
+# modulation layouts for x of (2, 5, C): absent, per channel (C,) / (1, 1, C), per sample (B, 1, C) / (B, C),
+# per token
+_LAYOUTS = {"none": None, "C": ("C",), "11C": (1, 1, "C"), "B1C": (2, 1, "C"), "BC": (2, "C"), "tok": (2, 5, "C")}
+
+
+def _layout(name, c):
+    shape = _LAYOUTS[name]
+    return None if shape is None else tuple(c if d == "C" else d for d in shape)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float16, torch.float32, torch.float32),
+                                    (torch.float16, torch.float16, torch.float32)],
+                         ids=["fp32", "fp16-x-fp32-params-mods", "fp16-x-params-fp32-mods"])  # fmt: skip
+@pytest.mark.parametrize("fn_name", FNS)
+def test_modulation_layouts_and_dtypes_through_autograd(fn_name, dtypes):
+    """Every modulation layout in each of gate, shift and scale (rotated, so each pairs with the others'
+    layouts), with weight and bias, parameters and modulation in other dtypes than x: the public function's
+    outputs and every gradient against the torch backend, and each gradient (read in the registered backward,
+    before the autograd engine would cast or reshape it) in its input's shape and dtype. The backward stacks
+    per-sample and per-channel partials by name; a wrong order or cast would show here."""
+    fn = FNS[fn_name][0]
+    xdt, pdt, mdt = dtypes
+    b, n, c = 2, 5, 48
+    names = list(_LAYOUTS)
+    seen = {}
+    import scaleforge.kernels.norms as norms
+
+    real_backward = norms._norm_backward
+
+    def spy(ctx, *grads):
+        out = real_backward(ctx, *grads)
+        seen["grads"] = out
+        return out
+
+    for i, g_lay in enumerate(names):
+        sh_lay, sc_lay = names[(i + 2) % len(names)], names[(i + 4) % len(names)]
+        x = torch.randn(b, n, c, device=DEVICE, dtype=xdt, requires_grad=True)
+        kw = dict(residual=torch.randn(b, n, c, device=DEVICE, dtype=xdt, requires_grad=True))
+        for key, lay in (("gate", g_lay), ("shift", sh_lay), ("scale", sc_lay)):
+            if _layout(lay, c) is not None:
+                kw[key] = torch.randn(_layout(lay, c), device=DEVICE, dtype=mdt, requires_grad=True)
+        params = [torch.randn(c, device=DEVICE, dtype=pdt, requires_grad=True)]
+        if fn_name == "layer":
+            params.append(torch.randn(c, device=DEVICE, dtype=pdt, requires_grad=True))
+        inputs = [x, *params, *kw.values()]
+        ref = fn(x, *params, **kw, backend="torch")
+        gys = [torch.randn_like(r) for r in ref]
+        want = torch.autograd.grad(ref, inputs, gys)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(norms._norm_fwd._function, "backward", staticmethod(spy))
+            out = fn(x, *params, **kw, backend="triton")
+            got = torch.autograd.grad(out, inputs, gys)
+        tol = 1e-5 if xdt == torch.float32 else 5e-3
+        for o, r in zip(out, ref):
+            assert o.dtype == r.dtype and rel_err(o, r) < tol, (g_lay, sh_lay, sc_lay)
+        for t, a, w in zip(inputs, got, want):
+            assert rel_err(a, w) < tol, (g_lay, sh_lay, sc_lay, tuple(t.shape))
+        # the registered backward's gradients: dx, dresidual, dgate, dweight, dbias, dshift, dscale
+        raw = dict(zip(("x", "residual", "gate", "weight", "bias", "shift", "scale"), seen["grads"]))
+        given = dict(x=x, weight=params[0], bias=params[1] if len(params) > 1 else None, **kw)
+        for key, t in ((k, v) for k, v in given.items() if v is not None):
+            assert raw[key].shape == t.shape and raw[key].dtype == t.dtype, (key, g_lay, sh_lay, sc_lay)
+
+
+def test_non_contiguous_inputs_and_empty_x():
+    """Strided views everywhere (x transposed, weight and bias every other element of a longer vector, a (B, C)
+    shift sliced out of a wider tensor, scale and gate expanded with zero strides) give the torch backend's
+    outputs and gradients; an empty x gives empty outputs."""
+    b, n, c = 3, 4, 40
+    r = lambda *s: torch.randn(*s, device=DEVICE, requires_grad=True)  # noqa: E731
+    t, wb, big, s0, g0, res = r(n, b, c), r(2 * c), r(b, 3 * c), r(b, 1, c), r(1, 1, c), r(b, n, c)
+    x, w, bias = t.transpose(0, 1), wb[::2], wb[1::2]
+    kw = dict(shift=big[:, c:2 * c], scale=s0.expand(b, n, c), residual=res, gate=g0.expand(b, 1, c))
+    leaves = [t, wb, big, s0, g0, res]
+    outs = [layer_norm(x, w, bias, **kw, backend=be) for be in ("triton", "torch")]
+    gys = [torch.randn_like(o) for o in outs[1]]
+    grads = [torch.autograd.grad(o, leaves, gys) for o in outs]
+    for a, b_ in zip(outs[0] + grads[0], outs[1] + grads[1]):
+        assert rel_err(a, b_) < 1e-5
+    for fn in (layer_norm, rms_norm):
+        e = torch.randn(0, 7, c, device=DEVICE)
+        y = fn(e, torch.randn(c, device=DEVICE), shift=torch.randn(c, device=DEVICE), backend="triton")
+        assert y.shape == e.shape
