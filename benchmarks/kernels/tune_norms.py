@@ -334,20 +334,30 @@ def main():
         del case
         if DEV == "cuda":
             torch.cuda.empty_cache()
-    warm([(key, shape[2], pas, cfg) for (shape, key, pas), cfgs in b_cfgs.items() for cfg in cfgs], args.procs)
+
+    def warm_phase(cfgs):
+        """Compile a phase's configs {(shape, case key, pass): [NormConfig]} in parallel workers."""
+        warm([(key, shape[2], pas, cfg) for (shape, key, pas), phase in cfgs.items() for cfg in phase], args.procs)
+
+    def time_phase(cfgs, after_case=None):
+        """Time a phase's configs, one case (inputs and reference) at a time; after_case(case) then runs."""
+        for shape, key in plan:
+            case = Case(key, shape)
+            case.eager = eager_times(case)
+            for pas in passes:
+                d = defaults(shape[2], key)[pas == "bwd"]
+                for cfg in cfgs[(shape, key, pas)]:
+                    sweep.run(case, pas, cfg, d)
+            if after_case is not None:
+                after_case(case)
+            del case
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+
+    warm_phase(b_cfgs)
     t_b = time.time()
-    for shape, key in plan:  # phase B and the public functions
-        case = Case(key, shape)
-        case.eager = eager_times(case)
-        for pas in passes:
-            d = defaults(shape[2], key)[pas == "bwd"]
-            for cfg in b_cfgs[(shape, key, pas)]:
-                sweep.run(case, pas, cfg, d)
-        if len(passes) == 2:
-            autograd_rows(case, sweep)
-        del case
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
+    # phase B and the public functions
+    time_phase(b_cfgs, (lambda case: autograd_rows(case, sweep)) if len(passes) == 2 else None)
 
     if args.wide:  # phase D
         d_cfgs = {}
@@ -355,17 +365,8 @@ def main():
             for pas in passes:
                 d_cfgs[(shape, key, pas)] = [c for c in phase_d(sweep.top(key, shape, pas, 3), args.smoke)
                                              if (key, "x".join(map(str, shape)), pas, c) not in sweep.done]
-        warm([(key, shape[2], pas, cfg) for (shape, key, pas), cfgs in d_cfgs.items() for cfg in cfgs], args.procs)
-        for shape, key in plan:
-            case = Case(key, shape)
-            case.eager = eager_times(case)
-            for pas in passes:
-                d = defaults(shape[2], key)[pas == "bwd"]
-                for cfg in d_cfgs[(shape, key, pas)]:
-                    sweep.run(case, pas, cfg, d)
-            del case
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
+        warm_phase(d_cfgs)
+        time_phase(d_cfgs)
 
     dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (triton interpreter)"
     lines = [f"Device: {dev}; measured copy {bw / 1e12:.2f} TB/s (read+write); targets: fwd >= 80%, bwd >= 70% "

@@ -47,11 +47,20 @@ def next_pow2(n: int) -> int:
 
 
 def cached_call(fn, *args):
-    """fn(*args) through fn's functools.lru_cache, or uncached when an argument is a SymInt (torch.compile with
-    dynamic shapes traces the launch code with symbolic sizes, which cannot be hashed)."""
-    if any(isinstance(a, torch.SymInt) for a in args):
+    """fn(*args) through fn's functools.lru_cache, or uncached under torch.compile: Dynamo warns at lru_cache'd
+    calls, and with dynamic shapes the sizes (also inside tuple arguments, e.g. shapes) are SymInts, which
+    cannot be hashed."""
+    if torch.compiler.is_compiling() or _has_symint(args):
         return fn.__wrapped__(*args)
     return fn(*args)
+
+
+def _has_symint(args: tuple) -> bool:
+    """A SymInt among args or inside their tuples (type scans in C: this runs on every eager launch)."""
+    types = set(map(type, args))
+    if torch.SymInt in types:
+        return True
+    return tuple in types and any(torch.SymInt in map(type, a) for a in args if type(a) is tuple)
 
 
 @triton.jit

@@ -550,11 +550,10 @@ if HAS_TRITON:
         grid, meta = cached_call(_bwd_plan, m, c, cfg, is_rms, has_res, dh_out is not None, p_gate, p_shift, p_scale,
                                  dtypes, h_in.device)  # fmt: skip
         s, nseg = grid
-        modes = {"gate": (meta["G_MODE"], p_gate, gate), "shift": (meta["SH_MODE"], p_shift, dy),
-                 "scale": (meta["SC_MODE"], p_scale, scale)}  # fmt: skip
-        per_sample = [k for k, (mode, p, _) in modes.items() if mode == 2 and p < m]
-        per_channel = [k for k, t in (("weight", weight), ("bias", bias)) if t is not None]
-        per_channel += [k for k, (mode, p, _) in modes.items() if mode == 2 and p >= m]
+        modes = {"gate": (meta["G_MODE"], gate), "shift": (meta["SH_MODE"], dy), "scale": (meta["SC_MODE"], scale)}
+        present = dict(gate=gate is not None, shift=has_shift, scale=scale is not None, weight=weight is not None,
+                       bias=bias is not None)  # fmt: skip
+        per_sample, per_channel = _stack_names(m, present, dict(gate=p_gate, shift=p_shift, scale=p_scale))
         parts = [_backend.new_output((len(names), nseg * s, c), torch.float32, dy.device) if names else None
                  for names in (per_sample, per_channel)]  # fmt: skip
         dx = _backend.new_output(h_in.shape, dy.dtype, dy.device)
@@ -562,7 +561,7 @@ if HAS_TRITON:
         for names, stack in zip((per_sample, per_channel), parts):
             out.update({k: stack[i] for i, k in enumerate(names)})
         # per-token gradients are stored by the kernel in their tensor's dtype (shift: dy's, it is not passed)
-        per_token = {k: _backend.new_output(h_in.shape, like.dtype, dy.device) for k, (mode, _, like) in modes.items()
+        per_token = {k: _backend.new_output(h_in.shape, like.dtype, dy.device) for k, (mode, like) in modes.items()
                      if mode == 1}  # fmt: skip
         out.update(per_token)
         torch.library.wrap_triton(_norm_bwd_kernel)[grid](
@@ -615,8 +614,9 @@ if HAS_TRITON:
         return [_empty(dy) if t is None else t for t in outs]  # distinct empties: no aliasing outputs
 
     def _stack_names(m, present, p):
-        """Names of the per-sample and the per-channel stacks, as _bwd_launch orders them. present/p: dicts over
-        gate, weight, bias, shift, scale."""
+        """Names of the per-sample and the per-channel partial stacks, in stack order (_bwd_launch allocates them,
+        _norm_backward unpacks the op's sums). present: dict over gate, shift, scale, weight, bias; p: rows of x
+        per modulation row, dict over gate, shift, scale (1: per token, not stacked)."""
         mods = [k for k in ("gate", "shift", "scale") if present[k] and p[k] != 1]
         return ([k for k in mods if p[k] < m],
                 [k for k in ("weight", "bias") if present[k]] + [k for k in mods if p[k] >= m])
@@ -646,7 +646,7 @@ if HAS_TRITON:
         grads = dict(zip(("gate", "shift", "scale"), per_token))
         m = h_in.numel() // h_in.shape[-1]
         present = {k: v is not None for k, v in shapes.items()}
-        ps_names, pc_names = _stack_names(m, present, dict(gate=p_gate, shift=p_shift, scale=p_scale, weight=m, bias=m))
+        ps_names, pc_names = _stack_names(m, present, dict(gate=p_gate, shift=p_shift, scale=p_scale))
         for names, total in zip((ps_names, pc_names), (ps, pc)):
             if not names:
                 continue
@@ -693,11 +693,7 @@ def _mod_layout(t_shape: tuple, x_shape: tuple, name: str) -> int:
 def _mod_rows(t: torch.Tensor | None, x: torch.Tensor, name: str) -> int:
     if t is None:
         return 0
-    t_shape, x_shape = tuple(t.shape), tuple(x.shape)
-    # uncached under torch.compile: Dynamo warns at lru_cache'd calls, and symbolic sizes cannot be hashed
-    if torch.compiler.is_compiling() or any(isinstance(d, torch.SymInt) for d in t_shape + x_shape):
-        return _mod_layout.__wrapped__(t_shape, x_shape, name)
-    return _mod_layout(t_shape, x_shape, name)
+    return cached_call(_mod_layout, tuple(t.shape), tuple(x.shape), name)
 
 
 def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms):
