@@ -19,6 +19,7 @@ import pstats
 import time
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -90,7 +91,7 @@ def main() -> None:
     sh, sc = (torch.randn(2, 1, 2240, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     g = torch.randn_like(x)
     x2, sh2, sc2 = x.detach().reshape(-1, 2240), sh.detach().reshape(2, 2240), sc.detach().reshape(2, 2240)
-    args = (x2, None, None, None, None, sh2, sc2, 0, 8, 8, 1e-6, False)
+    args = (x2, None, None, None, None, sh2, sc2, 0, 8, 8, 1e-6, False, False)
     from scaleforge.kernels import _triton_utils as TU
 
     def direct_impl():
@@ -130,6 +131,43 @@ def main() -> None:
         via_op = host_us(fn)
         TU.EAGER_DIRECT = True
         print(f"| {name} | {direct:.1f} | {via_op:.1f} |")
+
+    # What the backward costs outside our code: the autograd engine runs CUDA backward functions on its
+    # device thread (a thread handoff each way), which a CPU run of this path never shows.
+    class _AllocOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return torch.empty_like(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.empty_like(grad)
+
+    def floor_fwd_bwd():
+        _AllocOnly.apply(x).backward(g)
+        x.grad = None
+
+    w_ln, b_ln = (torch.randn(2240, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+
+    def native_ln_fwd_bwd():
+        F.layer_norm(x, (2240,), w_ln, b_ln).backward(g)
+        x.grad = w_ln.grad = b_ln.grad = None
+
+    y0, _, mean0, rstd0, _ = NM.norm_fwd_impl(*args)
+    bwd_args = (g.reshape(-1, 2240), None, x2, None, None, None, None, sc2, mean0, rstd0,
+                False, True, 0, 8, 8, False)
+
+    def bwd_fn_direct():
+        with TU.direct_launch():
+            NM._norm_bwd(*bwd_args)
+
+    print("\n| backward floor (tiny) | host us/call |")
+    print("|---|---|")
+    for name, fn in {"autograd.Function, alloc-only forward and backward, fwd + bwd": floor_fwd_bwd,
+                     "torch F.layer_norm (native) with weight and bias, fwd + bwd": native_ln_fwd_bwd,
+                     "our backward op called directly (no autograd engine)": bwd_fn_direct,
+                     "layer_norm public, forward + backward": ln_fwd_bwd}.items():
+        print(f"| {name} | {host_us(fn):.1f} |")
 
     # the launch alone: JITFunction.run with the arguments norm_fwd_impl passes (captured once)
     captured = {}

@@ -32,8 +32,8 @@ from scaleforge.kernels.reference import (
     rms_norm_ref,
 )
 
-from _common import (DEV, FAILURES, bench, check, copy_bandwidth, finish, log, matmul_rooflines, rel_err,
-                     run_step, script_parser, start)
+from _common import (DEV, FAILURES, bench, check, copy_bandwidth, finish, graph_bench, log, matmul_rooflines,
+                     rel_err, run_step, script_parser, start)
 
 ROWS: list[dict] = []
 DATASHEET = {  # kernels.md §1 (dense)
@@ -149,6 +149,28 @@ def run_checks(smoke: bool):
     log(f"[info] fp8_linear error vs bf16 linear: y {rel_err(y, yb):.3e}, dx {rel_err(ga[0], gb[0]):.3e}, "
         f"dw {rel_err(ga[1], gb[1]):.3e}")  # fmt: skip
 
+    # the amax a norm computes as it writes y (return_amax) is max|y| exactly, and the per-tensor quantizers
+    # given it produce the codes of their own amax pass (bf16 on the tuned default configs)
+    b, n, c = (2, 13, 96) if smoke else (4, 1025, 2240)
+    x, r = (torch.randn(b, n, c, device=DEV, dtype=dt) + 3 for _ in range(2))
+    sh, sc, gt = (torch.randn(b, 1, c, device=DEV, dtype=dt) for _ in range(3))
+    for name, fn, kw in (("layer_norm", K.layer_norm, dict(shift=sh, scale=sc)),
+                         ("rms_norm", K.rms_norm, dict(shift=sh, scale=sc)),
+                         ("gated residual", K.layer_norm, dict(shift=sh, scale=sc, residual=r, gate=gt))):  # fmt: skip
+        *outs, amax = fn(x, **kw, return_amax=True, backend="triton")
+        y = outs[0]
+        ok = torch.equal(amax, y.abs().amax().float())
+        q, s = K.quantize_fp8(y, "tensor", amax=amax, backend="triton")
+        q0, s0 = K.quantize_fp8(y, "tensor", backend="triton")
+        ok_q = torch.equal(s, s0) and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
+        check(f"{name} return_amax {dt}", ok and ok_q, f"amax {amax.item():.4f} == max|y|: {ok}; quantize_fp8 "
+              f"with it == its own amax pass (codes, scale): {ok_q}")  # fmt: skip
+    if not smoke:
+        w = torch.randn(512, c, device=DEV, dtype=dt)
+        y2 = y.reshape(-1, c)
+        ok = torch.equal(K.fp8_linear(y2, w, x_amax=amax, backend="triton"), K.fp8_linear(y2, w, backend="triton"))
+        check("fp8_linear x_amax", ok, f"output with the producer's amax == with its own amax pass: {ok}")
+
     if smoke:
         return
     # torch.compile(fullgraph=True) through every op, compared with eager
@@ -186,8 +208,18 @@ def run_checks(smoke: bool):
         y, h = K.layer_norm(x, w, b, shift=tok, scale=sc, residual=x * 2, gate=tok, backend="triton")
         return K.rms_norm(y, w, backend="triton"), h
 
+    sc_c = (wb[0] * 0.5).detach().requires_grad_()  # a leaf: the eager pass's backward frees a non-leaf's graph
     compiled_ok("layer_norm/rms_norm with weight, bias, per-channel and per-token modulation", norm_params, x, *wb,
-                wb[0] * 0.5, tok)  # fmt: skip
+                sc_c, tok)  # fmt: skip
+    xa = torch.randn(4, 64, 256, device=DEV, dtype=bf16, requires_grad=True)
+    wa = torch.randn(128, 256, device=DEV, dtype=bf16, requires_grad=True)
+
+    def producer_amax(x, w):  # the norm's amax feeding fp8_linear's and quantize_fp8's per-tensor scale
+        y, a = K.layer_norm(x, return_amax=True, backend="triton")
+        q = K.quantize_fp8(y.detach(), "tensor", amax=a, backend="triton")[0]  # codes: no gradient
+        return K.fp8_linear(y, w, x_amax=a, backend="triton"), q.float()
+
+    compiled_ok("layer_norm(return_amax) -> fp8_linear(x_amax) / quantize_fp8(amax)", producer_amax, xa, wa)
     xq = torch.randn(256, 512, device=DEV, dtype=bf16)
     compiled_ok("quantize/dequantize group", lambda x: K.dequantize_fp8(*K.quantize_fp8(x, "group", 128, backend="triton"), backend="triton"), xq)
     compiled_ok("quantize/dequantize tensor", lambda x: K.dequantize_fp8(*K.quantize_fp8(x, "tensor", backend="triton"), backend="triton"), xq)
@@ -343,6 +375,45 @@ def bench_norms(roof, sheet, smoke):
         add_row(f"{name} fwd+bwd", f"{b}x{n}x{c}", ms_full, fwd_bytes + bwd_bytes, "GB/s", roof, sheet, e_full, c_full)
 
 
+def bench_producer_amax(roof, sheet, smoke):
+    """COAT's producer-fused per-tensor scaling (coat.md §3): the norm folds max|y| into one scalar as it writes
+    y (return_amax), and the per-tensor quantizer given that amax reads y once instead of twice. Eager single
+    calls as elsewhere, and device time alone (CUDA graphs of 10 calls) in the notes."""
+    b, n, c = (2, 64, 256) if smoke else (16, 4096, 2240)
+    dt = torch.bfloat16
+    x = torch.randn(b, n, c, device=DEV, dtype=dt)
+    sh, sc = (torch.randn(b, 1, c, device=DEV, dtype=dt) for _ in range(2))
+    e = x.numel() * 2
+    with K.use_backend("triton"):
+        plain = lambda: K.layer_norm(x, shift=sh, scale=sc)  # noqa: E731
+        with_amax = lambda: K.layer_norm(x, shift=sh, scale=sc, return_amax=True)  # noqa: E731
+        ms, g_plain, g_amax = bench(with_amax), graph_bench(plain, 10), graph_bench(with_amax, 10)
+        add_row("layer_norm + adaLN modulate fwd, return_amax", f"{b}x{n}x{c}", ms, 2 * e, "GB/s", roof, sheet,
+                extra=f"device time: {g_amax:.4f} ms with the amax, {g_plain:.4f} ms without")  # fmt: skip
+        y, amax = with_amax()
+        # the pair a COAT linear input goes through: norm, then the per-tensor quantize of its output
+        pair_own = lambda: K.quantize_fp8(plain(), "tensor")  # noqa: E731
+        pair_fused = lambda: _quant_with(with_amax())  # noqa: E731
+        for label, fn in (("own amax pass", pair_own), ("the norm's amax", pair_fused)):
+            ms, g = bench(fn), graph_bench(fn, 10)
+            add_row(f"layer_norm + modulate fwd -> quantize_fp8 tensor ({label})", f"{b}x{n}x{c}", ms,
+                    2 * e + x.numel() * 3, "GB/s", roof, sheet, extra=f"device time {g:.4f} ms "
+                    f"({100 * (2 * e + x.numel() * 3) / g / 1e-3 / roof['bw']:.0f}% of copy)")  # fmt: skip
+    s2 = 512 if smoke else 8192
+    xq = torch.randn(s2, s2, device=DEV, dtype=dt)
+    a = xq.abs().amax().float()
+    nbytes = xq.numel() * 3 + 4
+    fn = lambda: K.quantize_fp8(xq, "tensor", amax=a, backend="triton")  # noqa: E731
+    ms, g = bench(fn), graph_bench(fn, 10)
+    add_row("quantize_fp8 tensor, amax from the producer", f"{s2}x{s2} bf16", ms, nbytes, "GB/s", roof, sheet,
+            extra=f"one pass; device time {g:.4f} ms ({100 * nbytes / g / 1e-3 / roof['bw']:.0f}% of copy)")  # fmt: skip
+
+
+def _quant_with(y_amax):
+    y, amax = y_amax
+    return K.quantize_fp8(y, "tensor", amax=amax)
+
+
 def bench_linear_attention(roof, sheet, smoke):
     shapes = [(2, 4, 256, 32)] if smoke else [(32, 70, 1024, 32), (8, 70, 4096, 32), (16, 70, 4096, 32)]
     dt = torch.float32 if smoke else torch.bfloat16
@@ -391,7 +462,7 @@ def main():
     ap = script_parser(__doc__)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
-    ap.add_argument("--only", default="", help="comma list of: quant,linear,norms,attention")
+    ap.add_argument("--only", default="", help="comma list of: quant,amax,linear,norms,attention")
     args = ap.parse_args()
     device_name = start(args.smoke)
     if args.check:
@@ -399,9 +470,9 @@ def main():
     if args.bench:
         sheet = next((v for k, v in DATASHEET.items() if k in device_name), {})
         roof = roofline(args.smoke)
-        only = set(filter(None, args.only.split(","))) or {"quant", "linear", "norms", "attention"}
+        only = set(filter(None, args.only.split(","))) or {"quant", "amax", "linear", "norms", "attention"}
         for key, fn in (("attention", bench_linear_attention), ("norms", bench_norms), ("quant", bench_quant),
-                        ("linear", bench_fp8_linear)):  # fmt: skip
+                        ("amax", bench_producer_amax), ("linear", bench_fp8_linear)):  # fmt: skip
             if key in only:
                 run_step(f"bench {key}", lambda fn=fn: fn(roof, sheet, args.smoke))
         write_tables(args.out, roof, device_name)

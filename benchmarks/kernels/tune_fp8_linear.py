@@ -237,7 +237,7 @@ def bench_shape(m, n, k, roof, smoke):
         r, c = t.shape
         rp = qt.shape[1]
         fl._quant_transpose_kernel[lambda meta: (math.ceil(rp / meta["BR"]), math.ceil(c / meta["BC"]))](
-            t, q, qt, s, amax, r, c, rp, fp8_max(dt)
+            t, q, qt, s, amax, r, c, rp, fp8_max(dt), RELOAD_T=t.dtype == torch.float32
         )
 
     fwd_sum = bwd_sum = 0.0
@@ -296,7 +296,7 @@ def sweep_configs(roof, smoke):
         grid = (triton.cdiv(s, cfg.kwargs["BR"]), triton.cdiv(s, cfg.kwargs["BC"]))
 
         def qtk(cfg=cfg, q=q, qt=qt, sc=sc, grid=grid):
-            fl._quant_transpose_kernel.fn[grid](x, q, qt, sc, amax, s, s, s, qmax, **cfg.kwargs,
+            fl._quant_transpose_kernel.fn[grid](x, q, qt, sc, amax, s, s, s, qmax, RELOAD_T=x.dtype == torch.float32, **cfg.kwargs,
                                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
 
         qtk()

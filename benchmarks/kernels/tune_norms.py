@@ -161,7 +161,7 @@ class Case:
 
     def bwd(self, cfg, saved):
         m, c, n, res = self.m, self.c, self.n, self.res
-        _, h, mean, rstd = saved
+        _, h, mean, rstd, _ = saved
         return norms.norm_bwd_impl(self.gy.view(m, c), self.gh.view(m, c) if res else None, h if res else self.x2,
                                    self.x2 if res else None, self.g2 if res else None, None, None, self.sc2, mean,
                                    rstd, res, True, n if res else 0, n, n, self.is_rms, cfg=cfg)  # fmt: skip

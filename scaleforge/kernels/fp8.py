@@ -181,7 +181,7 @@ if HAS_TRITON:
         qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
         inv_qmax = tl.cast(inv_qmax, tl.float32)
         pid, nprog = tl.program_id(0), tl.num_programs(0)
-        if FROM_AMAX:  # SRC: the amax pass's int32 bits
+        if FROM_AMAX:  # SRC: the amax pass's int32 bits, or a given fp32 amax
             s = _scale_from_amax(tl.load(SRC).to(tl.float32, bitcast=True), qmax, inv_qmax, RECIP)
         else:  # SRC: the given scale, any float dtype
             s = tl.load(SRC).to(tl.float32)
@@ -405,12 +405,20 @@ if HAS_TRITON:
         return amax
 
     @kernel_op("scaleforge::quantize_fp8_tensor")
-    def _quantize_tensor(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantize_tensor(
+        x: torch.Tensor, scale: torch.Tensor | None, amax: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per tensor with a given scale, a given amax (fp32 0-d, e.g. from the norm that wrote x: one pass, the
+        given scale's launch config; the kernel's clamp after the division saturates codes should the amax be
+        too small), or neither (an amax pass first)."""
         n = x.numel()
         q = _backend.new_output(x.shape, dtype, x.device)
         out_scale = _backend.new_output((), torch.float32, x.device)
-        src = _amax_bits(x) if scale is None else scale.reshape(())
-        cfg = _QUANT_TENSOR_OPTS | _config("quant_tensor" if scale is not None else "quant_tensor_dynamic")
+        # the kernel reads the one element through the pointer (no reshape: a torch op of host time each) and
+        # bitcasts an amax to fp32, which is the identity for a given fp32 amax and decodes the amax pass's bits
+        src = scale if scale is not None else (amax if amax is not None else _amax_bits(x))
+        dynamic = scale is None and amax is None
+        cfg = _QUANT_TENSOR_OPTS | _config("quant_tensor_dynamic" if dynamic else "quant_tensor")
         _launch(
             _quant_tensor_kernel, cfg, cdiv(n, cfg["BLOCK"]), x.device,
             x, q, src, out_scale, n, fp8_max(dtype), _INV_QMAX[dtype],
@@ -494,22 +502,33 @@ def quantize_fp8(
     dtype: torch.dtype = torch.float8_e4m3fn,
     *,
     scale: torch.Tensor | None = None,
+    amax: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 quantization, per tensor or per 1×``group_size`` group along the last dim (docs/kernels.md).
-    Returns ``(q, scale)`` with fp32 scales; ``scale=`` quantizes with a given per-tensor scale."""
+    Returns ``(q, scale)`` with fp32 scales. Per tensor only: ``scale=`` quantizes with a given scale;
+    ``amax=`` (an fp32 one-element tensor, max|x| as the kernel that wrote x computed it, e.g.
+    ``layer_norm(..., return_amax=True)``) gives the scale ``(amax + 1e-10) / fp8_max`` without a pass over x
+    to find it: one read of x instead of two, the same codes as without it when amax is max|x|."""
     check_granularity(granularity, group_size)
     fp8_max(dtype)
     if not x.is_floating_point() or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise ValueError(f"quantize_fp8: x must be a bf16/fp16/fp32 tensor, got {x.dtype}")
-    if scale is not None and granularity != "tensor":
-        raise ValueError("quantize_fp8: a given scale is only supported for granularity='tensor'")
+    if (scale is not None or amax is not None) and granularity != "tensor":
+        raise ValueError("quantize_fp8: a given scale or amax is only supported for granularity='tensor'")
+    if scale is not None and amax is not None:
+        raise ValueError("quantize_fp8: pass a scale or an amax, not both")
+    if scale is not None and scale.numel() != 1:
+        raise ValueError(f"quantize_fp8: a given scale must have one element, got shape {tuple(scale.shape)}")
+    if amax is not None and (amax.numel() != 1 or amax.dtype != torch.float32):
+        raise ValueError(f"quantize_fp8: amax must be a one-element float32 tensor, got {amax.dtype} "
+                         f"of shape {tuple(amax.shape)}")  # fmt: skip
     if resolve(backend) == "torch" or x.numel() == 0:
-        return quantize_fp8_ref(x, granularity, group_size, dtype, scale)
+        return quantize_fp8_ref(x, granularity, group_size, dtype, scale, amax=amax)
     check_triton_device(x)
     x = x.contiguous()
     if granularity == "tensor":
-        return _quantize_tensor(x, scale, dtype)
+        return _quantize_tensor(x, scale, amax, dtype)
     _pow2(group_size, "quantize_fp8")
     return _quantize_group(x, group_size, dtype)
 

@@ -60,10 +60,14 @@ if HAS_TRITON:
     )
     @triton.jit
     def _quant_transpose_kernel(
-        X, Q, QT, SCALE, AMAX, R, C, RP, qmax, BR: tl.constexpr, BC: tl.constexpr
+        X, Q, QT, SCALE, AMAX, R, C, RP, qmax, BR: tl.constexpr, BC: tl.constexpr, RELOAD_T: tl.constexpr
     ):
         """x (R, C) -> q (R, C) and qᵀ (C, RP) with rows R..RP of x read as zeros; the scale comes from
-        AMAX, the int32 bits of max|x| (fp8.py's amax pass)."""
+        AMAX, the int32 bits of max|x| (fp8.py's amax pass). RELOAD_T (fp32 x): qᵀ is quantized from the
+        tile read again in qᵀ's order instead of re-laid out from q: Triton 3.6 compiles the re-layout of
+        an fp32-loaded tile's FP8 codes wrongly on sm_90 (qᵀ differed from q's codes at every tested shape and the
+        wgrad had zero columns, H200, 2026-11-30, tests/kernels/test_fp8_linear.py; bf16 and fp16 x are right);
+        the second read hits L1/L2, and its codes are q's."""
         qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
@@ -75,37 +79,46 @@ if HAS_TRITON:
         scale = (amax + 1e-10) / qmax  # AMAX_EPS
         q = tl.clamp(x / scale, -qmax, qmax).to(Q.dtype.element_ty)
         tl.store(Q + rows[:, None] * C + cols[None, :], q, mask=m)
-        # qᵀ through transposed addresses, not tl.trans: tl.trans of FP8 tiles has been seen to corrupt them
-        # (triton-lang/triton#11111, mlc-ai/pith-train#74); Triton's coalescing pass re-lays q out for this
-        # store so that each thread writes along rows of qᵀ
-        tl.store(QT + rows[:, None] + cols[None, :] * RP, q, mask=(rows < RP)[:, None] & (cols < C)[None, :])
+        if RELOAD_T:
+            mt = (cols < C)[:, None] & (rows < R)[None, :]
+            xt = tl.load(X + rows[None, :] * C + cols[:, None], mask=mt, other=0.0).to(tl.float32)
+            qt = tl.clamp(xt / scale, -qmax, qmax).to(QT.dtype.element_ty)
+            tl.store(QT + rows[None, :] + cols[:, None] * RP, qt, mask=(cols < C)[:, None] & (rows < RP)[None, :])
+        else:
+            # qᵀ through transposed addresses, not tl.trans: tl.trans of FP8 tiles has been seen to corrupt them
+            # (triton-lang/triton#11111, mlc-ai/pith-train#74); Triton's coalescing pass re-lays q out for this
+            # store so that each thread writes along rows of qᵀ
+            tl.store(QT + rows[:, None] + cols[None, :] * RP, q, mask=(rows < RP)[:, None] & (cols < C)[None, :])
         if (pid_r == 0) & (pid_c == 0):
             tl.store(SCALE, scale)
 
 
-def _quantize_transpose(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_transpose(
+    x: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-tensor FP8 quantization of a 2-D x (R, C): ``(q (R, C), qᵀ (C, R16) zero-padded, scale)``, with the
-    codes and scale of ``quantize_fp8(x, "tensor", dtype=dtype)``."""
+    codes and scale of ``quantize_fp8(x, "tensor", dtype=dtype)``; ``amax`` (fp32 0-d, max|x| from x's
+    producer) replaces the amax pass."""
     x = x.contiguous()
     r, c = x.shape
     rp = _pad16(r)
-    amax = _amax_bits(x)
+    amax = _amax_bits(x) if amax is None else amax  # fp32 or the amax pass's int32 bits: the kernel bitcasts
     q = _backend.new_output((r, c), dtype, x.device)
     qt = _backend.new_output((c, rp), dtype, x.device)
     scale = _backend.new_output((), torch.float32, x.device)
     _quant_transpose_kernel[lambda meta: (cdiv(rp, meta["BR"]), cdiv(c, meta["BC"]))](
-        x, q, qt, scale, amax, r, c, rp, fp8_max(dtype)
+        x, q, qt, scale, amax, r, c, rp, fp8_max(dtype), RELOAD_T=x.dtype == torch.float32
     )
     return q, qt, scale
 
 
 @torch.library.custom_op("scaleforge::fp8_linear_fwd", mutates_args=())
 def _fp8_linear_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_amax: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(y, x_qᵀ, s_x, w_qᵀ, s_w)``: the transposed codes are what the backward GEMMs need."""
     with direct_launch():  # an opaque custom op always runs on real tensors: plain kernel launches
-        xq, xt, sx = _quantize_transpose(x, E4M3)
+        xq, xt, sx = _quantize_transpose(x, E4M3, x_amax)
         wq, wt, sw = _quantize_transpose(weight, E4M3)
     out = torch._scaled_mm(
         xq, wq.t(), scale_a=sx, scale_b=sw, bias=None if bias is None else bias.to(torch.bfloat16),
@@ -115,7 +128,7 @@ def _fp8_linear_fwd(
 
 
 @_fp8_linear_fwd.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, x_amax):
     m, k = x.shape
     n = weight.shape[0]
     scalar = x.new_empty((), dtype=torch.float32)
@@ -147,7 +160,7 @@ def _(grad, xt, sx, wt, sw):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
+    x, weight, bias, _ = inputs
     _, xt, sx, wt, sw = output
     ctx.save_for_backward(xt, sx, wt, sw)
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -158,7 +171,7 @@ def _backward(ctx, grad, *_):
     dx, dw = _fp8_linear_bwd(grad, xt, sx, wt, sw)
     # fp32 accumulation without materializing an fp32 copy of grad
     db = grad.sum(0, dtype=torch.float32).to(ctx.dtypes[2]) if ctx.dtypes[2] is not None else None
-    return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), db
+    return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), db, None
 
 
 _fp8_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -169,10 +182,15 @@ def fp8_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    x_amax: torch.Tensor | None = None,
     output_group_size: int | None = None,
     backend: str | None = None,
 ):
     """``x @ weight.T + bias`` in bf16 with per-tensor E4M3 operands and E5M2 gradients (docs/kernels.md).
+
+    ``x_amax``: max|x| as an fp32 one-element tensor from the kernel that produced x (e.g.
+    ``layer_norm(..., return_amax=True)``): x's scale then comes from it and x's amax pass is skipped
+    (COAT's producer-fused scaling, coat.md §3); codes saturate should it be smaller than max|x|.
 
     With ``output_group_size=G`` also returns the output quantized per 1×G group for the next op:
     ``(y, (y_q, y_scale))`` (COAT's FP8 precision flow; the quantization is a separate kernel here)."""
@@ -180,16 +198,19 @@ def fp8_linear(
         raise ValueError(f"fp8_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} need x[..., K], weight[N, K]")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"fp8_linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    if x_amax is not None and (x_amax.numel() != 1 or x_amax.dtype != torch.float32):
+        raise ValueError(f"fp8_linear: x_amax must be a one-element float32 tensor, got {x_amax.dtype} "
+                         f"of shape {tuple(x_amax.shape)}")  # fmt: skip
     name = resolve(backend)
     if name == "torch":
-        y = fp8_linear_ref(x, weight, bias)
+        y = fp8_linear_ref(x, weight, bias, x_amax)
     else:
         check_triton_device(x, weight)
         n, k = weight.shape
         if k % 16 or n % 16:
             raise ValueError(f"fp8_linear: torch._scaled_mm needs in/out features divisible by 16, got K={k}, N={n}")
         x2 = x.reshape(-1, k)
-        y = _fp8_linear_fwd(x2, weight, bias)[0].view(*x.shape[:-1], n)
+        y = _fp8_linear_fwd(x2, weight, bias, None if x_amax is None else x_amax.detach())[0].view(*x.shape[:-1], n)
     if output_group_size is None:
         return y
     return y, quantize_fp8(y.detach(), "group", output_group_size, backend=name)

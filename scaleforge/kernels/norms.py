@@ -69,13 +69,14 @@ if HAS_TRITON:
     # at 8x4096x1152, 16x4096x2240 and 4x8192x4096 bf16). The pipelined row loop (stages, last field) is what
     # round 3 added: at C=2240 the backward went from 0.409 / 0.354 / 0.745 ms (layer / rms / gated residual,
     # 51-59% of copy) to 0.276 / 0.282 / 0.539 ms (74-77%), the layer_norm forward from 0.193 to 0.159 ms
-    # (87%). docs/benchmarks.md has the table.
+    # (87%). docs/benchmarks.md has the table. Session 6 (tune_norms.py --configs, split x stages): the gated
+    # residual forward at C=2240 went from r2 w8 pow2 (0.348 ms, 79%) to r1 w2 split s3 (0.302 ms, 92%).
     _DEFAULTS: dict[tuple[int, str], tuple[NormConfig, NormConfig]] = {
         (1536, "layer"): (NormConfig(1, 1, True, 16, False), NormConfig(1, 2, False, 4, False, False, 4)),
         (1536, "res"): (NormConfig(2, 4, False, 16, False, False, 3), NormConfig(1, 4, False, 4, False, False, 4)),
         (1536, "rms"): (NormConfig(1, 1, True, 16, False, False, 2), NormConfig(1, 4, False, 4, False, False, 3)),
         (3072, "layer"): (NormConfig(1, 2, True, 16, False, False, 3), NormConfig(1, 4, False, 4, False, False, 4)),
-        (3072, "res"): (NormConfig(2, 8, False, 16, False, False, 3), NormConfig(1, 8, False, 4, False, False, 4)),
+        (3072, "res"): (NormConfig(1, 2, True, 16, False, False, 3), NormConfig(1, 8, False, 4, False, False, 4)),
         (3072, "rms"): (NormConfig(1, 2, True, 16, False, False, 4), NormConfig(1, 8, False, 4, False, False, 3)),
         (4096, "layer"): (NormConfig(1, 4, False, 16, False, False, 4), NormConfig(1, 4, False, 2, False, False, 3)),
         (4096, "res"): (NormConfig(2, 8, False, 0, False), NormConfig(1, 8, False, 2, False, False, 3)),
@@ -253,13 +254,23 @@ if HAS_TRITON:
                 y = y + sh
         if SH_MODE == 1:
             y = y + _ld(SH, offs, mask, False)
-        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        y = y.to(Y.dtype.element_ty)
+        tl.store(Y + offs, y, mask=mask)
+        return y
+
+    @triton.jit
+    def _tile_amax(acc, y, mask):
+        """acc folded with max|y| over the tile's unmasked elements (masked lanes hold values computed from
+        zeros, not zeros); y as stored, so the maximum is the stored tensor's. (A running max tile reduced
+        once per program instead ran slower on the H200: 0.177 against 0.169 ms at 16x4096x2240, its
+        registers cost more than the per-tile reduction.)"""
+        return tl.maximum(acc, tl.max(tl.where(mask, tl.abs(y.to(tl.float32)), 0.0)))
 
     @triton.jit(do_not_specialize=["P0", "CHUNK", "P_G", "P_SH", "P_SC"])
     def _norm_fwd_kernel(
-        X, R, G, W, B, SH, SC, Y, H, MEAN, RSTD,
+        X, R, G, W, B, SH, SC, Y, H, MEAN, RSTD, AMAX,
         C, P0, CHUNK, P_G, P_SH, P_SC, eps,
-        HAS_RES: tl.constexpr, G_MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        HAS_AMAX: tl.constexpr, HAS_RES: tl.constexpr, G_MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
         SH_MODE: tl.constexpr, SC_MODE: tl.constexpr, IS_RMS: tl.constexpr, EVICT_FIRST: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, FULL_A: tl.constexpr,
         STAGES: tl.constexpr,
@@ -267,6 +278,8 @@ if HAS_TRITON:
         # Program (sp, seg) owns rows [sp*CHUNK, (sp+1)*CHUNK) of segment seg (P0 rows inside which every
         # per-sample modulation is constant) and walks them BLOCK_R at a time.
         # modulation modes: 0 absent, 1 per token (loaded like x), 2 one row per program
+        # HAS_AMAX: max|y| of the whole output into AMAX (int32 zeros; non-negative floats order as their bits),
+        # one atomic per program: the amax a per-tensor FP8 quantizer of y needs, without its own pass over y
         eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64
         sp = tl.program_id(0)
         seg = tl.program_id(1).to(tl.int64)
@@ -282,6 +295,7 @@ if HAS_TRITON:
             cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
             g_b, a_b, b_b, sh_b = _fwd_consts(G, W, B, SH, SC, g_off, sh_off, sc_off, cols_b, C,
                                               G_MODE, HAS_W, HAS_B, SH_MODE, SC_MODE)  # fmt: skip
+        amax = tl.max(tl.zeros([BLOCK_R], dtype=tl.float32))  # an fp32 scalar 0
         # STAGES == 0 (None): no tt.num_stages attribute, the same loop as the builtin range
         for i in tl.range(start, end, BLOCK_R, num_stages=STAGES if STAGES > 0 else None):
             local = i + tl.arange(0, BLOCK_R)
@@ -311,17 +325,23 @@ if HAS_TRITON:
                     d_b = tl.where((cols_b < C)[None, :], h_b - _col(mean, BLOCK_R), 0.0)
                     ss += _rsum(d_b * d_b, BLOCK_R)
             rstd = 1.0 / tl.sqrt(ss / C + eps)
-            _fwd_y(h_a, _col(mean, BLOCK_R), _col(rstd, BLOCK_R), Y, SH, SC, offs_a, mask_a, a_a, b_a, sh_a,
-                   HAS_W, HAS_B, SH_MODE, SC_MODE, IS_RMS)  # fmt: skip
+            y_a = _fwd_y(h_a, _col(mean, BLOCK_R), _col(rstd, BLOCK_R), Y, SH, SC, offs_a, mask_a, a_a, b_a, sh_a,
+                         HAS_W, HAS_B, SH_MODE, SC_MODE, IS_RMS)  # fmt: skip
+            if HAS_AMAX:
+                amax = _tile_amax(amax, y_a, mask_a)
             if BLOCK_B > 0:
-                _fwd_y(h_b, _col(mean, BLOCK_R), _col(rstd, BLOCK_R), Y, SH, SC, offs_b, mask_b, a_b, b_b, sh_b,
-                       HAS_W, HAS_B, SH_MODE, SC_MODE, IS_RMS)  # fmt: skip
+                y_b = _fwd_y(h_b, _col(mean, BLOCK_R), _col(rstd, BLOCK_R), Y, SH, SC, offs_b, mask_b, a_b, b_b,
+                             sh_b, HAS_W, HAS_B, SH_MODE, SC_MODE, IS_RMS)  # fmt: skip
+                if HAS_AMAX:
+                    amax = _tile_amax(amax, y_b, mask_b)
             if BLOCK_R == 1:
                 tl.store(MEAN + seg * P0 + i, mean)
                 tl.store(RSTD + seg * P0 + i, rstd)
             else:
                 tl.store(MEAN + rows, mean, mask=rmask)
                 tl.store(RSTD + rows, rstd, mask=rmask)
+        if HAS_AMAX:
+            tl.atomic_max(AMAX, amax.to(tl.int32, bitcast=True), sem="relaxed")
 
     @triton.jit(do_not_specialize=["P0", "CHUNK", "S", "P_G", "P_SC"])
     def _norm_bwd_kernel(
@@ -481,8 +501,9 @@ if HAS_TRITON:
         return None if t is None else t.dtype
 
     def norm_fwd_impl(x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms,
-                      cfg: NormConfig | None = None):  # fmt: skip
-        """The forward launch (also called directly, with explicit configs, by benchmarks/kernels/tune_norms.py)."""
+                      want_amax=False, cfg: NormConfig | None = None):  # fmt: skip
+        """The forward launch (also called directly, with explicit configs, by benchmarks/kernels/tune_norms.py)
+        -> y, h, mean, rstd, amax (want_amax: max|y| as the int32 bits of an fp32 0-d tensor, else empty)."""
         c = x.shape[-1]
         m = x.numel() // c
         cfg = cfg or _default_config(c, False, _case(is_rms, residual is not None))
@@ -493,22 +514,25 @@ if HAS_TRITON:
         h = _backend.new_output(x.shape, x.dtype, x.device) if residual is not None else _empty(x)
         mean = _backend.new_output((m,), torch.float32, x.device)
         rstd = _backend.new_output((m,), torch.float32, x.device)
+        amax = torch.zeros((), dtype=torch.int32, device=x.device) if want_amax else _empty(mean)
         dummy = x
         torch.library.wrap_triton(_norm_fwd_kernel)[grid](
             x, dummy if residual is None else residual, dummy if gate is None else gate,
             dummy if weight is None else weight, dummy if bias is None else bias,
             dummy if shift is None else shift, dummy if scale is None else scale,
-            y, dummy if residual is None else h, mean, rstd, eps=eps, **meta,
+            y, dummy if residual is None else h, mean, rstd, amax if want_amax else mean, eps=eps,
+            HAS_AMAX=want_amax, **meta,
         )  # fmt: skip
-        return y, h, mean, rstd
+        return y, h, mean, rstd, amax
 
     @kernel_op("scaleforge::norm_fwd")
     def _norm_fwd(
         x: torch.Tensor, residual: torch.Tensor | None, gate: torch.Tensor | None, weight: torch.Tensor | None,
         bias: torch.Tensor | None, shift: torch.Tensor | None, scale: torch.Tensor | None,
-        p_gate: int, p_shift: int, p_scale: int, eps: float, is_rms: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        return norm_fwd_impl(x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms)
+        p_gate: int, p_shift: int, p_scale: int, eps: float, is_rms: bool, want_amax: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        return norm_fwd_impl(x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms,
+                             want_amax)  # fmt: skip
 
     @functools.lru_cache(maxsize=1024)
     def _bwd_plan(m, c, cfg: NormConfig, is_rms, has_res, has_dho, p_gate, p_shift, p_scale, dtypes, device):
@@ -622,15 +646,15 @@ if HAS_TRITON:
                 [k for k in ("weight", "bias") if present[k]] + [k for k in mods if p[k] >= m])
 
     def _norm_setup_context(ctx, inputs, output):
-        x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms = inputs
-        _, h, mean, rstd = output
+        x, residual, gate, weight, bias, shift, scale, p_gate, p_shift, p_scale, eps, is_rms, _ = inputs
+        _, h, mean, rstd, _ = output
         has_res = residual is not None
         ctx.save_for_backward(h if has_res else x, x if gate is not None else None, gate, weight, bias, scale, mean, rstd)
         ctx.meta = (has_res, shift is not None, p_gate, p_shift, p_scale, is_rms)
         ctx.shapes = {k: None if t is None else (t.shape, t.dtype) for k, t in
                       (("gate", gate), ("weight", weight), ("bias", bias), ("shift", shift), ("scale", scale))}
 
-    def _norm_backward(ctx, dy, dh, _dmean, _drstd):
+    def _norm_backward(ctx, dy, dh, _dmean, _drstd, _damax):
         h_in, x, gate, weight, bias, scale, mean, rstd = ctx.saved_tensors
         has_res, has_shift, p_gate, p_shift, p_scale, is_rms = ctx.meta
         if dy is None:  # only h was used (the eager path does not materialize unused gradients)
@@ -659,10 +683,10 @@ if HAS_TRITON:
         out = [None if shapes[k] is None else grads[k].reshape(shapes[k][0]).to(shapes[k][1])
                for k in ("gate", "weight", "bias", "shift", "scale")]
         dgate, dw, db, dshift, dscale = out
-        return dx, dr if has_res else None, dgate, dw, db, dshift, dscale, None, None, None, None, None
+        return dx, dr if has_res else None, dgate, dw, db, dshift, dscale, None, None, None, None, None, None
 
-    # mean and rstd are saved for backward, not differentiable outputs
-    _norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context, non_differentiable=(2, 3))
+    # mean and rstd are saved for backward, amax is a statistic: not differentiable outputs
+    _norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context, non_differentiable=(2, 3, 4))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -696,7 +720,16 @@ def _mod_rows(t: torch.Tensor | None, x: torch.Tensor, name: str) -> int:
     return cached_call(_mod_layout, tuple(t.shape), tuple(x.shape), name)
 
 
-def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms):
+def _with_amax(out, return_amax: bool):
+    """The public return: y or (y, h), with max|y| (an fp32 0-d tensor) appended when asked for."""
+    if not return_amax:
+        return out
+    y = (out[0] if isinstance(out, tuple) else out).detach()
+    amax = y.abs().amax().float() if y.numel() else y.new_zeros((), dtype=torch.float32)
+    return (*out, amax) if isinstance(out, tuple) else (out, amax)
+
+
+def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms, return_amax):
     c = x.shape[-1]
     if weight is not None and weight.shape != (c,):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({c},)")
@@ -711,15 +744,19 @@ def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms):
     if x.numel() == 0:  # no rows to launch over (the launch plan divides by the row count)
         ref = rms_norm_ref(x, weight, eps, shift=shift, scale=scale, residual=residual, gate=gate) if is_rms else \
             layer_norm_ref(x, weight, bias, eps, shift=shift, scale=scale, residual=residual, gate=gate)  # fmt: skip
-        return ref
+        return _with_amax(ref, return_amax)
     # the kernels read every tensor as rows of C through its pointer, so the tensors go in with their own
     # shapes (a reshape here would add a view node per tensor to the autograd graph; outputs come back shaped
     # like x); per-sample modulation (B, 1, C) is the same memory as (B, C)
-    y, h, _, _ = _norm_fwd(
+    y, h, _, _, amax = _norm_fwd(
         x.contiguous(), _contig(residual), _contig(gate), _contig(weight), _contig(bias),
-        _contig(shift), _contig(scale), p_gate, p_shift, p_scale, float(eps), is_rms,
+        _contig(shift), _contig(scale), p_gate, p_shift, p_scale, float(eps), is_rms, bool(return_amax),
     )  # fmt: skip
-    return y if residual is None else (y, h)
+    out = y if residual is None else (y, h)
+    if not return_amax:
+        return out
+    amax = amax.view(torch.float32)  # the kernel's int32 bits of max|y|
+    return (*out, amax) if residual is not None else (y, amax)
 
 
 def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -735,13 +772,18 @@ def rms_norm(
     scale: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    return_amax: bool = False,
     backend: str | None = None,
 ):
     """RMSNorm over the last dim with optional adaLN modulation and gated residual add (docs/kernels.md).
-    Returns y, or (y, h) when ``residual`` is given."""
+    Returns y, or (y, h) when ``residual`` is given; ``return_amax`` appends max|y| as an fp32 0-d tensor,
+    computed by the kernel as it writes y (no pass of its own): the amax that ``quantize_fp8(y, "tensor",
+    amax=...)`` and ``fp8_linear(y, w, x_amax=...)`` take to quantize y per tensor in one pass (COAT's
+    producer-fused scaling, coat.md §3)."""
     if resolve(backend) == "torch":
-        return rms_norm_ref(x, weight, eps, shift=shift, scale=scale, residual=residual, gate=gate)
-    return _norm(x, weight, None, eps, shift, scale, residual, gate, True)
+        ref = rms_norm_ref(x, weight, eps, shift=shift, scale=scale, residual=residual, gate=gate)
+        return _with_amax(ref, return_amax)
+    return _norm(x, weight, None, eps, shift, scale, residual, gate, True, return_amax)
 
 
 def layer_norm(
@@ -754,10 +796,15 @@ def layer_norm(
     scale: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    return_amax: bool = False,
     backend: str | None = None,
 ):
     """LayerNorm over the last dim with optional adaLN modulation and gated residual add (docs/kernels.md).
-    Returns y, or (y, h) when ``residual`` is given."""
+    Returns y, or (y, h) when ``residual`` is given; ``return_amax`` appends max|y| as an fp32 0-d tensor,
+    computed by the kernel as it writes y (no pass of its own): the amax that ``quantize_fp8(y, "tensor",
+    amax=...)`` and ``fp8_linear(y, w, x_amax=...)`` take to quantize y per tensor in one pass (COAT's
+    producer-fused scaling, coat.md §3)."""
     if resolve(backend) == "torch":
-        return layer_norm_ref(x, weight, bias, eps, shift=shift, scale=scale, residual=residual, gate=gate)
-    return _norm(x, weight, bias, eps, shift, scale, residual, gate, False)
+        ref = layer_norm_ref(x, weight, bias, eps, shift=shift, scale=scale, residual=residual, gate=gate)
+        return _with_amax(ref, return_amax)
+    return _norm(x, weight, bias, eps, shift, scale, residual, gate, False, return_amax)

@@ -301,6 +301,40 @@ def test_bad_arguments_are_named():
     q, s = quantize_fp8(x, "group", 16, backend="torch")
     with pytest.raises(ValueError, match="group scale has shape"):
         dequantize_fp8(q, s[:, :1], "group", 16)
+    amax = x.abs().amax()
+    with pytest.raises(ValueError, match="a given scale or amax is only supported for granularity='tensor'"):
+        quantize_fp8(x, "group", 16, amax=amax)
+    with pytest.raises(ValueError, match="not both"):
+        quantize_fp8(x, amax=amax, scale=amax / 448)
+    with pytest.raises(ValueError, match="amax must be a one-element float32 tensor, got torch.float16"):
+        quantize_fp8(x, amax=amax.half())
+    with pytest.raises(ValueError, match=r"of shape \(2,\)"):
+        quantize_fp8(x, amax=amax.repeat(2))
+    with pytest.raises(ValueError, match=r"a given scale must have one element, got shape \(2,\)"):
+        quantize_fp8(x, scale=amax.repeat(2) / 448)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float16])
+def test_per_tensor_with_a_given_amax(dtype, in_dtype):
+    """amax= (max|x| from x's producer): one pass, the scale and codes of the amax pass's; the reference takes
+    it the same way; an amax below max|x| saturates the codes beyond it at ±qmax as the reference does."""
+    x = (torch.randn(40, 300, device=DEVICE) * 3).to(in_dtype)
+    amax = x.abs().amax().float()
+    q, s = quantize_fp8(x, "tensor", dtype=dtype, amax=amax, backend="triton")
+    q0, s0 = quantize_fp8(x, "tensor", dtype=dtype, backend="triton")
+    assert torch.equal(s, s0) and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
+    qr, sr = quantize_fp8_ref(x, "tensor", dtype=dtype, amax=amax.reshape(1))
+    q0r, s0r = quantize_fp8_ref(x, "tensor", dtype=dtype)
+    assert torch.equal(sr, s0r) and torch.equal(qr.view(torch.uint8), q0r.view(torch.uint8))
+    small = amax / 4
+    q, s = quantize_fp8(x, "tensor", dtype=dtype, amax=small, backend="triton")
+    qr, sr = quantize_fp8_ref(x, "tensor", dtype=dtype, amax=small)
+    assert torch.equal(s, sr) and _codes_match(q, qr) >= MIN_CODE_MATCH
+    qmax = torch.finfo(dtype).max
+    over = x.float().abs() > small
+    assert over.any() and torch.equal(q.float()[over].abs(), torch.full_like(q.float()[over], qmax))
 
 
 # ---- COAT optimizer-state codec -------------------------------------------------------------------

@@ -71,6 +71,30 @@ def test_triton_path_matches_reference_forward_and_backward(x_shape, n, bias):
 
 
 @needs_triton
+def test_x_amax_from_the_producer_replaces_the_amax_pass():
+    """x_amax (max|x| from the kernel that wrote x): the same codes, scale, output and gradients as the amax
+    pass's, on the triton path and the reference; a wrong x_amax is named."""
+    from scaleforge.kernels.fp8_linear import _quantize_transpose
+
+    x = _fp8_exact((40, 64), E4M3, 448, grad=True)
+    w = _fp8_exact((32, 64), E4M3, 448, grad=True)
+    amax = x.detach().abs().amax()
+    (q, qt, s), (q0, qt0, s0) = _quantize_transpose(x.detach(), E4M3, amax), _quantize_transpose(x.detach(), E4M3)
+    assert torch.equal(s, s0) and torch.equal(_codes(q), _codes(q0)) and torch.equal(_codes(qt), _codes(qt0))
+    q2, _, s2 = _quantize_transpose(x.detach(), E4M3, amax * 2)  # used, not recomputed: codes halve exactly
+    assert torch.equal(s2, quantize_fp8_ref(x.detach(), "tensor", amax=amax * 2)[1])
+    assert torch.equal(q2.float() * 2, q0.float())
+    g = _fp8_exact((40, 32), E5M2, 57344).to(torch.bfloat16)
+    for backend in ("triton", "torch"):
+        outs = [fp8_linear(x, w, x_amax=a, backend=backend) for a in (amax, None)]
+        assert torch.equal(outs[0], outs[1])
+        grads = [torch.autograd.grad(o, (x, w), g) for o in outs]
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="x_amax must be a one-element float32 tensor"):
+        fp8_linear(x, w, x_amax=amax.repeat(2), backend="triton")
+
+
+@needs_triton
 def test_backward_takes_a_non_contiguous_grad():
     x = _fp8_exact((33, 64), E4M3, 448, grad=True)
     w = _fp8_exact((32, 64), E4M3, 448, grad=True)
@@ -105,8 +129,10 @@ def test_custom_ops_fake_tensors_match_the_kernels():
     """torch.compile traces the ops through their fake implementations (the padded x_qᵀ shape included)."""
     x, w, b = torch.randn(33, 64, device=DEVICE), torch.randn(32, 64, device=DEVICE), torch.randn(32, device=DEVICE)
     fwd, bwd = torch.ops.scaleforge.fp8_linear_fwd.default, torch.ops.scaleforge.fp8_linear_bwd.default
-    torch.library.opcheck(fwd, (x, w, b), test_utils=("test_faketensor",))  # test_schema cannot compare FP8
-    saved = fwd(x, w, b)[1:]
+    torch.library.opcheck(fwd, (x, w, b, None), test_utils=("test_faketensor",))  # test_schema cannot compare FP8
+    amax = x.abs().amax().reshape(())
+    torch.library.opcheck(fwd, (x, w, b, amax), test_utils=("test_faketensor",))
+    saved = fwd(x, w, b, None)[1:]
     g = torch.randn(33, 32, device=DEVICE, dtype=torch.bfloat16)
     torch.library.opcheck(bwd, (g, *saved), test_utils=("test_faketensor",))
 

@@ -179,7 +179,7 @@ def test_backward_prefetch_and_stages_match_reference(fn_name, kind, opt, r, bnc
     sc2, p_scale = _mod(d(kw.get("scale")), x, "scale")
     x2, res = x.detach().reshape(-1, c), "residual" in kw
     r2 = d(kw["residual"]).reshape(-1, c) if res else None
-    _, h, mean, rstd = norms.norm_fwd_impl(x2, r2, g2, d(weight), d(bias), sh2, sc2, p_gate, p_shift, p_scale,
+    _, h, mean, rstd, _ = norms.norm_fwd_impl(x2, r2, g2, d(weight), d(bias), sh2, sc2, p_gate, p_shift, p_scale,
                                            1e-6, is_rms)  # fmt: skip
     gy, gh = torch.randn_like(x), torch.randn_like(x)
     cfg = norms.NormConfig(r, 2, False, 1)._replace(**opt)
@@ -214,7 +214,7 @@ def test_forward_stages_match_reference(fn_name, kind, cfg):
     sh2, p_shift = _mod(kw.get("shift"), x, "shift")
     sc2, p_scale = _mod(kw.get("scale"), x, "scale")
     r2 = kw["residual"].reshape(-1, c) if "residual" in kw else None
-    y, h, _, _ = norms.norm_fwd_impl(x.reshape(-1, c), r2, g2, weight, bias, sh2, sc2, p_gate, p_shift, p_scale,
+    y, h, _, _, _ = norms.norm_fwd_impl(x.reshape(-1, c), r2, g2, weight, bias, sh2, sc2, p_gate, p_shift, p_scale,
                                      1e-6, fn_name == "rms", cfg=norms.NormConfig(*cfg))  # fmt: skip
     ref = ref_fn(*args, **kw)
     ref = ref if isinstance(ref, tuple) else (ref,)
@@ -352,3 +352,74 @@ def test_non_contiguous_inputs_and_empty_x():
         e = torch.randn(0, 7, c, device=DEVICE)
         y = fn(e, torch.randn(c, device=DEVICE), shift=torch.randn(c, device=DEVICE), backend="triton")
         assert y.shape == e.shape
+
+
+@pytest.mark.parametrize("fn_name", FNS)
+@pytest.mark.parametrize("kind", ["plain", "full", "per_token"])
+@pytest.mark.parametrize(
+    "cfg", [None, (1, 2, True, 1, False, False, 2), (2, 4, False, 1), (8, 2, False, 64), (2, 8, False, 0)],
+    ids=["default", "r1-split-s2", "r2-one-prog-per-sm", "r8-many-progs", "r2-tile-per-prog"],
+)
+def test_return_amax_is_the_outputs_max_and_quantizes_like_its_own_pass(monkeypatch, fn_name, kind, cfg):
+    """return_amax: max|y| folded by every program (tail tiles, C = 80 with 48 masked columns unsplit, many
+    programs) into one fp32 0-d tensor, equal to max|y| of the y it returns; quantize_fp8 and fp8_linear's
+    reference given that amax give the codes and scale of their own amax pass. x sits 50 away from zero, so
+    the layer norm's masked lanes (computed from zeros: about -50 x weight) would win the max were they not
+    masked. The weight's last column (20, the others ~1) puts the max in the split layout's second piece.
+    Gradients are unchanged by the flag."""
+    from scaleforge.kernels import norms, quantize_fp8
+
+    if cfg is not None:
+        fwd = norms.NormConfig(*cfg)
+        monkeypatch.setattr(norms, "_default_config",
+                            lambda c, backward, case="layer": norms.NormConfig(1, 2, False, 2) if backward else fwd)
+    fn = FNS[fn_name][0]
+    args, kw = _case(kind, fn_name, 3, 7, 80, torch.float32, grad=True)
+    args[0] = (args[0].detach() + 50).requires_grad_()
+    with torch.no_grad():  # the max in the last column: the second column piece of the split layout (64 + 16)
+        args[1][-1] = 20.0
+    out = fn(*args, **kw, backend="triton")
+    out_a = fn(*args, **kw, return_amax=True, backend="triton")
+    ref_a = fn(*args, **kw, return_amax=True, backend="torch")
+    out = out if isinstance(out, tuple) else (out,)
+    assert len(out_a) == len(ref_a) == len(out) + 1
+    amax, y = out_a[-1], out_a[0]
+    assert amax.shape == () and amax.dtype == torch.float32 and not amax.requires_grad
+    assert torch.equal(amax, y.detach().abs().amax())
+    assert rel_err(amax, ref_a[-1]) < 1e-5
+    for a, b in zip(out_a[:-1], out):
+        assert torch.equal(a, b)
+    inputs = args + list(kw.values())
+    gs = [torch.randn_like(t) for t in out]
+    for a, b in zip(torch.autograd.grad(out_a[:-1], inputs, gs), torch.autograd.grad(out, inputs, gs)):
+        assert torch.equal(a, b)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        q, s = quantize_fp8(y.detach(), "tensor", dtype=dtype, amax=amax, backend="triton")
+        q0, s0 = quantize_fp8(y.detach(), "tensor", dtype=dtype, backend="triton")
+        assert torch.equal(s, s0) and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
+
+
+def test_return_amax_fp16_and_empty():
+    """fp16 output: the max of the rounded values as stored; an empty x gives amax 0."""
+    args, kw = _case("full", "layer", 2, 9, 96, torch.float16, grad=False)
+    y, h, amax = layer_norm(*args, **kw, return_amax=True, backend="triton")
+    assert y.dtype == torch.float16 and torch.equal(amax, y.abs().amax().float())
+    e = torch.randn(0, 3, 96, device=DEVICE)
+    for be in ("triton", "torch"):
+        y, amax = rms_norm(e, return_amax=True, backend=be)
+        assert y.shape == e.shape and amax.item() == 0.0
+
+
+def test_return_amax_ignores_masked_lanes(monkeypatch):
+    """A tail tile's masked rows compute y from zeros: with a per-token scale of -1 the real outputs are the
+    shift alone (|y| <= 1), the masked rows' bias + shift (~100) would win the max unless masked."""
+    from scaleforge.kernels import norms
+
+    monkeypatch.setattr(norms, "_default_config", lambda c, backward, case="layer": norms.NormConfig(2, 4, False, 1))
+    b, n, c = 3, 7, 80
+    x = torch.randn(b, n, c, device=DEVICE)
+    bias = torch.full((c,), 100.0, device=DEVICE)
+    shift, scale = torch.rand(b, 1, c, device=DEVICE), torch.full((b, n, c), -1.0, device=DEVICE)
+    y, amax = layer_norm(x, torch.randn(c, device=DEVICE), bias, shift=shift, scale=scale, return_amax=True,
+                         backend="triton")  # fmt: skip
+    assert torch.equal(y, shift.expand_as(y)) and torch.equal(amax, shift.max())

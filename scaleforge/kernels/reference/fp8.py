@@ -42,13 +42,16 @@ def quantize_fp8_ref(
     group_size: int = 128,
     dtype: torch.dtype = torch.float8_e4m3fn,
     scale: torch.Tensor | None = None,
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """amax (per tensor): max|x| computed elsewhere (by the kernel that produced x), used for the scale."""
     check_granularity(granularity, group_size)
     qmax = fp8_max(dtype)
     xf = x.float()
     if granularity == "tensor":
         if scale is None:
-            scale = (xf.abs().amax() + AMAX_EPS) / qmax
+            amax = xf.abs().amax() if amax is None else amax.float().reshape(())
+            scale = (amax + AMAX_EPS) / qmax
         scale = scale.float().reshape(())
         q = (xf / scale).clamp(-qmax, qmax).to(dtype)
         return q, scale

@@ -8,15 +8,15 @@ import torch
 from scaleforge.kernels.reference.fp8 import dequantize_fp8_ref, quantize_fp8_ref
 
 
-def _qdq(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    q, s = quantize_fp8_ref(t, "tensor", dtype=dtype)
+def _qdq(t: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor | None = None) -> torch.Tensor:
+    q, s = quantize_fp8_ref(t, "tensor", dtype=dtype, amax=amax)
     return dequantize_fp8_ref(q, s, "tensor", out_dtype=torch.float32)
 
 
 class _FP8LinearRef(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        xq = _qdq(x, torch.float8_e4m3fn)
+    def forward(ctx, x, weight, bias, x_amax):
+        xq = _qdq(x, torch.float8_e4m3fn, x_amax)
         wq = _qdq(weight, torch.float8_e4m3fn)
         ctx.save_for_backward(xq, wq)
         ctx.has_bias = bias is not None
@@ -34,9 +34,12 @@ class _FP8LinearRef(torch.autograd.Function):
         dx = (g @ wq).to(torch.bfloat16).to(ctx.dtypes[0])
         dw = (g2.t() @ xq.reshape(-1, xq.shape[-1])).to(torch.bfloat16).to(ctx.dtypes[1])
         db = grad_out.float().reshape(-1, g.shape[-1]).sum(0).to(ctx.dtypes[2]) if ctx.has_bias else None
-        return dx, dw, db
+        return dx, dw, db, None
 
 
-def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """bf16 output of x @ weight.T (+ bias) with x, weight per-tensor E4M3 and grad_output E5M2."""
-    return _FP8LinearRef.apply(x, weight, bias)
+def fp8_linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, x_amax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """bf16 output of x @ weight.T (+ bias) with x, weight per-tensor E4M3 and grad_output E5M2; x_amax: max|x|
+    given by x's producer (x's scale comes from it)."""
+    return _FP8LinearRef.apply(x, weight, bias, x_amax)
