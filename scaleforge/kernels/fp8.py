@@ -175,8 +175,10 @@ if HAS_TRITON:
     def _quant_tensor_kernel(
         X, Q, SRC, SCALE, n, qmax, inv_qmax, FROM_AMAX: tl.constexpr, RECIP: tl.constexpr,
         BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EVICT_FIRST: tl.constexpr,
-        SATFINITE: tl.constexpr = False, REVERSE: tl.constexpr = False,
+        SATFINITE: tl.constexpr = False, REVERSE: tl.constexpr = False, GIVEN_AMAX: tl.constexpr = False,
     ):  # fmt: skip
+        # GIVEN_AMAX: SRC is an amax from x's producer, not from the amax pass over this x, so |x / s| <= qmax is
+        # not guaranteed and x is clamped as for a given scale
         EVICT: tl.constexpr = "evict_first" if EVICT_FIRST else ""
         qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
         inv_qmax = tl.cast(inv_qmax, tl.float32)
@@ -208,7 +210,7 @@ if HAS_TRITON:
                 x_next = tl.load(X + offs_n, mask=m_n, other=0.0, eviction_policy=EVICT)
             else:
                 x = tl.load(X + offs, mask=m, other=0.0, eviction_policy=EVICT).to(tl.float32)
-            if not FROM_AMAX:  # a given scale may overflow x / s: beyond 2 qmax the code is ±qmax anyway
+            if not FROM_AMAX or GIVEN_AMAX:  # a given scale may overflow x / s: beyond 2 qmax the code is ±qmax
                 if SATFINITE:
                     x = tl.clamp(x, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
                 else:
@@ -408,9 +410,9 @@ if HAS_TRITON:
     def _quantize_tensor(
         x: torch.Tensor, scale: torch.Tensor | None, amax: torch.Tensor | None, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per tensor with a given scale, a given amax (fp32 0-d, e.g. from the norm that wrote x: one pass, the
-        given scale's launch config; the kernel's clamp after the division saturates codes should the amax be
-        too small), or neither (an amax pass first)."""
+        """Per tensor with a given scale, a given amax (fp32, one element, e.g. from the norm that wrote x: one
+        pass, the given scale's launch config and clamps, so codes saturate should the amax be too small), or
+        neither (an amax pass first)."""
         n = x.numel()
         q = _backend.new_output(x.shape, dtype, x.device)
         out_scale = _backend.new_output((), torch.float32, x.device)
@@ -422,7 +424,7 @@ if HAS_TRITON:
         _launch(
             _quant_tensor_kernel, cfg, cdiv(n, cfg["BLOCK"]), x.device,
             x, q, src, out_scale, n, fp8_max(dtype), _INV_QMAX[dtype],
-            FROM_AMAX=scale is None, RECIP=x.device.type == "cuda",
+            FROM_AMAX=scale is None, GIVEN_AMAX=amax is not None, RECIP=x.device.type == "cuda",
         )  # fmt: skip
         return q, out_scale
 
@@ -520,9 +522,11 @@ def quantize_fp8(
         raise ValueError("quantize_fp8: pass a scale or an amax, not both")
     if scale is not None and scale.numel() != 1:
         raise ValueError(f"quantize_fp8: a given scale must have one element, got shape {tuple(scale.shape)}")
-    if amax is not None and (amax.numel() != 1 or amax.dtype != torch.float32):
-        raise ValueError(f"quantize_fp8: amax must be a one-element float32 tensor, got {amax.dtype} "
-                         f"of shape {tuple(amax.shape)}")  # fmt: skip
+    if amax is not None:
+        if amax.numel() != 1 or amax.dtype != torch.float32 or amax.device != x.device:
+            raise ValueError(f"quantize_fp8: amax must be a one-element float32 tensor on x's device ({x.device}), "
+                             f"got {amax.dtype} of shape {tuple(amax.shape)} on {amax.device}")  # fmt: skip
+        amax = amax.detach()  # a statistic: no gradient through the scale on either backend
     if resolve(backend) == "torch" or x.numel() == 0:
         return quantize_fp8_ref(x, granularity, group_size, dtype, scale, amax=amax)
     check_triton_device(x)

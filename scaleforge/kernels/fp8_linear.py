@@ -198,9 +198,9 @@ def fp8_linear(
         raise ValueError(f"fp8_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} need x[..., K], weight[N, K]")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"fp8_linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    if x_amax is not None and (x_amax.numel() != 1 or x_amax.dtype != torch.float32):
-        raise ValueError(f"fp8_linear: x_amax must be a one-element float32 tensor, got {x_amax.dtype} "
-                         f"of shape {tuple(x_amax.shape)}")  # fmt: skip
+    if x_amax is not None and (x_amax.numel() != 1 or x_amax.dtype != torch.float32 or x_amax.device != x.device):
+        raise ValueError(f"fp8_linear: x_amax must be a one-element float32 tensor on x's device ({x.device}), "
+                         f"got {x_amax.dtype} of shape {tuple(x_amax.shape)} on {x_amax.device}")  # fmt: skip
     name = resolve(backend)
     if name == "torch":
         y = fp8_linear_ref(x, weight, bias, x_amax)

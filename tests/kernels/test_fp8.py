@@ -306,7 +306,7 @@ def test_bad_arguments_are_named():
         quantize_fp8(x, "group", 16, amax=amax)
     with pytest.raises(ValueError, match="not both"):
         quantize_fp8(x, amax=amax, scale=amax / 448)
-    with pytest.raises(ValueError, match="amax must be a one-element float32 tensor, got torch.float16"):
+    with pytest.raises(ValueError, match="amax must be a one-element float32 tensor on x's device .* got torch.float16"):
         quantize_fp8(x, amax=amax.half())
     with pytest.raises(ValueError, match=r"of shape \(2,\)"):
         quantize_fp8(x, amax=amax.repeat(2))
@@ -335,6 +335,17 @@ def test_per_tensor_with_a_given_amax(dtype, in_dtype):
     qmax = torch.finfo(dtype).max
     over = x.float().abs() > small
     assert over.any() and torch.equal(q.float()[over].abs(), torch.full_like(q.float()[over], qmax))
+    # far too small an amax (x / s overflows fp32): clamped before the division, the sign kept, as the reference
+    big = torch.tensor([1e30, 1.0, -1e30, 2.0] * 16, device=DEVICE)
+    zero = torch.zeros((), device=DEVICE)
+    q, s = quantize_fp8(big, "tensor", dtype=dtype, amax=zero, backend="triton")
+    qr, sr = quantize_fp8_ref(big, "tensor", dtype=dtype, amax=zero)
+    assert torch.equal(s, sr) and torch.equal(q.float(), qr.float()) and q.float()[0] == qmax and q.float()[2] == -qmax
+    # an amax that carries a gradient (computed from a leaf): a statistic, no gradient through the scale
+    leaf = x.float().detach().requires_grad_()
+    for backend in ("triton", "torch"):
+        q, s = quantize_fp8(x, "tensor", dtype=dtype, amax=leaf.abs().amax(), backend=backend)
+        assert not s.requires_grad and torch.equal(s, s0)
 
 
 # ---- COAT optimizer-state codec -------------------------------------------------------------------
