@@ -26,4 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()  # an exception leaves through the normal path (@record writes it for launch)
+    from scaleforge.platform.dist import exit_process
+
+    exit_process(code)  # finished: skip interpreter finalization (see exit_process)

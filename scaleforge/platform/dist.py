@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -77,3 +79,21 @@ def barrier() -> None:
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End a worker process that has finished its work (outputs written and closed, process group destroyed)
+    without Python's interpreter finalization. torch's gloo backend can abort a process there, after a clean
+    run: "terminate called without an active exception", SIGABRT (exit -6), from C++ threads and work objects
+    torn down with the interpreter (pytorch/pytorch#179291 describes the mechanism). We saw it now and then in
+    spawned test workers and in trainer ranks on CPU, after destroy_process_group and a final barrier; torchrun
+    or Slurm would then report a finished run as failed. Flushes stdio and logging first."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing left to flush
+            pass
+    os._exit(code)

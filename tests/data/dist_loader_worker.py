@@ -50,3 +50,6 @@ def main(pattern: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    from scaleforge.platform.dist import exit_process
+
+    exit_process(0)  # done: no interpreter finalization, where gloo can abort the process (see exit_process)

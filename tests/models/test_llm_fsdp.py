@@ -42,6 +42,9 @@ def _fsdp_load_worker(rank: int, world: int, init_file: str, hf_dir: str, out_fi
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    from scaleforge.platform.dist import exit_process
+
+    exit_process(0)  # done: no interpreter finalization, where gloo can abort the process (see exit_process)
 
 
 @pytest.mark.slow

@@ -74,6 +74,9 @@ def _worker(rank, world, port, out_dir):
     except Exception:
         Path(out_dir, f"error_{rank}.txt").write_text(traceback.format_exc())
         raise
+    from scaleforge.platform.dist import exit_process
+
+    exit_process(0)  # done: no interpreter finalization, where gloo can abort the process (see exit_process)
 
 
 @pytest.mark.slow

@@ -103,6 +103,9 @@ def _worker(rank, world, init_file, out_file):
         torch.save(result, out_file)
     dist.barrier()
     dist.destroy_process_group()
+    from scaleforge.platform.dist import exit_process
+
+    exit_process(0)  # done: no interpreter finalization, where gloo can abort the process (see exit_process)
 
 
 @pytest.mark.slow

@@ -48,5 +48,8 @@ def worker_main(out_dir: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--worker":
         worker_main(sys.argv[2])
+        from scaleforge.platform.dist import exit_process
+
+        exit_process(0)  # done: no interpreter finalization, where gloo can abort the process (see exit_process)
     else:
         node_main(sys.argv[1], int(sys.argv[2]))
