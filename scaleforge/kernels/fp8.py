@@ -492,6 +492,15 @@ if HAS_TRITON:
         return y
 
 
+def _checked_amax(amax: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
+    """A given max|x| (quantize_fp8's amax, fp8_linear's x_amax), validated and detached: a statistic, no
+    gradient through the scale on either backend."""
+    if amax.numel() != 1 or amax.dtype != torch.float32 or amax.device != x.device:
+        raise ValueError(f"{what} must be a one-element float32 tensor on x's device ({x.device}), "
+                         f"got {amax.dtype} of shape {tuple(amax.shape)} on {amax.device}")  # fmt: skip
+    return amax.detach()
+
+
 def _pow2(group_size: int, what: str) -> None:
     if group_size & (group_size - 1):
         raise ValueError(f"{what}: the triton kernels need a power-of-two group_size (got {group_size}); use backend='torch'")
@@ -523,10 +532,7 @@ def quantize_fp8(
     if scale is not None and scale.numel() != 1:
         raise ValueError(f"quantize_fp8: a given scale must have one element, got shape {tuple(scale.shape)}")
     if amax is not None:
-        if amax.numel() != 1 or amax.dtype != torch.float32 or amax.device != x.device:
-            raise ValueError(f"quantize_fp8: amax must be a one-element float32 tensor on x's device ({x.device}), "
-                             f"got {amax.dtype} of shape {tuple(amax.shape)} on {amax.device}")  # fmt: skip
-        amax = amax.detach()  # a statistic: no gradient through the scale on either backend
+        amax = _checked_amax(amax, x, "quantize_fp8: amax")
     if resolve(backend) == "torch" or x.numel() == 0:
         return quantize_fp8_ref(x, granularity, group_size, dtype, scale, amax=amax)
     check_triton_device(x)

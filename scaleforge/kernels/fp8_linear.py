@@ -24,7 +24,7 @@ import torch
 
 from scaleforge.kernels import _backend
 from scaleforge.kernels._backend import HAS_TRITON, check_triton_device, resolve
-from scaleforge.kernels.fp8 import quantize_fp8
+from scaleforge.kernels.fp8 import _checked_amax, quantize_fp8
 from scaleforge.kernels.reference.fp8 import fp8_max
 from scaleforge.kernels.reference.fp8_linear import fp8_linear_ref
 
@@ -198,9 +198,8 @@ def fp8_linear(
         raise ValueError(f"fp8_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} need x[..., K], weight[N, K]")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"fp8_linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    if x_amax is not None and (x_amax.numel() != 1 or x_amax.dtype != torch.float32 or x_amax.device != x.device):
-        raise ValueError(f"fp8_linear: x_amax must be a one-element float32 tensor on x's device ({x.device}), "
-                         f"got {x_amax.dtype} of shape {tuple(x_amax.shape)} on {x_amax.device}")  # fmt: skip
+    if x_amax is not None:
+        x_amax = _checked_amax(x_amax, x, "fp8_linear: x_amax")
     name = resolve(backend)
     if name == "torch":
         y = fp8_linear_ref(x, weight, bias, x_amax)
@@ -210,7 +209,7 @@ def fp8_linear(
         if k % 16 or n % 16:
             raise ValueError(f"fp8_linear: torch._scaled_mm needs in/out features divisible by 16, got K={k}, N={n}")
         x2 = x.reshape(-1, k)
-        y = _fp8_linear_fwd(x2, weight, bias, None if x_amax is None else x_amax.detach())[0].view(*x.shape[:-1], n)
+        y = _fp8_linear_fwd(x2, weight, bias, x_amax)[0].view(*x.shape[:-1], n)
     if output_group_size is None:
         return y
     return y, quantize_fp8(y.detach(), "group", output_group_size, backend=name)

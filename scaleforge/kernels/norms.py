@@ -720,12 +720,14 @@ def _mod_rows(t: torch.Tensor | None, x: torch.Tensor, name: str) -> int:
     return cached_call(_mod_layout, tuple(t.shape), tuple(x.shape), name)
 
 
-def _with_amax(out, return_amax: bool):
-    """The public return: y or (y, h), with max|y| (an fp32 0-d tensor) appended when asked for."""
+def _with_amax(out, return_amax: bool, amax: torch.Tensor | None = None):
+    """The public return: y or (y, h), with max|y| (an fp32 0-d tensor) appended when asked for: the kernel's
+    amax, or computed here from y (the torch reference path)."""
     if not return_amax:
         return out
-    y = (out[0] if isinstance(out, tuple) else out).detach()
-    amax = y.abs().amax().float() if y.numel() else y.new_zeros((), dtype=torch.float32)
+    if amax is None:
+        y = (out[0] if isinstance(out, tuple) else out).detach()
+        amax = y.abs().amax().float() if y.numel() else y.new_zeros((), dtype=torch.float32)
     return (*out, amax) if isinstance(out, tuple) else (out, amax)
 
 
@@ -752,11 +754,8 @@ def _norm(x, weight, bias, eps, shift, scale, residual, gate, is_rms, return_ama
         x.contiguous(), _contig(residual), _contig(gate), _contig(weight), _contig(bias),
         _contig(shift), _contig(scale), p_gate, p_shift, p_scale, float(eps), is_rms, bool(return_amax),
     )  # fmt: skip
-    out = y if residual is None else (y, h)
-    if not return_amax:
-        return out
-    amax = amax.view(torch.float32)  # the kernel's int32 bits of max|y|
-    return (*out, amax) if residual is not None else (y, amax)
+    # amax: the kernel's int32 bits of max|y| (empty unless asked for)
+    return _with_amax(y if residual is None else (y, h), return_amax, amax.view(torch.float32))
 
 
 def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
