@@ -390,15 +390,15 @@ def bench_producer_amax(roof, sheet, smoke):
         ms, g_plain, g_amax = bench(with_amax), graph_bench(plain, 10), graph_bench(with_amax, 10)
         add_row("layer_norm + adaLN modulate fwd, return_amax", f"{b}x{n}x{c}", ms, 2 * e, "GB/s", roof, sheet,
                 extra=f"device time: {g_amax:.4f} ms with the amax, {g_plain:.4f} ms without")  # fmt: skip
-        y, amax = with_amax()
         # the pair a COAT linear input goes through: norm, then the per-tensor quantize of its output
         pair_own = lambda: K.quantize_fp8(plain(), "tensor")  # noqa: E731
         pair_fused = lambda: _quant_with(with_amax())  # noqa: E731
+        pair_bytes = 2 * e + x.numel() * 3  # the norm's read and write, the quantize's logical 3 B/element
         for label, fn in (("own amax pass", pair_own), ("the norm's amax", pair_fused)):
             ms, g = bench(fn), graph_bench(fn, 10)
-            add_row(f"layer_norm + modulate fwd -> quantize_fp8 tensor ({label})", f"{b}x{n}x{c}", ms,
-                    2 * e + x.numel() * 3, "GB/s", roof, sheet, extra=f"device time {g:.4f} ms "
-                    f"({100 * (2 * e + x.numel() * 3) / g / 1e-3 / roof['bw']:.0f}% of copy)")  # fmt: skip
+            add_row(f"layer_norm + modulate fwd -> quantize_fp8 tensor ({label})", f"{b}x{n}x{c}", ms, pair_bytes,
+                    "GB/s", roof, sheet, extra=f"device time {g:.4f} ms ({_pct_of_copy(pair_bytes, g, roof):.0f}% "
+                    "of copy)")  # fmt: skip
     s2 = 512 if smoke else 8192
     xq = torch.randn(s2, s2, device=DEV, dtype=dt)
     a = xq.abs().amax().float()
@@ -406,7 +406,12 @@ def bench_producer_amax(roof, sheet, smoke):
     fn = lambda: K.quantize_fp8(xq, "tensor", amax=a, backend="triton")  # noqa: E731
     ms, g = bench(fn), graph_bench(fn, 10)
     add_row("quantize_fp8 tensor, amax from the producer", f"{s2}x{s2} bf16", ms, nbytes, "GB/s", roof, sheet,
-            extra=f"one pass; device time {g:.4f} ms ({100 * nbytes / g / 1e-3 / roof['bw']:.0f}% of copy)")  # fmt: skip
+            extra=f"one pass; device time {g:.4f} ms ({_pct_of_copy(nbytes, g, roof):.0f}% of copy)")  # fmt: skip
+
+
+def _pct_of_copy(nbytes, ms, roof):
+    """Percent of the measured copy bandwidth for nbytes moved in ms (a device time from graph_bench)."""
+    return 100 * nbytes / (ms * 1e-3) / roof["bw"]
 
 
 def _quant_with(y_amax):

@@ -312,29 +312,6 @@ def main():
 
         explicit = [NormConfig(*map(field, c.split(","))) for c in args.configs.split(";") if c.strip()]
 
-    def cfgs_a(c, key, pas):
-        d = defaults(c, key)[pas == "bwd"]
-        return [d] + [x for x in (explicit if explicit is not None else phase_a(c, pas == "bwd", args.smoke))
-                      if x != d]
-
-    warm([(key, s[2], pas, cfg) for s, key in plan for pas in passes for cfg in cfgs_a(s[2], key, pas)],
-         args.procs)  # fmt: skip
-    t_a = time.time()
-    b_cfgs = {}
-    for shape, key in plan:  # phase A
-        case = Case(key, shape)
-        case.eager = eager_times(case)
-        for pas in passes:
-            d = defaults(shape[2], key)[pas == "bwd"]
-            for cfg in cfgs_a(shape[2], key, pas):
-                sweep.run(case, pas, cfg, d)
-            top = sweep.top(key, shape, pas)
-            b_cfgs[(shape, key, pas)] = [] if explicit is not None else (
-                phase_b(top, pas == "bwd", args.smoke) + phase_c(top, pas == "bwd", args.smoke))
-        del case
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
-
     def warm_phase(cfgs):
         """Compile a phase's configs {(shape, case key, pass): [NormConfig]} in parallel workers."""
         warm([(key, shape[2], pas, cfg) for (shape, key, pas), phase in cfgs.items() for cfg in phase], args.procs)
@@ -353,6 +330,23 @@ def main():
             del case
             if DEV == "cuda":
                 torch.cuda.empty_cache()
+
+    # phase A (or the --configs list): the default first
+    a_cfgs = {}
+    for shape, key in plan:
+        for pas in passes:
+            d = defaults(shape[2], key)[pas == "bwd"]
+            listed = explicit if explicit is not None else phase_a(shape[2], pas == "bwd", args.smoke)
+            a_cfgs[(shape, key, pas)] = [d] + [x for x in listed if x != d]
+    warm_phase(a_cfgs)
+    t_a = time.time()
+    time_phase(a_cfgs)
+    b_cfgs = {}
+    for shape, key in plan:
+        for pas in passes:
+            top = sweep.top(key, shape, pas)
+            b_cfgs[(shape, key, pas)] = [] if explicit is not None else (
+                phase_b(top, pas == "bwd", args.smoke) + phase_c(top, pas == "bwd", args.smoke))
 
     warm_phase(b_cfgs)
     t_b = time.time()

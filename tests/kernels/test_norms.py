@@ -362,8 +362,8 @@ def test_non_contiguous_inputs_and_empty_x():
 )
 def test_return_amax_is_the_outputs_max_and_quantizes_like_its_own_pass(monkeypatch, fn_name, kind, cfg):
     """return_amax: max|y| folded by every program (tail tiles, C = 80 with 48 masked columns unsplit, many
-    programs) into one fp32 0-d tensor, equal to max|y| of the y it returns; quantize_fp8 and fp8_linear's
-    reference given that amax give the codes and scale of their own amax pass. x sits 50 away from zero, so
+    programs) into one fp32 0-d tensor, equal to max|y| of the y it returns; quantize_fp8 given that amax gives
+    the codes and scale of its own amax pass (fp8_linear's x_amax: test_fp8_linear.py). x sits 50 away from zero, so
     the layer norm's masked lanes (computed from zeros: about -50 x weight) would win the max were they not
     masked. The weight's last column (20, the others ~1) puts the max in the split layout's second piece.
     Gradients are unchanged by the flag."""
