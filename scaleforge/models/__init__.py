@@ -9,6 +9,7 @@ RECIPES: dict[str, str] = {
     "llm": "scaleforge.models.llm.recipe:LLMRecipe",
     "sana": "scaleforge.models.sana.recipe:SanaRecipe",
     "nvila": "scaleforge.models.nvila.recipe:NVILARecipe",
+    "ps3": "scaleforge.models.ps3.recipe:PS3Recipe",
 }
 
 
