@@ -1,0 +1,154 @@
+"""Ours against the peers, one after another on one machine, in one table.
+
+    python benchmarks/peers/compare.py --nproc 1 --steps 30 --warmup 10          # one GPU, ~5 min
+    python benchmarks/peers/compare.py --smoke                                   # CPU, tiny dims
+
+Rows (every one a separate process, so each starts from a cold allocator and compile cache):
+- ``ours``: ``launch --config lm_1b.yaml`` through ``benchmarks/lm_train.py`` (compiled), the reference row;
+- ``naive FSDP2, GPT 0.94B`` eager and compiled, ``naive FSDP2, Llama (lm_1b dims)`` compiled and
+  ``our model in the naive loop`` (+ ``torchao float8``): ``benchmarks/peers/naive_fsdp2.py``;
+- ``torchtitan``: torchtitan's own trainer on lm_1b's model, ``benchmarks/peers/torchtitan_lm_1b.py``.
+
+Columns: tokens/s/GPU, MFU against 989 TFLOP/s and against the bf16 matmul ceiling measured at the start
+(8192^3), peak memory, and two ratios to ours: tokens/s (same model rows) and FLOP rate (MFU; the GPT row
+has ~5% fewer FLOPs per token than lm_1b). A row that fails prints its reason and the table goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+from flops import mfu  # noqa: E402
+
+
+def matmul_ceiling_tflops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def _run(cmd: list[str], timeout: int) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 124, f"timed out after {timeout} s"
+    return r.returncode, r.stdout + r.stderr
+
+
+def run_ours(args) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "ours.json"
+        config = "lm_tiny.yaml" if args.smoke else "lm_1b.yaml"
+        cmd = [sys.executable, str(ROOT / "benchmarks/lm_train.py"), "--config", config, "--nproc", str(args.nproc),
+               "--compile", "off" if args.smoke else "on", "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--micro-batch", str(args.micro_batch), "--json", str(out)]
+        rc, log = _run(cmd, args.timeout)
+        if rc != 0 or not out.exists():
+            return {"error": log[-400:]}
+        r = json.loads(out.read_text())[0]
+    if "error" in r:
+        return {"error": r["error"][-400:]}
+    tps = r["tokens_per_s_per_device"]
+    return {"tokens_per_s_per_gpu": tps, "mfu": mfu(tps, recipe_flops_per_token(config)), "peak_mem_gib": r["mem_peak_gib"]}
+
+
+def recipe_flops_per_token(config: str) -> float:
+    """The llm recipe's formula (the one of flops.py) for the config's model."""
+    from scaleforge.models import get_recipe_class, recipe_config_class
+    from scaleforge.platform.config import load_config
+
+    cfg = load_config(config, [], recipe_config=recipe_config_class)
+    recipe = get_recipe_class(cfg.model.recipe)(cfg.model, cfg)
+    return recipe.flops_per_sample() / recipe.cfg.seq_len
+
+
+def run_script(args, script: str, extra: list[str]) -> dict:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    cmd = [*torchrun, str(HERE / script), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--micro-batch", str(args.micro_batch), *(["--tiny"] if args.smoke else []), *extra]
+    rc, log = _run(cmd, args.timeout)
+    for line in log.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"error": (log.strip().splitlines() or ["no output"])[-1][-400:] if rc else "no RESULT line"}
+
+
+ROWS = [
+    ("ours: launch lm_1b (compiled)", "ours", []),
+    ("naive FSDP2, GPT 0.94B, eager", "naive_fsdp2.py", ["--arch", "gpt"]),
+    ("naive FSDP2, GPT 0.94B, compiled", "naive_fsdp2.py", ["--arch", "gpt", "--compile"]),
+    ("naive FSDP2, Llama lm_1b dims, compiled", "naive_fsdp2.py", ["--arch", "llama", "--compile"]),
+    ("our model in the naive loop, compiled", "naive_fsdp2.py", ["--arch", "ours", "--compile"]),
+    ("our model in the naive loop, compiled + torchao float8", "naive_fsdp2.py", ["--arch", "ours", "--compile", "--float8"]),
+    ("torchtitan 0.3.0, lm_1b model (compiled)", "torchtitan_lm_1b.py", []),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--only", help="comma-separated row numbers (0 = ours, always run) to run")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per row")
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny dims, compile off, no float8 / torchtitan")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    if args.smoke:
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+    keep = {0} | {int(i) for i in args.only.split(",")} if args.only else set(range(len(ROWS)))
+    ceiling = matmul_ceiling_tflops()
+    print(f"bf16 matmul ceiling (8192^3): {ceiling:.0f} TFLOP/s" if ceiling else "bf16 matmul ceiling: no GPU")
+    print("| # | stack | tokens/s/GPU | MFU (989) | MFU (ceiling) | peak mem (GiB) | tokens/s ratio to ours | "
+          "FLOP-rate ratio to ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows, ours = [], None
+    for i, (name, script, extra) in enumerate(ROWS):
+        if i not in keep:
+            continue
+        if args.smoke:  # CPU: eager only; float8 and torchtitan need a GPU
+            if script == "torchtitan_lm_1b.py" or "--float8" in extra:
+                continue
+            extra = [e for e in extra if e != "--compile"]
+        r = run_ours(args) if script == "ours" else run_script(args, script, extra)
+        r["stack"] = name
+        rows.append(r)
+        if "error" in r:
+            print(f"| {i} | {name} | failed: {r['error']!r} |||||", flush=True)
+            continue
+        ours = ours or (r if i == 0 else None)
+        tok_ratio = f"{r['tokens_per_s_per_gpu'] / ours['tokens_per_s_per_gpu']:.3f}" if ours else "n/a"
+        flop_ratio = f"{r['mfu'] / ours['mfu']:.3f}" if ours else "n/a"
+        if ours and "GPT" in name:
+            tok_ratio += " (other model)"
+        mfu_c = f"{100 * r['mfu'] * 989.0 / ceiling:.1f}%" if ceiling else "n/a"
+        print(f"| {i} | {name} | {r['tokens_per_s_per_gpu']:,.0f} | {100 * r['mfu']:.1f}% | {mfu_c} | "
+              f"{r['peak_mem_gib']:.1f} | {tok_ratio} | {flop_ratio} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"matmul_ceiling_tflops": ceiling, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
