@@ -15,14 +15,17 @@ from scaleforge.kernels.fp8 import (
     quantize_fp8_state,
 )
 from scaleforge.kernels.fp8_linear import fp8_linear
+from scaleforge.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from scaleforge.kernels.linear_attention import relu_linear_attention
 from scaleforge.kernels.norms import layer_norm, rms_norm
+from scaleforge.kernels.swiglu import swiglu
 
 __all__ = [
     "FP8State",
     "dequantize_fp8",
     "dequantize_fp8_state",
     "fp8_linear",
+    "fused_linear_cross_entropy",
     "get_backend",
     "layer_norm",
     "quantize_fp8",
@@ -30,5 +33,6 @@ __all__ = [
     "relu_linear_attention",
     "rms_norm",
     "set_backend",
+    "swiglu",
     "use_backend",
 ]

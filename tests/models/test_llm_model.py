@@ -47,9 +47,9 @@ def test_document_mask_reference():
     assert positions_from_document_ids(docs).tolist() == [[0, 1, 0, 1, 2, 0]]
 
 
-@pytest.mark.parametrize("kernels", ["torch", "flex"])
-def test_packed_row_equals_separate_samples(kernels):
-    model = _model(kernels=kernels)
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_packed_row_equals_separate_samples(attention):
+    model = _model(attention=attention)
     torch.manual_seed(1)
     lengths = [7, 12, 5]
     samples = [torch.randint(0, 256, (1, n)) for n in lengths]
@@ -153,8 +153,13 @@ def test_config_presets_and_overrides():
         LLMModelConfig(preset="tiny", n_kv_heads=3).resolved()
     with pytest.raises(ConfigError, match="model.vocab_size: required"):
         LLMModelConfig(preset=None, dim=64).resolved()
-    with pytest.raises(ConfigError, match="model.kernels"):
-        LLMModelConfig(kernels="triton").resolved()
+    with pytest.raises(ConfigError, match="model.kernels: 'cuda'"):
+        LLMModelConfig(kernels="cuda").resolved()
+    with pytest.raises(ConfigError, match="model.attention: 'triton'"):
+        LLMModelConfig(attention="triton").resolved()
+    # the old meaning of model.kernels (the attention implementation) names the key it moved to
+    with pytest.raises(ConfigError, match=r"model.kernels=flex: .* kernel library .* is model.attention"):
+        LLMModelConfig(kernels="flex").resolved()
 
 
 def test_flops_and_param_counts_of_presets():

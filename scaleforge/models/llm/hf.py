@@ -342,7 +342,7 @@ def _copy_into(param: torch.Tensor, full: torch.Tensor, what: str) -> None:
 def from_pretrained(hf_dir: str | os.PathLike, dtype: Optional[torch.dtype] = None,
                     device: torch.device | str = "cpu", **overrides: Any) -> Transformer:
     """Build our ``Transformer`` from an HF Llama/Qwen2 directory and load its weights.
-    ``overrides``: non-architecture config fields (e.g. ``kernels="flex"``)."""
+    ``overrides``: non-architecture config fields (e.g. ``attention="flex"``)."""
     cfg = LLMModelConfig(preset=None, init_from=str(hf_dir), **overrides).resolved()
     with torch.device("meta"):
         model = Transformer(cfg)

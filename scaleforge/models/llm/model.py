@@ -13,8 +13,8 @@ are computed per forward from ``position_ids``), so building on the ``meta`` dev
 
 Packed sequences: pass ``document_ids`` (B, S) (or flash-attention style ``cu_seqlens``) and attention
 never crosses a document boundary; positions restart at 0 in each document unless ``position_ids`` is
-given. With ``kernels="torch"`` this uses an explicit block-diagonal causal mask in
-``F.scaled_dot_product_attention`` (any device); ``kernels="flex"`` uses ``flex_attention`` with a
+given. With ``attention="sdpa"`` this uses an explicit block-diagonal causal mask in
+``F.scaled_dot_product_attention`` (any device); ``attention="flex"`` uses ``flex_attention`` with a
 document block mask (sparse, for long packed rows on GPU; fused only under ``torch.compile``, i.e.
 ``parallel.compile=true``, otherwise flex falls back to an unfused path; no backward on CPU).
 """
@@ -63,7 +63,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                       qkv_bias=False, tied_embeddings=False, seq_len=8192),
 }
 
-KERNELS = ("torch", "flex")
+KERNELS = ("torch", "triton")
+ATTENTION = ("sdpa", "flex")
 ROPE_TYPES = ("default", "llama3")
 
 
@@ -98,7 +99,10 @@ class LLMModelConfig:
     init_std: float = 0.02
     init_from: Optional[str] = None  # HF model directory (config.json + safetensors)
     seq_len: Optional[int] = None  # training sequence length (tokens per sample)
-    kernels: str = "torch"  # torch (SDPA) | flex (flex_attention for packed rows)
+    # torch | triton: the kernel library switch of every recipe (triton: scaleforge.kernels' fused RMSNorm,
+    # SwiGLU and chunked linear + cross-entropy on GPU; their torch references elsewhere)
+    kernels: str = "torch"
+    attention: str = "sdpa"  # sdpa (F.scaled_dot_product_attention) | flex (flex_attention, sparse packed rows)
 
     # -- derived ---------------------------------------------------------------------------------
     def resolved(self) -> "LLMModelConfig":
@@ -145,8 +149,15 @@ class LLMModelConfig:
     def validate(self) -> None:
         from scaleforge.platform.config import ConfigError
 
+        if self.kernels in ATTENTION:
+            raise ConfigError(
+                f"model.kernels={self.kernels}: model.kernels selects the kernel library ({' | '.join(KERNELS)}); "
+                f"the attention implementation is model.attention ({' | '.join(ATTENTION)})"
+            )
         if self.kernels not in KERNELS:
             raise ConfigError(f"model.kernels: {self.kernels!r} is not one of {', '.join(KERNELS)}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"model.attention: {self.attention!r} is not one of {', '.join(ATTENTION)}")
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"model.rope_type: {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
         if self.rope_type == "llama3":
@@ -173,16 +184,32 @@ _FIELD_NAMES = {f.name for f in dataclasses.fields(LLMModelConfig)}
 # ---------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------
+def _fused(kernels: str, x: torch.Tensor) -> bool:
+    """Whether to call scaleforge.kernels' Triton kernels: ``model.kernels=triton`` and a CUDA tensor (or the
+    Triton CPU interpreter, which the kernel tests use). Elsewhere a model configured for them computes the same
+    function in torch."""
+    if kernels != "triton":
+        return False
+    from scaleforge.kernels._backend import triton_interpreting
+
+    return x.is_cuda or triton_interpreting()
+
+
 class RMSNorm(nn.Module):
     """``weight * x / sqrt(mean(x^2) + eps)``, normalized in fp32 and cast back before the weight
-    (the order HF's Llama/Qwen2 RMSNorm uses, so bf16 outputs match too)."""
+    (the order HF's Llama/Qwen2 RMSNorm uses, so bf16 outputs match too). With ``kernels="triton"`` on GPU
+    one fused kernel (``scaleforge.kernels.rms_norm``, which applies the weight in fp32 before the cast)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernels: str = "torch"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(self.kernels, x):
+            from scaleforge.kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, backend="triton")
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -234,7 +261,7 @@ class AttentionMask:
 
     ``causal``: plain causal attention over the whole row (SDPA ``is_causal``).
     ``dense``: a boolean (B, 1, Sq, Sk) mask, True = attend (packed rows on SDPA, cached decoding).
-    ``block_mask``: a flex_attention ``BlockMask`` (packed rows with ``kernels="flex"``).
+    ``block_mask``: a flex_attention ``BlockMask`` (packed rows with ``attention="flex"``).
     """
 
     causal: bool = True
@@ -350,26 +377,51 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x) (HF: gate_proj = w1, up_proj = w3, down_proj = w2)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x) (HF: gate_proj = w1, up_proj = w3, down_proj = w2); the gate is one fused
+    kernel (``scaleforge.kernels.swiglu``) with ``kernels="triton"`` on GPU."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, kernels: str = "torch"):
         super().__init__()
+        self.kernels = kernels
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(self.kernels, x):
+            from scaleforge.kernels import swiglu
+
+            return self.w2(swiglu(self.w1(x), self.w3(x), backend="triton"))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class OutputProjection(nn.Linear):
+    """The LM head (an ``nn.Linear``: same parameters and state-dict keys). Called with ``labels`` it returns
+    the summed cross-entropy instead of logits, through ``scaleforge.kernels.fused_linear_cross_entropy`` (chunked,
+    never all logits at once) with ``kernels="triton"`` on GPU, else its full-logits fp32 reference. Called as a
+    module so that FSDP gathers its weight when it is a unit of its own."""
+
+    def __init__(self, dim: int, vocab: int, kernels: str = "torch"):
+        super().__init__(dim, vocab, bias=False)
+        self.kernels = kernels
+
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        from scaleforge.kernels import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(h, self.weight, labels, ignore_index=-100,
+                                          backend="triton" if _fused(self.kernels, h) else "torch")
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: LLMModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden, cfg.kernels)
 
     def forward(self, x, cos, sin, mask: AttentionMask, cache: Optional[KVCache] = None):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_idx)
@@ -387,8 +439,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
+        self.output = OutputProjection(cfg.dim, cfg.vocab_size, cfg.kernels)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -439,7 +491,7 @@ class Transformer(nn.Module):
             return AttentionMask(causal=False, dense=(k_pos[None, :] <= q_pos[:, None])[None, None])
         if document_ids is None:
             return AttentionMask(causal=True)
-        if self.cfg.kernels == "flex":
+        if self.cfg.attention == "flex":
             return AttentionMask(causal=False, block_mask=_flex_document_block_mask(document_ids))
         return AttentionMask(causal=False, dense=document_causal_mask(document_ids))
 
@@ -452,6 +504,7 @@ class Transformer(nn.Module):
         inputs_embeds: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         return_hidden: bool = False,
+        labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits (B, S, vocab) of ``input_ids`` (B, S) or of ``inputs_embeds`` (B, S, dim).
 
@@ -459,7 +512,8 @@ class Transformer(nn.Module):
         documents; attention stays within each. ``position_ids`` default to 0..S-1 (restarting per
         document when packed; offset by the cache length when decoding with ``cache``).
         ``return_hidden``: return the final-norm hidden states instead of logits (e.g. for a chunked
-        loss).
+        loss). ``labels`` (B, S), aligned with the outputs (already shifted; -100 = no loss): return the
+        summed cross-entropy through ``OutputProjection`` instead of logits.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -482,6 +536,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += s
         h = self.norm(h)
+        if labels is not None:
+            return self.output(h, labels=labels)
         return h if return_hidden else self.output(h)
 
     # -- generation --------------------------------------------------------------------------------

@@ -100,8 +100,13 @@ class LLMRecipe(Recipe):
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)
         docs = batch.get("document_ids", batch.get("seq_ids"))
-        logits = model(input_ids, position_ids=batch.get("position_ids"), document_ids=docs)
-        loss = self._loss_fn(logits, labels)
+        if self.cfg.kernels == "triton":  # the fused, chunked head + loss: no full logits
+            targets = torch.full_like(labels, IGNORE_INDEX)
+            targets[:, :-1] = labels[:, 1:]
+            loss = model(input_ids, position_ids=batch.get("position_ids"), document_ids=docs, labels=targets)
+        else:
+            logits = model(input_ids, position_ids=batch.get("position_ids"), document_ids=docs)
+            loss = self._loss_fn(logits, labels)
         num_items = (labels[:, 1:] != IGNORE_INDEX).sum()
         return LossOutput(loss=loss, num_items=num_items, num_tokens=int(input_ids.numel()))
 
@@ -160,6 +165,10 @@ class LLMRecipe(Recipe):
         per_vocab = (wide_vocab - base) / probe / 256
         tokens = micro_batch_size * c.seq_len
         logits = tokens * c.vocab_size * (per_vocab + (2 if compiled else 4 + 2))  # saved + transient gradient
+        if c.kernels == "triton":  # fused head: one chunk of bf16 logits, plus dx and dweight kept for backward
+            from scaleforge.kernels.fused_linear_cross_entropy import default_chunk
+
+            logits = 2 * (default_chunk(tokens, c.dim, c.vocab_size) * c.vocab_size + tokens * c.dim + c.vocab_size * c.dim)
         if activation_checkpointing:
             blocks = tokens * (c.n_layers * 2 * c.dim + per_block)
         else:

@@ -65,7 +65,7 @@ class SanaModelConfig:
     use_pe: bool = False  # sincos PE (the 2K/4K configs switch it on)
     pe_interpolation: float = 1.0
     fp32_attention: bool = True
-    kernels: str = "torch"  # torch | triton (scaleforge.kernels linear attention)
+    kernels: str = "torch"  # torch | triton: the kernel library switch (linear attention, fused norms)
 
     # flow matching
     flow_shift: float = 3.0  # 3.0 for 1.6B at 512/1024, 4.0 for 600M at 1024, 6.0 at 4K
