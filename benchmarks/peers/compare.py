@@ -4,7 +4,8 @@
     python benchmarks/peers/compare.py --smoke                                   # CPU, tiny dims
 
 Rows (every one a separate process, so each starts from a cold allocator and compile cache):
-- ``ours``: ``launch --config lm_1b.yaml`` through ``benchmarks/lm_train.py`` (compiled), the reference row;
+- ``ours``: ``launch --config lm_1b.yaml`` through ``benchmarks/lm_train.py`` (compiled), the reference row, and
+  the same with ``model.kernels=triton`` (fused RMSNorm, SwiGLU, chunked linear + cross-entropy);
 - ``naive FSDP2, GPT 0.94B`` eager and compiled, ``naive FSDP2, Llama (lm_1b dims)`` compiled and
   ``our model in the naive loop`` (+ ``torchao float8``): ``benchmarks/peers/naive_fsdp2.py``;
 - ``torchtitan``: torchtitan's own trainer on lm_1b's model, ``benchmarks/peers/torchtitan_lm_1b.py``.
@@ -56,13 +57,13 @@ def _run(cmd: list[str], timeout: int) -> tuple[int, str]:
     return r.returncode, r.stdout + r.stderr
 
 
-def run_ours(args) -> dict:
+def run_ours(args, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "ours.json"
         config = "lm_tiny.yaml" if args.smoke else "lm_1b.yaml"
         cmd = [sys.executable, str(ROOT / "benchmarks/lm_train.py"), "--config", config, "--nproc", str(args.nproc),
                "--compile", "off" if args.smoke else "on", "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--micro-batch", str(args.micro_batch), "--json", str(out)]
+               "--micro-batch", str(args.micro_batch), "--json", str(out), *overrides]
         rc, log = _run(cmd, args.timeout)
         if rc != 0 or not out.exists():
             return {"error": log[-400:]}
@@ -96,6 +97,7 @@ def run_script(args, script: str, extra: list[str]) -> dict:
 
 ROWS = [
     ("ours: launch lm_1b (compiled)", "ours", []),
+    ("ours: launch lm_1b, model.kernels=triton", "ours", ["model.kernels=triton"]),
     ("naive FSDP2, GPT 0.94B, eager", "naive_fsdp2.py", ["--arch", "gpt"]),
     ("naive FSDP2, GPT 0.94B, compiled", "naive_fsdp2.py", ["--arch", "gpt", "--compile"]),
     ("naive FSDP2, Llama lm_1b dims, compiled", "naive_fsdp2.py", ["--arch", "llama", "--compile"]),
@@ -132,7 +134,7 @@ def main() -> None:
             if script == "torchtitan_lm_1b.py" or "--float8" in extra:
                 continue
             extra = [e for e in extra if e != "--compile"]
-        r = run_ours(args) if script == "ours" else run_script(args, script, extra)
+        r = run_ours(args, extra) if script == "ours" else run_script(args, script, extra)
         r["stack"] = name
         rows.append(r)
         if "error" in r:
