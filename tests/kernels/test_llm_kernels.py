@@ -37,3 +37,43 @@ def test_llm_triton_kernels_match_torch_loss_and_gradients():
     assert rel_err(loss_t, loss_r) < 1e-5
     for name, g in grads_r.items():
         assert rel_err(grads_t[name], g) < 1e-4, name
+
+
+def test_nvila_kernel_switch_reaches_the_vision_tower_and_the_llm():
+    """model.kernels=triton in NVILA: the SigLIP LayerNorms, the LLM and the loss use the kernels and give the
+    loss and gradients of model.kernels=torch; the old key names the new one."""
+    import pytest
+
+    from scaleforge.models.nvila.config import NVILAConfig
+    from scaleforge.models.nvila.model import NVILAModel
+    from scaleforge.models.nvila.siglip import SiglipConfig
+    from scaleforge.platform.config import ConfigError
+
+    def run(kernels: str):
+        cfg = NVILAConfig(vision=SiglipConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2,
+                                              patch_size=8, image_size=16, select_layer=-1),
+                          llm=LLMModelConfig(preset="tiny", n_layers=1, vocab_size=64), projector="mlp2x_gelu",
+                          image_mode="single", kernels=kernels, loss_chunk=5)
+        torch.manual_seed(0)
+        model = NVILAModel(cfg)
+        model.init_weights()
+        n_vis = 4  # (16 / 8)^2 patches, one tile
+        ids = torch.randint(0, 60, (1, 12))
+        ids[0, 2:2 + n_vis] = 63
+        loss, _ = model(ids, 63, labels=ids.clone(), pixel_values=torch.randn(1, 3, 16, 16),
+                        media_kind=torch.zeros(1, dtype=torch.long), media_tiles=torch.ones(1, dtype=torch.long),
+                        media_grid=torch.ones(1, 2, dtype=torch.long))
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, model
+
+    loss_t, grads_t, model = run("triton")
+    loss_r, grads_r, _ = run("torch")
+    assert model.llm.cfg.kernels == "triton" and model.vision_tower.encoder.layers[0].layer_norm1.kernels == "triton"
+    assert rel_err(loss_t, loss_r) < 1e-5
+    assert grads_t.keys() == grads_r.keys()
+    for name, g in grads_r.items():  # (the key biases' gradient is zero up to rounding: absolute check)
+        assert rel_err(grads_t[name], g) < 1e-4 or (grads_t[name] - g).abs().max() < 1e-6, name
+    with pytest.raises(ConfigError, match="model.llm.kernels=flex: .* model.llm.attention"):
+        NVILAConfig(llm=LLMModelConfig(kernels="flex")).validate()
+    with pytest.raises(ConfigError, match="model.llm.kernels=triton: NVILA's kernel switch is model.kernels"):
+        NVILAConfig(llm=LLMModelConfig(kernels="triton")).validate()

@@ -184,7 +184,7 @@ _FIELD_NAMES = {f.name for f in dataclasses.fields(LLMModelConfig)}
 # ---------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------
-def _fused(kernels: str, x: torch.Tensor) -> bool:
+def fused_kernels_on(kernels: str, x: torch.Tensor) -> bool:
     """Whether to call scaleforge.kernels' Triton kernels: ``model.kernels=triton`` and a CUDA tensor (or the
     Triton CPU interpreter, which the kernel tests use). Elsewhere a model configured for them computes the same
     function in torch."""
@@ -206,7 +206,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fused(self.kernels, x):
+        if fused_kernels_on(self.kernels, x):
             from scaleforge.kernels import rms_norm
 
             return rms_norm(x, self.weight, self.eps, backend="triton")
@@ -388,7 +388,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fused(self.kernels, x):
+        if fused_kernels_on(self.kernels, x):
             from scaleforge.kernels import swiglu
 
             return self.w2(swiglu(self.w1(x), self.w3(x), backend="triton"))
@@ -411,7 +411,7 @@ class OutputProjection(nn.Linear):
         from scaleforge.kernels import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(h, self.weight, labels, ignore_index=-100,
-                                          backend="triton" if _fused(self.kernels, h) else "torch")
+                                          backend="triton" if fused_kernels_on(self.kernels, h) else "torch")
 
 
 class TransformerBlock(nn.Module):

@@ -56,7 +56,10 @@ class NVILAConfig:
     init_from: Optional[str] = None  # exported NVILA folder (llm/ vision_tower/ mm_projector/)
     vision_init_from: Optional[str] = None  # HF SiglipVisionModel folder
     init_from_run: Optional[str] = None  # previous stage's run dir: its latest checkpoint's model weights
-    loss_chunk: int = 0  # > 0: cross-entropy over chunks of this many tokens (recomputed in backward)
+    loss_chunk: int = 0  # > 0: cross-entropy over chunks of this many tokens (torch: recomputed in backward)
+    # torch | triton: the kernel library switch for the vision tower (fused LayerNorm) and the LLM (fused RMSNorm,
+    # SwiGLU, linear + cross-entropy); model.llm.kernels follows it
+    kernels: str = "torch"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     @property
@@ -69,6 +72,17 @@ class NVILAConfig:
 
         from scaleforge.models.nvila.projector import PROJECTOR_TYPES
 
+        from scaleforge.models.llm.model import ATTENTION, KERNELS
+
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"model.kernels: {self.kernels!r} is not one of {', '.join(KERNELS)}")
+        if self.llm.kernels in ATTENTION:
+            raise ConfigError(f"model.llm.kernels={self.llm.kernels}: the attention implementation is "
+                              f"model.llm.attention ({' | '.join(ATTENTION)}); the kernel library is model.kernels")
+        if self.llm.kernels not in ("torch", self.kernels):
+            raise ConfigError(f"model.llm.kernels={self.llm.kernels}: NVILA's kernel switch is model.kernels "
+                              "(vision tower and LLM together)")
+        self.llm.kernels = self.kernels
         if self.projector not in PROJECTOR_TYPES:
             raise ConfigError(f"model.projector: {self.projector!r} is not one of {', '.join(PROJECTOR_TYPES)}")
         if self.image_mode not in IMAGE_MODES:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scaleforge.models.llm.model import Transformer
+from scaleforge.models.llm.model import Transformer, fused_kernels_on
 from scaleforge.models.nvila import dynamic_s2 as ds2
 from scaleforge.models.nvila.config import NVILAConfig
 from scaleforge.models.nvila.projector import MultimodalProjector, stc_block_size, temporal_pool
@@ -63,7 +63,7 @@ class NVILAModel(nn.Module):
         self.cfg = cfg
         llm_cfg = cfg.llm.resolved()
         with torch.device(device or "cpu"):
-            self.vision_tower = SiglipVisionTower(cfg.vision)
+            self.vision_tower = SiglipVisionTower(cfg.vision, kernels=cfg.kernels)
             self.mm_projector = MultimodalProjector(cfg.projector, cfg.vision.hidden_size * cfg.channel_multiplier,
                                                     llm_cfg.dim)
             self.llm = Transformer(llm_cfg)
@@ -154,6 +154,12 @@ class NVILAModel(nn.Module):
 
     def _lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         chunk = self.cfg.loss_chunk
+        if self.cfg.kernels == "triton":  # fused, chunked head + loss (loss_chunk: its tokens per chunk)
+            from scaleforge.kernels import fused_linear_cross_entropy
+
+            return fused_linear_cross_entropy(hidden, self.llm.output.weight, targets, ignore_index=IGNORE_INDEX,
+                                              chunk_size=chunk if chunk > 0 else None,
+                                              backend="triton" if fused_kernels_on("triton", hidden) else "torch")
         if chunk <= 0 or hidden.shape[0] <= chunk:
             return _ce_sum(hidden, targets, self.llm.output.weight)
         total = hidden.new_zeros((), dtype=torch.float32)

@@ -129,12 +129,30 @@ class SiglipMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class SiglipLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters); one fused kernel (``scaleforge.kernels.layer_norm``) when ``kernels``
+    is ``"triton"`` on GPU."""
+
+    def __init__(self, dim: int, eps: float, device=None, kernels: str = "torch"):
+        super().__init__(dim, eps=eps, device=device)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from scaleforge.models.llm.model import fused_kernels_on
+
+        if fused_kernels_on(self.kernels, x):
+            from scaleforge.kernels import layer_norm
+
+            return layer_norm(x, self.weight, self.bias, self.eps, backend="triton")
+        return super().forward(x)
+
+
 class SiglipEncoderLayer(nn.Module):
-    def __init__(self, cfg: SiglipConfig, device=None):
+    def __init__(self, cfg: SiglipConfig, device=None, kernels: str = "torch"):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, device=device)
+        self.layer_norm1 = SiglipLayerNorm(cfg.hidden_size, cfg.layer_norm_eps, device, kernels)
         self.self_attn = SiglipAttention(cfg, device)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, device=device)
+        self.layer_norm2 = SiglipLayerNorm(cfg.hidden_size, cfg.layer_norm_eps, device, kernels)
         self.mlp = SiglipMLP(cfg, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,20 +161,20 @@ class SiglipEncoderLayer(nn.Module):
 
 
 class SiglipEncoder(nn.Module):
-    def __init__(self, cfg: SiglipConfig, device=None):
+    def __init__(self, cfg: SiglipConfig, device=None, kernels: str = "torch"):
         super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg, device) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg, device, kernels) for _ in range(cfg.num_layers))
 
 
 class SiglipVisionTower(nn.Module):
     """``forward(pixel_values [N, 3, S, S]) -> [N, (S/p)^2, D]`` features of ``cfg.select_layer``."""
 
-    def __init__(self, cfg: SiglipConfig, device: torch.device | None = None):
+    def __init__(self, cfg: SiglipConfig, device: torch.device | None = None, kernels: str = "torch"):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.embeddings = SiglipVisionEmbeddings(cfg, device)
-        self.encoder = SiglipEncoder(cfg, device)
+        self.encoder = SiglipEncoder(cfg, device, kernels)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, device=device)
 
     def unused_parameter_prefixes(self) -> tuple[str, ...]:
