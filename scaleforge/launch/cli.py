@@ -76,7 +76,23 @@ def resolve_job(args):
     if cfg.cluster.procs_per_node < 1:
         _fail(f"cluster.procs_per_node: must be >= 1, got {cfg.cluster.procs_per_node}")
     layout = derive_layout(cfg, nnodes * cfg.cluster.procs_per_node)
+    if layout.tp > 1:
+        _check_tensor_parallel(cfg, layout)
     return cfg, layout, nnodes
+
+
+def _check_tensor_parallel(cfg, layout) -> None:
+    """Heads, KV heads, features, vocabulary and sequence divisible by parallel.tp: checked on the meta
+    model before any worker starts."""
+    import torch
+
+    from scaleforge.models import get_recipe_class
+    from scaleforge.platform.tensor_parallel import check_tensor_parallel
+
+    recipe = get_recipe_class(cfg.model.recipe)(cfg.model, cfg)
+    with torch.device("meta"):
+        model = recipe.build_model(torch.device("meta"))
+    check_tensor_parallel(model, recipe.tensor_parallel_plan(model), layout.tp, recipe.name)
 
 
 def _check_resume(cfg, run_dir: Path) -> None:
@@ -136,6 +152,12 @@ def launch_main(argv: list[str] | None = None) -> int:
                                 f"{rdzv['master_addr']}:{rdzv['master_port']}")
         if nnodes > 1 and not args.master:
             _fail("--nnodes > 1 needs --master HOST:PORT (the address of node 0)")
+        if layout.tp > 1:
+            import torch
+
+            if not torch.cuda.is_available():
+                _fail(f"parallel.tp={layout.tp}: megatron-core tensor parallelism needs CUDA GPUs, and this "
+                      f"machine has none; use parallel.tp=1 (or launch on GPU nodes)")
         return _run_elastic(cfg, run_dir, nnodes, args.node_rank, args.master)
     except _known_errors() as e:
         _fail(str(e))

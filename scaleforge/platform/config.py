@@ -110,6 +110,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     fsdp_group_size: int = 1  # consecutive FSDP units of the recipe's plan sharded as one group
     fp8: str = "none"  # none | coat
+    tp: int = 1  # tensor-parallel size (megatron-core layers + sequence parallelism; innermost mesh dimension)
 
 
 @dataclass
@@ -356,6 +357,7 @@ class Layout:
     micro_batch_size: int
     grad_accum: int
     global_batch_size: int
+    tp: int = 1  # tensor-parallel size: world_size = dp_replicate x dp_shard x tp
 
     @property
     def dp_size(self) -> int:
@@ -365,20 +367,34 @@ class Layout:
 def derive_layout(cfg: JobConfig, world_size: int) -> Layout:
     """Mesh and gradient accumulation from the config and the world size; explains impossibilities."""
     p, t = cfg.parallel, cfg.trainer
+    if p.tp < 1:
+        raise ConfigError(f"parallel.tp: must be >= 1, got {p.tp}")
+    if world_size % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide the world size {world_size} "
+                          f"(nodes x procs_per_node)")
+    if p.tp > 1 and p.compile:
+        raise ConfigError(f"parallel.compile=true with parallel.tp={p.tp}: megatron-core's tensor-parallel "
+                          f"layers run eager; set parallel.compile=false")
+    if p.tp > 1 and p.fp8 != "none":
+        raise ConfigError(f"parallel.fp8={p.fp8} with parallel.tp={p.tp}: the FP8 linears replace nn.Linear, "
+                          f"not megatron-core's parallel linears; use one of the two")
+    if p.tp > 1 and p.engine != "fsdp2":
+        raise ConfigError(f"parallel.tp={p.tp} needs parallel.engine=fsdp2, got {p.engine}")
+    dp = world_size // p.tp
     if p.dp_replicate < 1:
         raise ConfigError(f"parallel.dp_replicate: must be >= 1, got {p.dp_replicate}")
-    if world_size % p.dp_replicate:
+    if dp % p.dp_replicate:
         raise ConfigError(
-            f"parallel.dp_replicate={p.dp_replicate} does not divide the world size {world_size}"
+            f"parallel.dp_replicate={p.dp_replicate} does not divide the data-parallel size {dp} "
+            f"(world size {world_size} / parallel.tp {p.tp})"
         )
-    shard = p.dp_shard if p.dp_shard != -1 else world_size // p.dp_replicate
-    if shard < 1 or p.dp_replicate * shard != world_size:
+    shard = p.dp_shard if p.dp_shard != -1 else dp // p.dp_replicate
+    if shard < 1 or p.dp_replicate * shard * p.tp != world_size:
         raise ConfigError(
-            f"parallel.dp_replicate ({p.dp_replicate}) x parallel.dp_shard ({shard}) = "
-            f"{p.dp_replicate * shard} processes, but the job has {world_size} "
+            f"parallel.dp_replicate ({p.dp_replicate}) x parallel.dp_shard ({shard}) x parallel.tp ({p.tp}) = "
+            f"{p.dp_replicate * shard * p.tp} processes, but the job has {world_size} "
             f"(nodes x procs_per_node); the mesh must cover every process exactly once"
         )
-    dp = world_size
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise ConfigError(
@@ -387,7 +403,7 @@ def derive_layout(cfg: JobConfig, world_size: int) -> Layout:
             f"choose a global batch that is a multiple of {per_step}"
         )
     return Layout(world_size, p.dp_replicate, shard, t.micro_batch_size, t.global_batch_size // per_step,
-                  t.global_batch_size)
+                  t.global_batch_size, p.tp)
 
 
 def to_yaml(cfg: JobConfig) -> str:

@@ -89,12 +89,21 @@ def clip_coefficient(grad_norm: float, max_norm: float) -> float:
 
 # ---------------------------------------------------------------------------------------------------
 def build_mesh(layout: Layout, device: torch.device):
+    """The device mesh ``([dp_replicate,] dp_shard[, tp])``; tp innermost, so a tensor-parallel group
+    is consecutive ranks (one host)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if layout.dp_replicate > 1:
-        return init_device_mesh(device.type, (layout.dp_replicate, layout.dp_shard),
-                                mesh_dim_names=("dp_replicate", "dp_shard"))
-    return init_device_mesh(device.type, (layout.dp_shard,), mesh_dim_names=("dp_shard",))
+    dims = [("dp_replicate", layout.dp_replicate)] if layout.dp_replicate > 1 else []
+    dims.append(("dp_shard", layout.dp_shard))
+    if layout.tp > 1:
+        dims.append(("tp", layout.tp))
+    return init_device_mesh(device.type, tuple(n for _, n in dims), mesh_dim_names=tuple(d for d, _ in dims))
+
+
+def data_parallel_mesh(mesh):
+    """The mesh's data-parallel dimensions (what FSDP2 shards over)."""
+    names = tuple(n for n in mesh.mesh_dim_names if n != "tp")
+    return mesh[names] if len(names) < len(mesh.mesh_dim_names) else mesh
 
 
 def fsdp_groups(units: list[nn.Module], group_size: int) -> list[list[nn.Module]]:
@@ -167,11 +176,20 @@ class FSDP2Engine(Engine):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.cfg, self.layout, self.info, self.recipe = cfg, layout, info, recipe
-        self.mesh = build_mesh(layout, info.device)
+        self.full_mesh = build_mesh(layout, info.device)
+        self.mesh = data_parallel_mesh(self.full_mesh)
         pcfg = cfg.parallel
 
         with torch.device("meta"):
             model = recipe.build_model(torch.device("meta"))
+        self.tp = None
+        if layout.tp > 1:
+            from scaleforge.platform import tensor_parallel
+
+            tensor_parallel.check_device(layout.tp, info.device)
+            self.tp = tensor_parallel.apply_tensor_parallel(model, recipe.tensor_parallel_plan(model),
+                                                            self.full_mesh["tp"].get_group(), torch.device("meta"))
+            self.tp.mesh = self.full_mesh
         plan = recipe.parallel_plan(model)
         self.plan = plan
         apply_freeze(model, plan)
@@ -195,16 +213,23 @@ class FSDP2Engine(Engine):
         fully_shard(model, reshard_after_forward=False, **kwargs)
 
         model.to_empty(device=info.device)
-        # Same seed on every rank: parameters that are replicated (none under FSDP, but buffers) agree.
-        with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
-            torch.manual_seed(cfg.run.seed)
-            recipe.init_weights(model)
-        if info.device.type == "cpu":
+        source = recipe.pretrained_source()
+        if self.tp is not None:
+            self.tp.dp_placements = next(p for p in model.parameters()).placements
+            # Megatron's parameters are the rank's tp slice: initialize (or load) the full model once per
+            # rank and keep the slices, so any tp size starts from the weights of tp = 1.
+            _copy_full_init(model, recipe, cfg.run.seed, self.tp, source)
+            source = None
+        else:
+            # Same seed on every rank: parameters that are replicated (none under FSDP, but buffers) agree.
+            with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
+                torch.manual_seed(cfg.run.seed)
+                recipe.init_weights(model)
+        if info.device.type == "cpu" and self.tp is None:
             # DTensor's offset-based RNG (which makes a sharded init equal the unsharded one) exists for
             # CUDA only; on CPU every rank would draw the same numbers for its shard. Initialize the
             # full model instead and keep each rank's slice: the same weights at any world size.
             _copy_full_init(model, recipe, cfg.run.seed)
-        source = recipe.pretrained_source()
         if source:
             recipe.load_pretrained(model, source)
         for name in plan.eval_modules:
@@ -224,7 +249,14 @@ class FSDP2Engine(Engine):
         return (p for p in self.model.parameters() if p.requires_grad)
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.tp is None:
+            loss.backward()
+            return
+        # Sequence parallelism: parameters every tp rank holds (norm weights) got gradients from this
+        # rank's tokens only; sum this backward's contribution over the tp group.
+        before = self.tp.replicated_grads(self.model)
         loss.backward()
+        self.tp.sum_replicated_grads(before)
 
     def _local_grads(self) -> list[torch.Tensor]:
         # The local shards as plain tensors: foreach kernels on DTensors pay DTensor dispatch on the host,
@@ -241,8 +273,13 @@ class FSDP2Engine(Engine):
         grads = self._local_grads()
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=self.info.device)
-        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
-        sq = torch.stack(norms).double().square().sum()
+        norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).double().square()
+        if self.tp is not None:
+            # parameters not split over tp are held (identically) by every rank of the tp group
+            held_by = [1.0 if self.tp.is_split(n) else float(self.tp.size)
+                       for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None]
+            norms = norms / torch.tensor(held_by, dtype=norms.dtype, device=norms.device)
+        sq = norms.sum()
         # Under HSDP each shard is held (identically) by dp_replicate ranks.
         return sq / self.layout.dp_replicate
 
@@ -274,17 +311,23 @@ class FSDP2Engine(Engine):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd, "optim": optim_sd}
+        # tp-split entries as global DTensors over the full mesh: DCP reshards them between tp sizes
+        return state if self.tp is None else self.tp.checkpoint_view(state, self.tp.to_global)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        if self.tp is not None:
+            state = self.tp.checkpoint_view(state, lambda fqn, t: self.tp.to_local(fqn, t, self.mesh))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if self.tp is not None:
+            return self.tp.full_state_dict(self.model, self.info.rank == 0)
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                          cpu_offload=True))
 
@@ -293,17 +336,23 @@ class FSDP2Engine(Engine):
 warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
 
 
-def _copy_full_init(model: nn.Module, recipe: Recipe, seed: int) -> None:
+def _copy_full_init(model: nn.Module, recipe: Recipe, seed: int, tp=None, pretrained: str | None = None) -> None:
+    """Initialize a full CPU copy of the model with ``seed`` (and load ``pretrained`` into it), then
+    copy each rank's slice (its tp slice, when ``tp`` is given, then its data-parallel shard)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         full = recipe.build_model(torch.device("cpu"))
         recipe.init_weights(full)
+    if pretrained:
+        recipe.load_pretrained(full, pretrained)
     source = full.state_dict()
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            src = source[name].to(t.dtype)
+            src = source[name].to(device=t.device, dtype=t.dtype)
+            if tp is not None:
+                src = tp.local_slice(name, src).contiguous()
             if isinstance(t, DTensor):
                 # every rank holds the same full tensor: slice locally, no communication
                 t.to_local().copy_(distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None).to_local())

@@ -44,7 +44,8 @@ class Plan:
         L = self.layout
         out = [
             f"world size        {L.world_size}",
-            f"mesh              dp_replicate={L.dp_replicate} x dp_shard={L.dp_shard}",
+            f"mesh              dp_replicate={L.dp_replicate} x dp_shard={L.dp_shard}"
+            + (f" x tp={L.tp} (tensor parallel, innermost)" if L.tp > 1 else ""),
             f"batch             global {L.global_batch_size} = micro {L.micro_batch_size} x accumulation "
             f"{L.grad_accum} x data-parallel {L.dp_size}",
             f"parameters        {_fmt(self.params_total)} total, {_fmt(self.params_trainable)} trainable",
@@ -79,31 +80,48 @@ def _count(module: nn.Module, frozen_prefixes: tuple[str, ...], prefix: str = ""
     return total, trainable
 
 
+def _tp_per_device(model: nn.Module, recipe: Recipe, tp: int):
+    """numel of a parameter held per device along the tp dimension (1/tp for split ones)."""
+    if tp == 1:
+        return lambda p: p.numel()
+    from scaleforge.platform.tensor_parallel import split_parameters
+
+    split = split_parameters(model, recipe.tensor_parallel_plan(model))
+    split_ids = {id(p) for n, p in model.named_parameters() if n in split}
+    return lambda p: p.numel() / tp if id(p) in split_ids else p.numel()
+
+
 def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
     with torch.device("meta"):
         model = recipe.build_model(torch.device("meta"))
     plan = recipe.parallel_plan(model)
     total, trainable = _count(model, plan.frozen)
     components = {name: _count(child, plan.frozen, prefix=name) for name, child in model.named_children()}
-    unit_sizes = [sum(p.numel() for u in group for p in u.parameters())
+    # Per-device parameter counts: tensor parallelism holds 1/tp of the parameters it splits.
+    per_device = _tp_per_device(model, recipe, layout.tp)
+    unit_sizes = [sum(per_device(p) for u in group for p in u.parameters())
                   for group in fsdp_groups(plan.fsdp_units, cfg.parallel.fsdp_group_size)]
     in_units = sum(unit_sizes)
-    root = total - in_units
+    local_total = sum(per_device(p) for p in model.parameters())
+    local_trainable = local_total * (trainable / total) if total else 0
+    root = local_total - in_units
     largest = max(unit_sizes) if unit_sizes else 0
     compute_bytes = 2 if cfg.parallel.mixed_precision in ("bf16", "fp16") else 4
     shard = layout.dp_shard
     gib = 2**30
     optim_bpp = OPTIM_BYTES_PER_PARAM.get(cfg.optim.name, 8)
     mem = {
-        "params (fp32)": 4 * total / shard / gib,
-        "grads (fp32)": 4 * trainable / shard / gib,
-        f"optimizer ({cfg.optim.name})": optim_bpp * trainable / shard / gib,
+        "params (fp32)": 4 * local_total / shard / gib,
+        "grads (fp32)": 4 * local_trainable / shard / gib,
+        f"optimizer ({cfg.optim.name})": optim_bpp * local_trainable / shard / gib,
         "unsharded units": (compute_bytes * (root + 2 * largest) + compute_bytes * largest) / gib,
     }
     act = recipe.activation_bytes(layout.micro_batch_size, cfg.parallel.activation_checkpointing == "full",
                                   compiled=cfg.parallel.compile)
     if act is not None:
-        mem["activations"] = act / gib
+        # Sequence parallelism splits over tp what the tp layers do not (norms, residual stream): the
+        # activations per device are about 1/tp of tp = 1's (Korthikanti et al., 2022).
+        mem["activations"] = act / layout.tp / gib
     mem["total"] = sum(mem.values())
     if act is not None and layout.grad_accum == 1:
         # Without accumulation, full activations and full gradients never coexist: the peak is at the

@@ -59,6 +59,32 @@ class ParallelPlan:
 
 
 @dataclass
+class TensorParallelPlan:
+    """Which modules of a recipe's plain model become megatron-core tensor-parallel layers
+    (``parallel.tp > 1``; see ``scaleforge/platform/tensor_parallel.py``). Names are module paths, with
+    ``*`` matching one path component (``layers.*.attention.wq``).
+
+    ``column``: ``nn.Linear`` modules split along their output features (q/k/v, MLP gate/up);
+    ``row``: split along their input features (attention output, MLP down), outputs reduce-scattered
+    over the sequence. ``vocab_embedding`` / ``vocab_output``: the token embedding and the output
+    projection, split along the vocabulary (the logits stay vocabulary-parallel: the recipe's loss uses
+    ``vocab_parallel_summed_cross_entropy``). ``sequence_entry``: the module whose input (the
+    embeddings, full sequence) is split along the sequence; from there to the modules in
+    ``sequence_gather`` (attention, MLP, output projection: their input is all-gathered) activations
+    and norms hold 1/tp of the tokens. ``head_attrs``: per module pattern, integer attributes the
+    forward reads as local counts (query / key-value heads), divided by tp."""
+
+    column: tuple[str, ...] = ()
+    row: tuple[str, ...] = ()
+    vocab_embedding: str | None = None
+    vocab_output: str | None = None
+    sequence_entry: str | None = None
+    sequence_gather: tuple[str, ...] = ()
+    head_attrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    sequence_length: int | None = None  # tokens per row, split over the tp ranks (must divide)
+
+
+@dataclass
 class LossOutput:
     """Result of one micro-batch.
 
@@ -123,6 +149,11 @@ class Recipe(ABC):
     def parallel_plan(self, model: nn.Module) -> ParallelPlan:
         return ParallelPlan()
 
+    def tensor_parallel_plan(self, model: nn.Module) -> TensorParallelPlan | None:
+        """The megatron-core tensor-parallel layout of the model (``parallel.tp > 1``); None: the
+        recipe does not support tensor parallelism."""
+        return None
+
     # -- data and loss -----------------------------------------------------------------------------
     @abstractmethod
     def build_data(self, ctx: DataContext) -> "StatefulIterator":
@@ -162,4 +193,5 @@ from scaleforge.platform.data.base import StatefulIterator  # noqa: E402  (type 
 
 __all__ = [
     "DataContext", "LossOutput", "ParallelPlan", "ParamGroupRule", "Recipe", "StatefulIterator",
+    "TensorParallelPlan",
 ]

@@ -86,7 +86,8 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     engine = build_engine(cfg, layout, info, recipe)
     ema = ShardedEMA(engine.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.run.seed
-    data = recipe.build_data(DataContext(dp_rank=info.rank, dp_world_size=info.world_size,
+    # The ranks of one tensor-parallel group (innermost mesh dimension) read the same micro-batches.
+    data = recipe.build_data(DataContext(dp_rank=info.rank // layout.tp, dp_world_size=info.world_size // layout.tp,
                                          micro_batch_size=layout.micro_batch_size, seed=data_seed,
                                          device=info.device))
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, info.rank, info.world_size, to_yaml(cfg))
@@ -238,7 +239,9 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
             stop_local = 1.0 if (stop.signal or (info.is_main and (run_dir / PREEMPT_FILE).exists())) else 0.0
             # One all-reduce per step. The gradient norm is taken on the raw (summed-loss) gradients, so
             # the global item-count normalization and the clipping are applied together as one factor.
-            stats = torch.stack([loss_sum, items, torch.full((), tokens, dtype=torch.float64, device=dev),
+            # The tp ranks of a group compute the same loss over the same tokens: each counts 1/tp of them.
+            tp = layout.tp
+            stats = torch.stack([loss_sum / tp, items / tp, torch.full((), tokens / tp, dtype=torch.float64, device=dev),
                                  torch.full((), stop_local, dtype=torch.float64, device=dev),
                                  engine.grad_sq_norm_local()] + [extra[k] for k in keys])
             dist.all_reduce(stats)

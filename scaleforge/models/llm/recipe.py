@@ -23,7 +23,8 @@ from torch import nn
 from scaleforge.models.llm.data import IGNORE_INDEX, SyntheticTokenStream, decode_token_sample
 from scaleforge.models.llm.hf import export_hf, load_hf_weights
 from scaleforge.models.llm.model import LLMModelConfig, Transformer
-from scaleforge.platform.recipe import DataContext, LossOutput, ParallelPlan, Recipe
+from scaleforge.platform.recipe import DataContext, LossOutput, ParallelPlan, Recipe, TensorParallelPlan
+from scaleforge.platform.tensor_parallel import vocab_parallel_group, vocab_parallel_summed_cross_entropy
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,27 @@ class LLMRecipe(Recipe):
             units = [model.tok_embeddings] + units + [model.output]
         return ParallelPlan(fsdp_units=units, checkpoint_units=blocks)
 
+    def tensor_parallel_plan(self, model: nn.Module) -> TensorParallelPlan:
+        """Megatron's layout of a Llama block: q/k/v and gate/up column-parallel, attention output and
+        down row-parallel (each block: one all-gather and one reduce-scatter per sublayer), vocabulary-
+        parallel embedding and output projection, norms on 1/tp of the tokens."""
+        if self.cfg.kernels != "torch":
+            from scaleforge.platform.config import ConfigError
+
+            raise ConfigError(f"model.kernels={self.cfg.kernels} with parallel.tp > 1: the fused head + loss and "
+                              f"norm kernels are single-device; use model.kernels=torch")
+        blocks = "layers.*"
+        return TensorParallelPlan(
+            column=tuple(f"{blocks}.{m}" for m in ("attention.wq", "attention.wk", "attention.wv",
+                                                  "feed_forward.w1", "feed_forward.w3")),
+            row=(f"{blocks}.attention.wo", f"{blocks}.feed_forward.w2"),
+            vocab_embedding="tok_embeddings", vocab_output="output",
+            sequence_entry="layers.0",
+            sequence_gather=(f"{blocks}.attention", f"{blocks}.feed_forward", "output"),
+            head_attrs={f"{blocks}.attention": ("n_heads", "n_kv_heads")},
+            sequence_length=self.cfg.seq_len,
+        )
+
     # -- data and loss -----------------------------------------------------------------------------
     def build_data(self, ctx: DataContext):
         data = self.job_cfg.data
@@ -106,7 +128,11 @@ class LLMRecipe(Recipe):
             loss = model(input_ids, position_ids=batch.get("position_ids"), document_ids=docs, labels=targets)
         else:
             logits = model(input_ids, position_ids=batch.get("position_ids"), document_ids=docs)
-            loss = self._loss_fn(logits, labels)
+            tp_group = vocab_parallel_group(model)
+            if tp_group is None:
+                loss = self._loss_fn(logits, labels)
+            else:  # parallel.tp > 1: the logits are this rank's slice of the vocabulary
+                loss = vocab_parallel_summed_cross_entropy(logits, labels, tp_group, IGNORE_INDEX)
         num_items = (labels[:, 1:] != IGNORE_INDEX).sum()
         return LossOutput(loss=loss, num_items=num_items, num_tokens=int(input_ids.numel()))
 
