@@ -96,10 +96,10 @@ def main() -> None:
 
     def direct_impl():
         with TU.direct_launch():
-            NM.norm_fwd_impl(*args)
+            NM.op.norm_fwd_impl(*args)
 
     cases = {
-        "norm_fwd_impl, wrap_triton left on (higher-order-op launch)": lambda: NM.norm_fwd_impl(*args),
+        "norm_fwd_impl, wrap_triton left on (higher-order-op launch)": lambda: NM.op.norm_fwd_impl(*args),
         "norm_fwd_impl under direct_launch (alloc + launch)": direct_impl,
         "torch.ops.scaleforge.norm_fwd (custom-op dispatch)": lambda: torch.ops.scaleforge.norm_fwd(*args),
     }
@@ -153,13 +153,13 @@ def main() -> None:
         F.layer_norm(x, (2240,), w_ln, b_ln).backward(g)
         x.grad = w_ln.grad = b_ln.grad = None
 
-    y0, _, mean0, rstd0, _ = NM.norm_fwd_impl(*args)
+    y0, _, mean0, rstd0, _ = NM.op.norm_fwd_impl(*args)
     bwd_args = (g.reshape(-1, 2240), None, x2, None, None, None, None, sc2, mean0, rstd0,
                 False, True, 0, 8, 8, False)
 
     def bwd_fn_direct():
         with TU.direct_launch():
-            NM._norm_bwd(*bwd_args)
+            NM.op._norm_bwd(*bwd_args)
 
     print("\n| backward floor (tiny) | host us/call |")
     print("|---|---|")
@@ -171,18 +171,18 @@ def main() -> None:
 
     # the launch alone: JITFunction.run with the arguments norm_fwd_impl passes (captured once)
     captured = {}
-    real = NM._norm_fwd_kernel.run
+    real = NM.triton_kernels._norm_fwd_kernel.run
 
     def capture(*a, **kw):
         captured.update(args=a, kwargs=kw)
         return real(*a, **kw)
 
-    NM._norm_fwd_kernel.run = capture
-    NM.norm_fwd_impl(*args)
-    NM._norm_fwd_kernel.run = real
+    NM.triton_kernels._norm_fwd_kernel.run = capture
+    NM.op.norm_fwd_impl(*args)
+    NM.triton_kernels._norm_fwd_kernel.run = real
     print(f"| _norm_fwd_kernel.run(...) alone | {host_us(lambda: real(*captured['args'], **captured['kwargs'])):.1f} |")
     device = torch.cuda.current_device()
-    binder = NM._norm_fwd_kernel.device_caches[device][-1]  # (..., binder) in triton 3.x
+    binder = NM.triton_kernels._norm_fwd_kernel.device_caches[device][-1]  # (..., binder) in triton 3.x
     bind_kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("grid", "warmup")}
     print(f"| its argument binder alone | {host_us(lambda: binder(*captured['args'], **bind_kwargs)):.1f} |")
 

@@ -91,7 +91,7 @@ def run_checks(smoke: bool):
 
     # norms in fp32, per-sample and per-token modulation at the tuned C classes: the tuned bf16 launch configs
     # pipeline their row loops through shared memory, and fp32 tiles (twice the bytes) or per-token modulation
-    # (more streamed tensors) would overflow it at the tuned stage counts; norms._fit_stages lowers them
+    # (more streamed tensors) would overflow it at the tuned stage counts; norms.launch._fit_stages lowers them
     for c in ((96,) if smoke else (1152, 2240, 4096)):
         nb, nn = (2, 13) if smoke else (2, 333)
         for per_token in (False, True):

@@ -1,19 +1,19 @@
-"""GPU sweep of the FP8 quantize/dequantize kernels (scaleforge/kernels/fp8.py): for each kernel, every
+"""GPU sweep of the FP8 quantize/dequantize kernels (scaleforge/kernels/fp8/): for each kernel, every
 candidate launch config (tile size, warps, and for the quantizers and the amax pass the tile-loop variants:
-persistent grid, next tile prefetched, evict_first loads; see ``fp8._cfg``) launched as the library
+persistent grid, next tile prefetched, evict_first loads; see ``fp8.launch._cfg``) launched as the library
 launches it, checked against the torch reference (FP8 codes and scales bit-equal, outputs poisoned first)
 and timed; then the public functions, eagerly (device time plus any host-side gaps, as run_all.py measures)
-and replayed from a CUDA graph (device time only). Ends with the fp8._LAUNCH entries of the fastest configs.
+and replayed from a CUDA graph (device time only). Ends with the fp8.launch._LAUNCH entries of the fastest configs.
 
     PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py            # H200: ~90 s before the group variants
     PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py --only quant_group   # the group quantize configs only
     PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py --only tensor   # per tensor, dynamic end to end included
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python benchmarks/kernels/tune_fp8.py --smoke   # CPU, tiny shapes
 
-The group quantize sweeps add the compile-time variants of fp8._quant_group_kernel (GROUP_PER_THREAD,
-SATFINITE; see fp8._QUANT_GROUP_OPTS) on the best plain configs of round 1 and a
+The group quantize sweeps add the compile-time variants of fp8.quant_kernels._quant_group_kernel (GROUP_PER_THREAD,
+SATFINITE; see fp8.launch._QUANT_GROUP_OPTS) on the best plain configs of round 1 and a
 persistent prefetching grid, GROUP_PER_THREAD on BLOCK = 32 x warps x group (one group per thread).
-The per-tensor quantize sweeps add SATFINITE (fp8._QUANT_TENSOR_OPTS) on a few plain and persistent configs
+The per-tensor quantize sweeps add SATFINITE (fp8.launch._QUANT_TENSOR_OPTS) on a few plain and persistent configs
 (TENSOR_BASES); the given-scale check also takes a scale that saturates codes (on a GPU: the interpreter's
 conversion does not saturate). The dynamic scale is then timed end to end as the library runs it: the amax
 pass, then the quantize pass on the same x, for the best few configs of each pass's sweep (the amax ones
@@ -65,35 +65,35 @@ FAILED: list[str] = []
 PLAIN = [(4096, 4), (4096, 8), (8192, 8), (16384, 8)]
 PERSISTENT = [(1024, 4, 16), (2048, 8, 8), (4096, 4, 8), (4096, 8, 4), (8192, 8, 4)]
 QUANT_CONFIGS = (
-    [fp8._cfg(b, w) for b, w in PLAIN]
-    + [fp8._cfg(4096, 4, evict_first=True), fp8._cfg(16384, 8, evict_first=True)]
-    + [fp8._cfg(b, w, k, pf, True) for b, w, k in PERSISTENT for pf in (False, True)]
+    [fp8.launch._cfg(b, w) for b, w in PLAIN]
+    + [fp8.launch._cfg(4096, 4, evict_first=True), fp8.launch._cfg(16384, 8, evict_first=True)]
+    + [fp8.launch._cfg(b, w, k, pf, True) for b, w, k in PERSISTENT for pf in (False, True)]
 )
 AMAX_CONFIGS = (
-    [fp8._cfg(b, w) for b, w in [(8192, 8), (16384, 8), (16384, 16)]]
-    + [fp8._cfg(16384, 16, evict_first=True)]
-    + [fp8._cfg(b, w, k, pf, True) for b, w, k in PERSISTENT + [(8192, 16, 2), (16384, 16, 2)] for pf in (False, True)]
+    [fp8.launch._cfg(b, w) for b, w in [(8192, 8), (16384, 8), (16384, 16)]]
+    + [fp8.launch._cfg(16384, 16, evict_first=True)]
+    + [fp8.launch._cfg(b, w, k, pf, True) for b, w, k in PERSISTENT + [(8192, 16, 2), (16384, 16, 2)] for pf in (False, True)]
 )
-# group quantize: fp8._quant_group_kernel's compile-time variants on the best plain configs of round 1 (the
+# group quantize: fp8.quant_kernels._quant_group_kernel's compile-time variants on the best plain configs of round 1 (the
 # table's group 128 and 16 entries among them) and a persistent prefetching grid; GROUP_PER_THREAD on
 # BLOCK = 32 x warps x group (one group per thread, ~160 registers: 12 warps per SM) and two persistent
 # grids. Group 16's default tile at BLOCK = 512 x warps already is GROUP_PER_THREAD's: not crossed there.
-GROUP_BASES = [fp8._cfg(4096, 4), fp8._cfg(4096, 8), fp8._cfg(8192, 8), fp8._cfg(4096, 8, 4, True, True)]
+GROUP_BASES = [fp8.launch._cfg(4096, 4), fp8.launch._cfg(4096, 8), fp8.launch._cfg(8192, 8), fp8.launch._cfg(4096, 8, 4, True, True)]
 # per-tensor quantize: SATFINITE on the plain configs of 8 warps (the table's entry among them) and two
 # persistent prefetching grids (the last one: --smoke's persistent config); REVERSE only in the end-to-end
 # sweep, on the fastest configs of the dynamic quantize pass
 TENSOR_BASES = [(16384, 8), (8192, 8), (4096, 8), (8192, 8, 4, True, True), (4096, 8, 4, True, True)]  # _cfg args
-TENSOR_QUANT_CONFIGS = QUANT_CONFIGS + [fp8._cfg(*a, satfinite=True) for a in TENSOR_BASES]
+TENSOR_QUANT_CONFIGS = QUANT_CONFIGS + [fp8.launch._cfg(*a, satfinite=True) for a in TENSOR_BASES]
 E2E_TOP = 3  # configs of each pass in the dynamic end-to-end sweep (plus the table's)
 GROUP_VARIANTS = [dict(satfinite=True)]
 PER_THREAD_VARIANTS = [{}, dict(satfinite=True)]
 DEQUANT_CONFIGS = [dict(BLOCK=b, num_warps=w) for b, w in [(4096, 4), (4096, 8), (8192, 4)]]
-# the state codec: small tiles and few warps (see the instruction count at fp8._state_quant_kernel)
+# the state codec: small tiles and few warps (see the instruction count at fp8.state_kernels._state_quant_kernel)
 STATE_CONFIGS = [dict(BLOCK=b, num_warps=w) for b, w in [(1024, 2), (1024, 4), (2048, 2), (2048, 4)]]
 SECTIONS = ("tensor", "quant_group", "dequant_group", "state", "api")
-# fp8._cfg's keyword options (the quantizers' compile-time variants): config key -> keyword
+# fp8.launch._cfg's keyword options (the quantizers' compile-time variants): config key -> keyword
 OPTS = {"GROUP_PER_THREAD": "group_per_thread", "SATFINITE": "satfinite", "REVERSE": "reverse"}
-# sweep name -> fp8._LAUNCH key
+# sweep name -> fp8.launch._LAUNCH key
 TABLE_KEYS = {
     "amax pass (per-tensor dynamic, 1/2)": "amax",
     "quantize per-tensor, given scale": "quant_tensor",
@@ -110,16 +110,16 @@ TABLE_KEYS = {
 
 def group_quant_configs(gs: int, base: list[dict]) -> list[dict]:
     """base, then the variants on GROUP_BASES and (groups over 16) GROUP_PER_THREAD's configs."""
-    out = base + [fp8._cfg(*cfg_args(c), **v) for c in GROUP_BASES for v in GROUP_VARIANTS]
+    out = base + [fp8.launch._cfg(*cfg_args(c), **v) for c in GROUP_BASES for v in GROUP_VARIANTS]
     if gs > 16:
         # (a prefetching grid would need ~2 x 128 values per thread: 255 registers and spills)
         per_thread = [(32 * w * gs, w) for w in (1, 2, 4)] + [(32 * 4 * gs, 4, 3), (32 * gs, 1, 12)]
-        out += [fp8._cfg(*a, group_per_thread=True, **v) for a in per_thread for v in PER_THREAD_VARIANTS]
+        out += [fp8.launch._cfg(*a, group_per_thread=True, **v) for a in per_thread for v in PER_THREAD_VARIANTS]
     return out
 
 
 def cfg_args(cfg: dict) -> tuple:
-    """fp8._cfg's positional arguments for cfg."""
+    """fp8.launch._cfg's positional arguments for cfg."""
     return cfg["BLOCK"], cfg["num_warps"], cfg["WAVES"], cfg["PREFETCH"], cfg["EVICT_FIRST"]
 
 
@@ -135,7 +135,7 @@ def cfg_str(cfg: dict | tuple) -> str:
 
 
 def cfg_code(cfg: dict) -> str:
-    """The fp8._LAUNCH entry for cfg."""
+    """The fp8.launch._LAUNCH entry for cfg."""
     if "WAVES" not in cfg:
         return f"dict(BLOCK={cfg['BLOCK']}, num_warps={cfg['num_warps']})"
     args = [str(cfg["BLOCK"]), str(cfg["num_warps"])]
@@ -190,7 +190,7 @@ def sweep(kernel, configs, launch, check, nbytes, roof, moved=None, read_roof=No
         name = cfg_str(cfg)
         try:
             ok = check(cfg)
-            # kernel time alone: a CUDA graph of 10 launches (an eager launch through fp8._launch goes
+            # kernel time alone: a CUDA graph of 10 launches (an eager launch through fp8.launch._launch goes
             # through wrap_triton's higher-order op, ~0.3 ms of host time, longer than these kernels)
             ms = graph_bench(lambda: launch(cfg), n=10)
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a result, not a crash
@@ -209,7 +209,7 @@ def dedup(configs: list) -> list:
 
 
 def launch_entries() -> list[str]:
-    """The fp8._LAUNCH entries of the best configs, each with the table's current entry in its comment. The
+    """The fp8.launch._LAUNCH entries of the best configs, each with the table's current entry in its comment. The
     dynamic end-to-end sweep gives a pair, "amax" among them: the amax pass alone's best is then only a
     comment (the library's amax pass is the first half of the dynamic quantize)."""
     pair = TABLE_KEYS["dynamic per-tensor end to end"]
@@ -220,7 +220,7 @@ def launch_entries() -> list[str]:
         keys, cfgs = (TABLE_KEYS[k], cfg) if isinstance(cfg, tuple) else ((TABLE_KEYS[k],), (cfg,))
         note = " end to end" if isinstance(cfg, tuple) else ""
         for key, c in zip(keys, cfgs):
-            line = f'"{key}": {cfg_code(c)},  # {ms:.4f} ms{note}; current {cfg_code(fp8._LAUNCH[key])}'
+            line = f'"{key}": {cfg_code(c)},  # {ms:.4f} ms{note}; current {cfg_code(fp8.launch._LAUNCH[key])}'
             alone = key in pair and not isinstance(cfg, tuple) and "dynamic per-tensor end to end" in BEST
             out.append(f"# {line} (alone)" if alone else line)
     return out
@@ -246,7 +246,7 @@ def torch_scale_rounding():
     """fp8.py assumes torch on CUDA divides by a Python scalar as a multiply by its fp32 reciprocal."""
     a = torch.rand(1 << 20, device=DEV) * 100
     t = (a + 1e-10) / 448.0
-    recip = torch.equal(t, (a + 1e-10) * fp8._INV_QMAX[E4M3])
+    recip = torch.equal(t, (a + 1e-10) * fp8.launch._INV_QMAX[E4M3])
     exact = torch.equal(t, ((a + 1e-10).double() / 448.0).float())
     print(f"[info] torch (a + eps) / qmax on {DEV}: equals fp32-reciprocal multiply {recip}, true division {exact}")
 
@@ -279,7 +279,7 @@ def main():
     torch_scale_rounding()
     recip = DEV == "cuda"
     dev = torch.device(DEV)
-    qmax, inv = fp8_max(E4M3), fp8._INV_QMAX[E4M3]
+    qmax, inv = fp8_max(E4M3), fp8.launch._INV_QMAX[E4M3]
     xs = [torch.randn(s, s, device=DEV, dtype=torch.bfloat16) * 3 for _ in range(2)]  # 2 x 128 MB: rotate
     x = xs[0]
     it = iter(range(1 << 62))
@@ -297,7 +297,7 @@ def main():
 
         def amax_launch(cfg, xx=None):
             amax_bits.zero_()
-            fp8._launch(fp8._amax_kernel, cfg, tiles(cfg), dev, xx if xx is not None else rot(), amax_bits, n)
+            fp8.launch._launch(fp8.quant_kernels._amax_kernel, cfg, tiles(cfg), dev, xx if xx is not None else rot(), amax_bits, n)
 
         amax_passed = sweep(
             "amax pass (per-tensor dynamic, 1/2)", pick(AMAX_CONFIGS), amax_launch,
@@ -308,7 +308,7 @@ def main():
         q, so = poison((s, s), E4M3), poison((), torch.float32)
 
         def quant(cfg, src, from_amax, xx=None):
-            fp8._launch(fp8._quant_tensor_kernel, cfg, tiles(cfg), dev, xx if xx is not None else rot(), q, src, so, n,
+            fp8.launch._launch(fp8.quant_kernels._quant_tensor_kernel, cfg, tiles(cfg), dev, xx if xx is not None else rot(), q, src, so, n,
                         qmax, inv, FROM_AMAX=from_amax, RECIP=recip)  # fmt: skip
 
         def quant_check(cfg, src, from_amax, qref, sref):
@@ -335,13 +335,13 @@ def main():
         sweep("quantize per-tensor, given scale", pick(TENSOR_QUANT_CONFIGS), lambda cfg: quant(cfg, given, False),
               given_check, n * 3, roof)  # fmt: skip
 
-        # The dynamic scale end to end, as fp8._quantize_tensor runs it: the amax pass, then the quantize pass
+        # The dynamic scale end to end, as fp8.op._quantize_tensor runs it: the amax pass, then the quantize pass
         # on the same x. The fastest few of each pass's sweep (the amax pass without evict_first, whose lines
         # REVERSE wants in L2) and the table's, the quantize pass with and without REVERSE. Each repetition
         # takes the next of the two rotating 128 MB inputs: one last read two repetitions before, 320 MB of
         # traffic ago, so only a repetition's own amax pass can leave its x in the 50 MB L2.
-        amaxes = dedup([dict(c, EVICT_FIRST=False) for _, c in amax_passed[:E2E_TOP]] + [fp8._LAUNCH["amax"]])
-        quants = [c for _, c in quant_passed[:E2E_TOP]] + [fp8._LAUNCH["quant_tensor_dynamic"]]
+        amaxes = dedup([dict(c, EVICT_FIRST=False) for _, c in amax_passed[:E2E_TOP]] + [fp8.launch._LAUNCH["amax"]])
+        quants = [c for _, c in quant_passed[:E2E_TOP]] + [fp8.launch._LAUNCH["quant_tensor_dynamic"]]
         quants = [{k: v for k, v in c.items() if k != "REVERSE"} for c in quants]
         quants = dedup([c | r for c in quants for r in ({}, {"REVERSE": True})])
 
@@ -362,7 +362,7 @@ def main():
         yr = dequantize_fp8_ref(qr, sr, out_dtype=torch.bfloat16)
 
         def dequant(cfg):
-            fp8._launch(fp8._dequant_tensor_kernel, cfg, tiles(cfg), dev, qr, sr, y, n)
+            fp8.launch._launch(fp8.quant_kernels._dequant_tensor_kernel, cfg, tiles(cfg), dev, qr, sr, y, n)
 
         sweep("dequantize per-tensor", pick(DEQUANT_CONFIGS), dequant,
               lambda cfg: (y.fill_(float("nan")), dequant(cfg), same(y, yr))[2], n * 3, roof)  # fmt: skip
@@ -374,7 +374,7 @@ def main():
         q_g, s_g = poison((s, s), E4M3), poison((s, s // gs), torch.float32)
 
         def quant_group(cfg, xx=None, gs=gs, g=g, q_g=q_g, s_g=s_g):
-            fp8._launch(fp8._quant_group_kernel, cfg, fp8._group_tiles(g, gs, cfg["BLOCK"]), dev,
+            fp8.launch._launch(fp8.quant_kernels._quant_group_kernel, cfg, fp8.launch._group_tiles(g, gs, cfg["BLOCK"]), dev,
                         xx if xx is not None else rot(), q_g, s_g, g, s // gs, s, qmax, inv,
                         GS=gs, EVEN=True, RECIP=recip)  # fmt: skip
 
@@ -392,7 +392,7 @@ def main():
         yr_g = dequantize_fp8_ref(qr_g, sr_g, group_size=gs, out_dtype=torch.bfloat16)
 
         def dequant_group(cfg, gs=gs, g=g, qr_g=qr_g, sr_g=sr_g, y_g=y_g):
-            fp8._launch(fp8._dequant_group_kernel, cfg, fp8._group_tiles(g, gs, cfg["BLOCK"]), dev,
+            fp8.launch._launch(fp8.quant_kernels._dequant_group_kernel, cfg, fp8.launch._group_tiles(g, gs, cfg["BLOCK"]), dev,
                         qr_g, sr_g, y_g, g, s // gs, s, GS=gs, EVEN=True)  # fmt: skip
 
         sweep(f"dequantize group {gs}", pick(DEQUANT_CONFIGS), dequant_group,
@@ -408,7 +408,7 @@ def main():
         outs = [poison((gst * 128,), E4M3)] + [poison((gst,), torch.float32) for _ in range(3)]
 
     def state_q(cfg):
-        fp8._launch(fp8._state_quant_kernel, cfg, fp8._group_tiles(gst, 128, cfg["BLOCK"]), dev,
+        fp8.launch._launch(fp8.state_kernels._state_quant_kernel, cfg, fp8.launch._group_tiles(gst, 128, cfg["BLOCK"]), dev,
                     m, *outs, ns, gst, qmax, math.log2(qmax * qmax / 2), 16.0, GS=128)  # fmt: skip
 
     def state_ok(cfg):
@@ -424,14 +424,14 @@ def main():
         yst = poison((ns,), torch.float32)
 
         def state_dq(cfg):
-            fp8._launch(fp8._state_dequant_kernel, cfg, fp8._group_tiles(gst, 128, cfg["BLOCK"]), dev,
+            fp8.launch._launch(fp8.state_kernels._state_dequant_kernel, cfg, fp8.launch._group_tiles(gst, 128, cfg["BLOCK"]), dev,
                         ref.q, ref.scale, ref.expand, ref.sqrt_minmax, yst, ns, gst, GS=128)  # fmt: skip
 
         sweep("dequantize_fp8_state", pick(STATE_CONFIGS), state_dq,
               lambda cfg: (yst.fill_(float("nan")), state_dq(cfg), torch.allclose(yst, y_ref, rtol=1e-5, atol=0))[2],
               ns * 5 + gst * 12, roof)  # fmt: skip
 
-    # ---- public functions (fp8._LAUNCH's configs): eager (as run_all.py times them) and graph-replayed
+    # ---- public functions (fp8.launch._LAUNCH's configs): eager (as run_all.py times them) and graph-replayed
     if "api" in only:
         q_t, s_t = quantize_fp8(x, "tensor", backend="triton")
         q_128, s_128 = quantize_fp8(x, "group", 128, backend="triton")
@@ -472,7 +472,7 @@ def main():
         *(f"| {' | '.join(r)} |" for r in ROWS),
         "",
         "Best config per kernel (the dynamic scale's entries, amax and quant_tensor_dynamic, are the best pair",
-        "end to end), then as fp8._LAUNCH entries (each with the table's current entry in its comment):",
+        "end to end), then as fp8.launch._LAUNCH entries (each with the table's current entry in its comment):",
         "",
         *(f"- {k}: {cfg_str(cfg)} ({ms:.4f} ms)" for k, (ms, cfg) in BEST.items()),
         "",

@@ -227,7 +227,7 @@ def bench_shape(m, n, k, roof, smoke):
         x, w = x.detach(), w.detach()
         p = dict(x=x, w=w, g=g)
         for name, t, dt in (("x", x, E4M3), ("w", w, E4M3), ("g", g, E5M2)):
-            p[f"amax_{name}"] = fp8._amax_bits(t)
+            p[f"amax_{name}"] = fp8.op._amax_bits(t)
             p[f"q_{name}"] = fl._quantize_transpose(t, dt)
         parts.append(p)
 
@@ -243,7 +243,7 @@ def bench_shape(m, n, k, roof, smoke):
     fwd_sum = bwd_sum = 0.0
     for name, dt in (("x", E4M3), ("w", E4M3), ("g", E5M2)):
         numel = parts[0][name].numel()
-        ms = bench([lambda p=p, name=name: fp8._amax_bits(p[name]) for p in parts])
+        ms = bench([lambda p=p, name=name: fp8.op._amax_bits(p[name]) for p in parts])
         row("part", f"amax pass {name}", f"{tuple(parts[0][name].shape)}", ms, 2 * numel, "GB/s", roof)
         ms2 = bench([lambda p=p, name=name, dt=dt: qt_only(p, name, dt) for p in parts])
         cfg = getattr(fl._quant_transpose_kernel, "best_config", None)  # the autotuner's pick for this shape
@@ -288,7 +288,7 @@ def sweep_configs(roof, smoke):
 
     s = 256 if smoke else 8192
     x = rand((s, s), smoke)
-    amax = fp8._amax_bits(x)
+    amax = fp8.op._amax_bits(x)
     qref, qtref, _ = fl._quantize_transpose(x, E4M3)
     qmax = fp8_max(E4M3)
     for cfg in fl._quant_transpose_kernel.configs:

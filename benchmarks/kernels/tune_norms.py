@@ -1,4 +1,4 @@
-"""Sweep the launch shapes of the fused norm kernels (scaleforge/kernels/norms.py) on the GPU.
+"""Sweep the launch shapes of the fused norm kernels (scaleforge/kernels/norms/) on the GPU.
 
     PYTHONPATH=$PWD python benchmarks/kernels/tune_norms.py            # GPU, ~90-120 s
     PYTHONPATH=$PWD python benchmarks/kernels/tune_norms.py --cases res --shapes 16x4096x2240 --passes bwd
@@ -29,7 +29,7 @@ The O(B*C) modulation traffic and the fp32 partial rows (~#SMs*k rows of C) are 
 backward op alone (kernel + partial sums). x eager: the PyTorch reference in bf16, eager, timed with
 triton.testing.do_bench (bwd: eager fwd+bwd minus eager fwd); the "autograd" rows time the public function
 (default configs) the same way. The end prints the best config per case, shape and pass, and the _DEFAULTS
-table of norms.py that those bests give (paste it to adopt them).
+table of norms/launch.py that those bests give (paste it to adopt them).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import time
 import torch
 
 from scaleforge.kernels import norms
-from scaleforge.kernels.norms import NormConfig
+from scaleforge.kernels.norms.launch import NormConfig
 from scaleforge.kernels.reference.norms import layer_norm_ref, rms_norm_ref
 
 from _common import DEV, bench, copy_bandwidth, graph_bench, rel_err
@@ -58,7 +58,7 @@ def pow2(n):
 
 
 def per_thread(c, r, w, split):
-    a, b = norms._blocks(c, split)
+    a, b = norms.launch._blocks(c, split)
     return r * (a + b) / (32 * w)
 
 
@@ -156,13 +156,13 @@ class Case:
 
     def fwd(self, cfg):
         res, n = self.res, self.n
-        return norms.norm_fwd_impl(self.x2, self.r2 if res else None, self.g2 if res else None, None, None,
+        return norms.op.norm_fwd_impl(self.x2, self.r2 if res else None, self.g2 if res else None, None, None,
                                    self.sh2, self.sc2, n if res else 0, n, n, 1e-6, self.is_rms, cfg=cfg)  # fmt: skip
 
     def bwd(self, cfg, saved):
         m, c, n, res = self.m, self.c, self.n, self.res
         _, h, mean, rstd, _ = saved
-        return norms.norm_bwd_impl(self.gy.view(m, c), self.gh.view(m, c) if res else None, h if res else self.x2,
+        return norms.op.norm_bwd_impl(self.gy.view(m, c), self.gh.view(m, c) if res else None, h if res else self.x2,
                                    self.x2 if res else None, self.g2 if res else None, None, None, self.sc2, mean,
                                    rstd, res, True, n if res else 0, n, n, self.is_rms, cfg=cfg)  # fmt: skip
 
@@ -271,7 +271,7 @@ def autograd_rows(case, sweep):
 
 
 def defaults(c, key):
-    return norms._default_config(c, False, key), norms._default_config(c, True, key)
+    return norms.launch._default_config(c, False, key), norms.launch._default_config(c, True, key)
 
 
 def main():
@@ -380,7 +380,7 @@ def main():
         lines.append(f"- {nm} {sh} {pas}: {label(cfg)}: {ms:.3f} ms, {pct:.0f}% of copy, x{xe:.2f} eager "
                      f"(default {label(d)}: {d_ms:.3f} ms)")  # fmt: skip
         table.setdefault((C_CLASS.get(c, c), key), {})[pas] = cfg
-    lines += ["", "_DEFAULTS from these bests (norms.py):", "```"]
+    lines += ["", "_DEFAULTS from these bests (norms/launch.py):", "```"]
     for (cc, key), v in sorted(table.items()):  # a pass not measured keeps its current default
         f, b = (cfg_repr(v.get(p, defaults(cc, key)[p == "bwd"])) for p in ("fwd", "bwd"))
         kept = [p for p in ("fwd", "bwd") if p not in v]

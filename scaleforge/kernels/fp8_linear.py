@@ -43,7 +43,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from scaleforge.kernels._triton_utils import autotune_configs, cdiv, direct_launch
-    from scaleforge.kernels.fp8 import _amax_bits
+    from scaleforge.kernels.fp8.op import _amax_bits
 
     @triton.autotune(
         configs=autotune_configs(
@@ -66,7 +66,7 @@ if HAS_TRITON:
         AMAX, the int32 bits of max|x| (fp8.py's amax pass). RELOAD_T (fp32 x): qᵀ is quantized from the
         tile read again in qᵀ's order instead of re-laid out from q: Triton 3.6 compiles the re-layout of
         an fp32-loaded tile's FP8 codes wrongly on sm_90 (qᵀ differed from q's codes at every tested shape and the
-        wgrad had zero columns, H200, 2026-11-30, tests/kernels/test_fp8_linear.py; bf16 and fp16 x are right);
+        wgrad had zero columns on an H200, tests/kernels/test_fp8_linear.py; bf16 and fp16 x are right);
         the second read hits L1/L2, and its codes are q's."""
         qmax = tl.cast(qmax, tl.float32)  # Inductor passes Python floats as fp64
         pid_r = tl.program_id(0)

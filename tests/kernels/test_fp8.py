@@ -120,9 +120,9 @@ def test_persistent_and_prefetch_variants(monkeypatch, waves, prefetch, evict_fi
     trips, the last one partial, and the prefetch past the end masked."""
     from scaleforge.kernels import fp8
 
-    cfg = fp8._cfg(256, 4, waves, prefetch, evict_first)
+    cfg = fp8.launch._cfg(256, 4, waves, prefetch, evict_first)
     for name in ("amax", "quant_tensor", "quant_tensor_dynamic", "quant_group/128", "quant_group/16"):
-        monkeypatch.setitem(fp8._LAUNCH, name, cfg)
+        monkeypatch.setitem(fp8.launch._LAUNCH, name, cfg)
     x = torch.randn(13, 333, device=DEVICE) * 3
     x[-1, -1] = 50.0  # the amax in the last tile
     for dtype in (E4M3, E5M2):
@@ -138,7 +138,7 @@ def test_persistent_and_prefetch_variants(monkeypatch, waves, prefetch, evict_fi
         assert torch.equal(s, sr) and _codes_match(q, qr) >= MIN_CODE_MATCH
 
 
-# fp8._quant_group_kernel's compile-time variants (fp8._QUANT_GROUP_OPTS; tune_fp8.py times them), as _cfg
+# fp8.quant_kernels._quant_group_kernel's compile-time variants (fp8.launch._QUANT_GROUP_OPTS; tune_fp8.py times them), as _cfg
 # keyword options
 GROUP_VARIANTS = [
     dict(satfinite=True),
@@ -167,9 +167,9 @@ def test_group_quant_variants(monkeypatch, opts, in_dtype):
         for args in ((32 * group, 1), (16 * group, 4), (8 * group, 2, 1, True, True)):
             outs = []
             for kw in (opts, {}):  # the variant, then the default kernel under the same launch config
-                cfg = fp8._cfg(*args, **kw)
-                monkeypatch.setitem(fp8._LAUNCH, "quant_group/128", cfg)
-                monkeypatch.setitem(fp8._LAUNCH, "quant_group/16", cfg)
+                cfg = fp8.launch._cfg(*args, **kw)
+                monkeypatch.setitem(fp8.launch._LAUNCH, "quant_group/128", cfg)
+                monkeypatch.setitem(fp8.launch._LAUNCH, "quant_group/16", cfg)
                 outs.append(quantize_fp8(x, "group", group, dtype, backend="triton"))
             (q, s), (q0, _) = outs
             assert s.shape == sr.shape and torch.equal(s, sr), (shape, group, args)
@@ -178,7 +178,7 @@ def test_group_quant_variants(monkeypatch, opts, in_dtype):
             assert q.view(torch.uint8).reshape(-1)[5].item() == qr.view(torch.uint8).reshape(-1)[5].item() == 0x80
 
 
-# fp8._quant_tensor_kernel's compile-time variants (fp8._QUANT_TENSOR_OPTS; tune_fp8.py times them), as _cfg
+# fp8.quant_kernels._quant_tensor_kernel's compile-time variants (fp8.launch._QUANT_TENSOR_OPTS; tune_fp8.py times them), as _cfg
 # keyword options
 TENSOR_VARIANTS = [dict(satfinite=True), dict(reverse=True), dict(satfinite=True, reverse=True)]
 
@@ -205,7 +205,7 @@ def test_tensor_quant_variants(monkeypatch, opts, in_dtype):
     programs take unequal numbers of tiles, with and without the next tile prefetched."""
     from scaleforge.kernels import fp8
 
-    monkeypatch.setattr(fp8, "num_sms", lambda device: 3)
+    monkeypatch.setattr(fp8.launch, "num_sms", lambda device: 3)
     cases = [
         ((13, 333), E4M3, (256, 4)),  # 17 tiles, the last partial; one program each
         ((13, 333), E5M2, (256, 4, 1)),  # 3 programs: 6, 6 and 5 tiles
@@ -223,9 +223,9 @@ def test_tensor_quant_variants(monkeypatch, opts, in_dtype):
         qg, _ = quantize_fp8_ref(x, "tensor", dtype=dtype, scale=given)
         outs = []
         for kw in (opts, {}):  # the variant, then the default kernel under the same launch config
-            cfg = fp8._cfg(*args, **kw)
-            monkeypatch.setitem(fp8._LAUNCH, "quant_tensor", cfg)
-            monkeypatch.setitem(fp8._LAUNCH, "quant_tensor_dynamic", cfg)
+            cfg = fp8.launch._cfg(*args, **kw)
+            monkeypatch.setitem(fp8.launch._LAUNCH, "quant_tensor", cfg)
+            monkeypatch.setitem(fp8.launch._LAUNCH, "quant_tensor_dynamic", cfg)
             outs.append((quantize_fp8(x, "tensor", dtype=dtype, backend="triton"),
                          quantize_fp8(x, "tensor", dtype=dtype, scale=given, backend="triton")))  # fmt: skip
         ((q, s), (q_g, s_g)), ((q0, _), (q0_g, _)) = outs
@@ -256,7 +256,7 @@ def test_tensor_quant_satfinite_saturation_and_nan(monkeypatch, dtype):
 
     if DEVICE != "cuda" and dtype == E5M2:
         pytest.skip("the interpreter's fp32 -> E5M2 conversion gives NaN for 2 qmax")
-    monkeypatch.setattr(fp8, "num_sms", lambda device: 3)
+    monkeypatch.setattr(fp8.launch, "num_sms", lambda device: 3)
     x = torch.randn(7, 301, device=DEVICE) * 3
     x[0, :64] = 0.0
     x[0, 64:128] = -0.0
@@ -265,7 +265,7 @@ def test_tensor_quant_satfinite_saturation_and_nan(monkeypatch, dtype):
     # beyond the clamp's 2 qmax, more between qmax and 2 qmax) and just under sr (the amax's just over qmax)
     scales = [torch.tensor(1e-38, device=DEVICE)] + ([sr / 4, sr * (1 - 2**-20)] if DEVICE == "cuda" else [])
     for args in ((256, 4), (256, 4, 1, True, True)):
-        monkeypatch.setitem(fp8._LAUNCH, "quant_tensor", fp8._cfg(*args, satfinite=True))
+        monkeypatch.setitem(fp8.launch._LAUNCH, "quant_tensor", fp8.launch._cfg(*args, satfinite=True))
         for scale in scales:
             q, s = quantize_fp8(x, "tensor", dtype=dtype, scale=scale, backend="triton")
             qr, _ = quantize_fp8_ref(x, "tensor", dtype=dtype, scale=scale)
@@ -284,7 +284,7 @@ def test_tensor_quant_satfinite_saturation_and_nan(monkeypatch, dtype):
         xn[4, 8] = xn[5, 9] = 0.0
         outs = []
         for kw in (dict(satfinite=True), {}):
-            monkeypatch.setitem(fp8._LAUNCH, "quant_tensor_dynamic", fp8._cfg(*args, **kw))
+            monkeypatch.setitem(fp8.launch._LAUNCH, "quant_tensor_dynamic", fp8.launch._cfg(*args, **kw))
             outs.append(quantize_fp8(xn, "tensor", dtype=dtype, backend="triton"))
         (q, s), (q0, s0) = outs
         assert torch.equal(s, s0) and torch.isnan(q[3, 7].float())

@@ -94,9 +94,9 @@ def test_launch_configs_match_reference(monkeypatch, fn_name, kind, cfg):
     masked 128 block in the backward, streamed (evict_first) loads."""
     from scaleforge.kernels import norms
 
-    fwd = norms.NormConfig(*cfg)
+    fwd = norms.launch.NormConfig(*cfg)
     bwd = fwd._replace(split=False, progs_per_sm=fwd.progs_per_sm or 2)
-    monkeypatch.setattr(norms, "_default_config", lambda c, backward, case="layer": bwd if backward else fwd)
+    monkeypatch.setattr(norms.op, "_default_config", lambda c, backward, case="layer": bwd if backward else fwd)
     fn, ref_fn = FNS[fn_name]
     args, kw = _case(kind, fn_name, 3, 7, 80, torch.float32, grad=True)
     out = fn(*args, **kw, backend="triton")
@@ -117,7 +117,7 @@ def test_default_configs_are_valid():
 
     for c in (37, 1152, 2240, 4096, 16384):
         for case in ("layer", "rms", "res"):
-            f, b = norms._default_config(c, False, case), norms._default_config(c, True, case)
+            f, b = norms.launch._default_config(c, False, case), norms.launch._default_config(c, True, case)
             assert not b.split and b.progs_per_sm > 0
             assert f.block_r & (f.block_r - 1) == 0 and b.block_r & (b.block_r - 1) == 0
             assert f.block_r == 1 or not f.split
@@ -130,7 +130,7 @@ def test_invalid_configs_are_named(monkeypatch):
     bad = [((2, 4, True, 0), False, "split needs block_r == 1"), ((1, 4, True, 4), True, "no split"),
            ((1, 4, False, 0), True, "progs_per_sm")]
     for cfg, backward, match in bad:
-        monkeypatch.setattr(norms, "_default_config", lambda c, bwd, case="layer", cfg=cfg: norms.NormConfig(*cfg))
+        monkeypatch.setattr(norms.op, "_default_config", lambda c, bwd, case="layer", cfg=cfg: norms.launch.NormConfig(*cfg))
         with pytest.raises(ValueError, match=match):
             x.requires_grad_(backward)
             y = layer_norm(x, backend="triton")
@@ -141,10 +141,10 @@ def test_invalid_configs_are_named(monkeypatch):
 def test_column_split():
     from scaleforge.kernels import norms
 
-    assert norms._blocks(2240, True) == (2048, 256)
-    assert norms._blocks(1152, True) == (1024, 128)
-    assert norms._blocks(4096, True) == (4096, 0)
-    assert norms._blocks(2240, False) == (4096, 0)
+    assert norms.launch._blocks(2240, True) == (2048, 256)
+    assert norms.launch._blocks(1152, True) == (1024, 128)
+    assert norms.launch._blocks(4096, True) == (4096, 0)
+    assert norms.launch._blocks(2240, False) == (4096, 0)
 
 
 def _mod(t, x, name):
@@ -179,11 +179,11 @@ def test_backward_prefetch_and_stages_match_reference(fn_name, kind, opt, r, bnc
     sc2, p_scale = _mod(d(kw.get("scale")), x, "scale")
     x2, res = x.detach().reshape(-1, c), "residual" in kw
     r2 = d(kw["residual"]).reshape(-1, c) if res else None
-    _, h, mean, rstd, _ = norms.norm_fwd_impl(x2, r2, g2, d(weight), d(bias), sh2, sc2, p_gate, p_shift, p_scale,
+    _, h, mean, rstd, _ = norms.op.norm_fwd_impl(x2, r2, g2, d(weight), d(bias), sh2, sc2, p_gate, p_shift, p_scale,
                                            1e-6, is_rms)  # fmt: skip
     gy, gh = torch.randn_like(x), torch.randn_like(x)
-    cfg = norms.NormConfig(r, 2, False, 1)._replace(**opt)
-    dx, dr, dg, dw, db, dsh, dsc = norms.norm_bwd_impl(
+    cfg = norms.launch.NormConfig(r, 2, False, 1)._replace(**opt)
+    dx, dr, dg, dw, db, dsh, dsc = norms.op.norm_bwd_impl(
         gy.reshape(-1, c), gh.reshape(-1, c) if res else None, h if res else x2, x2 if g2 is not None else None,
         g2, d(weight), d(bias), sc2, mean, rstd, res, sh2 is not None, p_gate, p_shift, p_scale, is_rms, cfg=cfg)
     ref = ref_fn(*[a.float() for a in args], **{k: v.float() for k, v in kw.items()})
@@ -214,8 +214,8 @@ def test_forward_stages_match_reference(fn_name, kind, cfg):
     sh2, p_shift = _mod(kw.get("shift"), x, "shift")
     sc2, p_scale = _mod(kw.get("scale"), x, "scale")
     r2 = kw["residual"].reshape(-1, c) if "residual" in kw else None
-    y, h, _, _, _ = norms.norm_fwd_impl(x.reshape(-1, c), r2, g2, weight, bias, sh2, sc2, p_gate, p_shift, p_scale,
-                                     1e-6, fn_name == "rms", cfg=norms.NormConfig(*cfg))  # fmt: skip
+    y, h, _, _, _ = norms.op.norm_fwd_impl(x.reshape(-1, c), r2, g2, weight, bias, sh2, sc2, p_gate, p_shift, p_scale,
+                                     1e-6, fn_name == "rms", cfg=norms.launch.NormConfig(*cfg))  # fmt: skip
     ref = ref_fn(*args, **kw)
     ref = ref if isinstance(ref, tuple) else (ref,)
     assert rel_err(y.reshape(x.shape), ref[0]) < TOL[torch.float32]
@@ -229,18 +229,18 @@ def test_pipeline_stages_fit_shared_memory(monkeypatch):
     sweep (4 rows x 4096 x four bf16 tensors, 3 stages: 262,464 bytes of 232,448) gets 2."""
     from scaleforge.kernels import norms
 
-    monkeypatch.setattr(norms, "_smem_budget", lambda index: 232448)
+    monkeypatch.setattr(norms.launch, "_smem_budget", lambda index: 232448)
     cuda = torch.device("cuda", 0)
     bf16 = [torch.empty(1, dtype=torch.bfloat16)] * 4
     f32 = [torch.empty(1, dtype=torch.float32)] * 6
-    cfg = norms.NormConfig(4, 16, False, 4, False, False, 3)
-    assert norms._fit_stages(cfg, 4 * 4096, bf16, cuda).stages == 2
-    tuned = norms.NormConfig(1, 8, False, 4, False, False, 4)  # gated residual backward at C = 2240
-    assert norms._fit_stages(tuned, 4096, bf16 + [None], cuda) == tuned
-    assert norms._fit_stages(tuned, 4096, f32, cuda).stages == 3  # six fp32 streams: 96 KiB a copy, 2 fit
-    monkeypatch.setattr(norms, "_smem_budget", lambda index: 99 * 1024)
-    assert norms._fit_stages(tuned, 4096, f32, cuda).stages == 0  # not even two stages fit
-    assert norms._fit_stages(tuned, 4096, bf16, torch.device("cpu")) == tuned  # the interpreter has no limit
+    cfg = norms.launch.NormConfig(4, 16, False, 4, False, False, 3)
+    assert norms.launch._fit_stages(cfg, 4 * 4096, bf16, cuda).stages == 2
+    tuned = norms.launch.NormConfig(1, 8, False, 4, False, False, 4)  # gated residual backward at C = 2240
+    assert norms.launch._fit_stages(tuned, 4096, bf16 + [None], cuda) == tuned
+    assert norms.launch._fit_stages(tuned, 4096, f32, cuda).stages == 3  # six fp32 streams: 96 KiB a copy, 2 fit
+    monkeypatch.setattr(norms.launch, "_smem_budget", lambda index: 99 * 1024)
+    assert norms.launch._fit_stages(tuned, 4096, f32, cuda).stages == 0  # not even two stages fit
+    assert norms.launch._fit_stages(tuned, 4096, bf16, torch.device("cpu")) == tuned  # the interpreter has no limit
 
 
 def test_launch_helpers_take_symbolic_sizes():
@@ -261,10 +261,10 @@ def test_launch_helpers_take_symbolic_sizes():
     with pytest.raises(ValueError, match="shift"):
         norms._mod_rows(mode.from_tensor(torch.randn(3, 1, 48)), x, "shift")
     m = x.shape[0] * x.shape[1]
-    cfg = norms._default_config(48, False, "layer")
+    cfg = norms.launch._default_config(48, False, "layer")
     dtypes = (torch.float32,) + (None,) * 4 + (torch.float32,) * 2
-    grid, meta = cached_call(norms._fwd_plan, m, 48, cfg, False, False, 0, 5, 5, dtypes, torch.device("cpu"))
-    want_grid, want_meta = norms._fwd_plan(10, 48, cfg, False, False, 0, 5, 5, dtypes, torch.device("cpu"))
+    grid, meta = cached_call(norms.launch._fwd_plan, m, 48, cfg, False, False, 0, 5, 5, dtypes, torch.device("cpu"))
+    want_grid, want_meta = norms.launch._fwd_plan(10, 48, cfg, False, False, 0, 5, 5, dtypes, torch.device("cpu"))
     assert [int(g) for g in grid] == list(want_grid)
     assert {k: int(v) if isinstance(v, torch.SymInt) else v for k, v in meta.items()} == want_meta
 
@@ -296,7 +296,7 @@ def test_modulation_layouts_and_dtypes_through_autograd(fn_name, dtypes):
     seen = {}
     import scaleforge.kernels.norms as norms
 
-    real_backward = norms._norm_backward
+    real_backward = norms.op._norm_backward
 
     def spy(ctx, *grads):
         out = real_backward(ctx, *grads)
@@ -318,7 +318,7 @@ def test_modulation_layouts_and_dtypes_through_autograd(fn_name, dtypes):
         gys = [torch.randn_like(r) for r in ref]
         want = torch.autograd.grad(ref, inputs, gys)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(norms._norm_fwd._function, "backward", staticmethod(spy))
+            mp.setattr(norms.op._norm_fwd._function, "backward", staticmethod(spy))
             out = fn(x, *params, **kw, backend="triton")
             got = torch.autograd.grad(out, inputs, gys)
         tol = 1e-5 if xdt == torch.float32 else 5e-3
@@ -370,9 +370,9 @@ def test_return_amax_is_the_outputs_max_and_quantizes_like_its_own_pass(monkeypa
     from scaleforge.kernels import norms, quantize_fp8
 
     if cfg is not None:
-        fwd = norms.NormConfig(*cfg)
-        monkeypatch.setattr(norms, "_default_config",
-                            lambda c, backward, case="layer": norms.NormConfig(1, 2, False, 2) if backward else fwd)
+        fwd = norms.launch.NormConfig(*cfg)
+        monkeypatch.setattr(norms.op, "_default_config",
+                            lambda c, backward, case="layer": norms.launch.NormConfig(1, 2, False, 2) if backward else fwd)
     fn = FNS[fn_name][0]
     args, kw = _case(kind, fn_name, 3, 7, 80, torch.float32, grad=True)
     args[0] = (args[0].detach() + 50).requires_grad_()
@@ -415,7 +415,7 @@ def test_return_amax_ignores_masked_lanes(monkeypatch):
     shift alone (|y| <= 1), the masked rows' bias + shift (~100) would win the max unless masked."""
     from scaleforge.kernels import norms
 
-    monkeypatch.setattr(norms, "_default_config", lambda c, backward, case="layer": norms.NormConfig(2, 4, False, 1))
+    monkeypatch.setattr(norms.op, "_default_config", lambda c, backward, case="layer": norms.launch.NormConfig(2, 4, False, 1))
     b, n, c = 3, 7, 80
     x = torch.randn(b, n, c, device=DEVICE)
     bias = torch.full((c,), 100.0, device=DEVICE)
