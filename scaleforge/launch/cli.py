@@ -158,6 +158,10 @@ def launch_main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 _fail(f"parallel.tp={layout.tp}: megatron-core tensor parallelism needs CUDA GPUs, and this "
                       f"machine has none; use parallel.tp=1 (or launch on GPU nodes)")
+            import importlib.util
+
+            if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+                _fail(f"parallel.tp={layout.tp} needs megatron-core (pip install 'scaleforge[gpu]'; python >= 3.12)")
         return _run_elastic(cfg, run_dir, nnodes, args.node_rank, args.master)
     except _known_errors() as e:
         _fail(str(e))
