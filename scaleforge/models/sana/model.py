@@ -168,7 +168,10 @@ def relu_linear_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _kernels():
     try:
-        from scaleforge import kernels  # noqa: F401
+        # imported on the CPU device: a model built under torch.device("meta") (the planner, meta init) would
+        # otherwise make the library's module-level constants meta tensors
+        with torch.device("cpu"):
+            from scaleforge import kernels  # noqa: F401
         return kernels if hasattr(kernels, "relu_linear_attention") else None
     except Exception:  # the kernel library is optional; the torch path is the reference
         return None
