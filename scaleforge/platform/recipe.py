@@ -81,6 +81,10 @@ class TensorParallelPlan:
     sequence_entry: str | None = None
     sequence_gather: tuple[str, ...] = ()
     head_attrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: modules inside the sequence-parallel region: their parameters that are not split (norm weights)
+    #: see only the rank's tokens, so their gradients are summed over the tp group (parameters upstream
+    #: of the region, e.g. a vision tower, get the full gradient on every tp rank and are left alone)
+    sequence_modules: tuple[str, ...] = ()
     sequence_length: int | None = None  # tokens per row, split over the tp ranks (must divide)
 
 

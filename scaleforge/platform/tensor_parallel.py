@@ -179,6 +179,7 @@ class TensorParallel:
     size: int
     rank: int
     split_dims: dict[str, int] = field(default_factory=dict)  # parameter FQN -> dimension split over tp
+    partial_grads: set[str] = field(default_factory=set)  # FQNs whose gradients cover the rank's tokens only
     dp_placements: tuple = ()  # FSDP's placements on the data-parallel mesh (set after fully_shard)
     mesh: Any = None  # the full (data-parallel x tp) mesh, for global views
 
@@ -192,11 +193,12 @@ class TensorParallel:
 
     # -- gradients of parameters every tp rank holds (norm weights) ------------------------------------
     def replicated_grads(self, model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
-        """(parameter, a copy of its current local gradient) for every trainable parameter not split
-        over tp; ``sum_replicated_grads`` adds the other ranks' new contributions after backward."""
+        """(parameter, a copy of its current local gradient) for every trainable parameter of the
+        sequence-parallel region that is not split over tp; ``sum_replicated_grads`` adds the other
+        ranks' new contributions after backward."""
         out = []
         for name, p in model.named_parameters():
-            if p.requires_grad and not self.is_split(name):
+            if p.requires_grad and name in self.partial_grads:
                 g = p.grad
                 out.append((p, None if g is None else getattr(g, "_local_tensor", g).clone()))
         return out
@@ -334,6 +336,9 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, group, dev
                                            init_method=_no_init, bias=lin.bias is not None, gather_output=False,
                                            disable_grad_reduce=True, tp_group=group), 0)
     _retie(model)
+    for pattern in plan.sequence_modules:
+        for name, m in _matching(model, pattern):
+            tp.partial_grads.update(n for n, _ in m.named_parameters(prefix=name) if n not in tp.split_dims)
     for pattern, attrs in plan.head_attrs.items():
         for _, m in _matching(model, pattern):
             for attr in attrs:

@@ -4,7 +4,8 @@ Megatron's layers hold plain tensors with the rank's slice; what the engine chec
 built by ``TensorParallel`` from those slices after FSDP2 has sharded them over the data-parallel mesh.
 These gloo workers hold the same slices in plain ``nn.Linear`` modules (megatron-core needs CUDA), so
 the real FSDP2 / DTensor / DCP path runs: save at tp=2 x dp=2, load at tp=1 x dp=2 and at tp=2 x dp=1;
-parameters and AdamW states must equal a single-process reference bit for bit.
+parameters and AdamW states must equal a single-process reference bit for bit. And the gradients of
+parameters that see only the rank's tokens (norm weights) are summed over tp, exactly under accumulation.
 """
 from __future__ import annotations
 
@@ -127,3 +128,37 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_tp2_and_export_gathers(tmp_pat
         loaded = _spawn(world, tp, tmp_path, ckpt, f"load{tp}")
         for n in want:
             assert torch.equal(loaded[n], want[n]), (tp, n)
+
+
+def _grad_worker(rank: int, world: int, init_file: str) -> None:
+    import torch.distributed as dist
+
+    from scaleforge.platform.tensor_parallel import TensorParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = nn.Module()
+        model.norm = nn.Parameter(torch.ones(5))  # in the sequence-parallel region: rank's tokens only
+        model.tower = nn.Parameter(torch.ones(5))  # upstream of it: the full gradient on every rank
+        tpi = TensorParallel(dist.group.WORLD, world, rank, partial_grads={"norm"})
+        xs = [torch.arange(5.0) + 10 * r + 100 * mb for mb in range(2) for r in range(world)]
+        for mb in range(2):  # two micro-batches: the sum must stay exact under accumulation
+            before = tpi.replicated_grads(model)
+            ((model.norm * xs[mb * world + rank]).sum() + (model.tower * 7).sum()).backward()
+            tpi.sum_replicated_grads(before)
+        assert torch.equal(model.norm.grad, sum(xs)), model.norm.grad
+        assert torch.equal(model.tower.grad, torch.full((5,), 14.0)), model.tower.grad
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    from scaleforge.platform.dist import exit_process
+
+    exit_process(0)
+
+
+@pytest.mark.slow
+def test_norm_gradients_are_summed_over_tp_once_per_micro_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_grad_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True, start_method="spawn")

@@ -85,6 +85,7 @@ class LLMRecipe(Recipe):
             sequence_entry="layers.0",
             sequence_gather=(f"{blocks}.attention", f"{blocks}.feed_forward", "output"),
             head_attrs={f"{blocks}.attention": ("n_heads", "n_kv_heads")},
+            sequence_modules=(blocks, "norm"),
             sequence_length=self.cfg.seq_len,
         )
 
