@@ -24,11 +24,9 @@ for section in "$@"; do
           | tee "$OUT/lm_profile_${n}gpu_timeline.md" ;;
     host-overhead) python3 benchmarks/kernels/host_overhead.py 2>&1 | tee "$OUT/host_overhead.log" ;;
     sana)
-      for k in torch triton; do
-        echo "== SANA 1.6B, 1024px (32x32 latents), 1 GPU, kernels=$k"
-        python3 benchmarks/sana_train.py --preset 1.6b --image-size 1024 --batch 8 --steps 12 --warmup 4 --kernels $k
-        echo "== SANA 1.6B, 1024px, 2 GPUs (FSDP2), kernels=$k"
-        torchrun --nproc-per-node 2 benchmarks/sana_train.py --preset 1.6b --image-size 1024 --batch 8 --steps 12 --warmup 4 --kernels $k
+      for n in 1 2; do
+        echo "== SANA 1.6B, 1024px (32x32 latents), $n GPU(s), through launch"
+        python3 benchmarks/sana_train.py --nproc $n --micro-batch 8 --steps 12 --warmup 4 --kernels torch triton --ac none --compile off on
       done 2>&1 | tee "$OUT/sana.log" ;;
     nvila) torchrun --nproc-per-node 2 benchmarks/nvila_step.py --steps 4 --warmup 2 2>&1 | tee "$OUT/nvila.log" ;;
     *) echo "unknown section $section"; exit 2 ;;

@@ -3,8 +3,8 @@ effect of scale-then-compress (Dynamic-S2 tiles, then 2x2 or 3x3 spatial token c
 same model without compression (plain S2 tokens) on visual tokens per sample and step time at the same images.
 
     torchrun --nproc-per-node 8 benchmarks/nvila_step.py                      # NVILA-8B shapes
-    torchrun --nproc-per-node 1 benchmarks/nvila_step.py --micro-batch 1 model.llm.n_layers=4 \
-        parallel.compile=true                                                 # cut to one GPU (4 of 28 LLM layers)
+    torchrun --nproc-per-node 1 benchmarks/nvila_step.py --micro-batch 1 \
+        model.llm.n_layers=4                                                  # cut to one GPU (4 of 28 LLM layers)
     torchrun --nproc-per-node 2 benchmarks/nvila_step.py --config nvila_tiny.yaml --image 120x90 \
         --steps 3 --warmup 1                                                  # CPU smoke run
 
