@@ -130,7 +130,13 @@ def from_pretrained(path: str, base: Optional[PS3Config] = None):
     from scaleforge.models.ps3.model import PS3Model
 
     cfg, sd = read_config(path, base)
-    model = PS3Model(cfg)
-    model.init_weights()
+    model = PS3Model(cfg, torch.device("meta"))  # built empty: the folder overwrites (nearly) everything
+    model.to_empty(device="cpu")
+    if set(model.state_dict()) - set(sd) - set(LOSS_ONLY):
+        model.init_weights()  # a vision-only folder: the text tower starts fresh
+    else:
+        with torch.no_grad():
+            model.logit_scale.fill_(cfg.loss.init_logit_scale)
+            model.logit_bias.fill_(cfg.loss.init_logit_bias)
     load_state(model, sd, path)
     return model

@@ -4,7 +4,8 @@ outputs for the parity test. Usage: ``python ps3_ref.py SPEC.json`` with
   {"mode": "build" | "load", "dir": ps3-torch folder (written by build, read by load), "out": outputs file,
    "trunk": {"name", "img_size", "patch_size", "width", "depth", "heads", "mlp_ratio"} (build only;
    names timm already knows are not re-registered), "config": PS3Config dict (build only),
-   "inputs": safetensors file with "pixel_values", "text", "prompt", "cases": [[num_look_close, use_prompt]...]}
+   "inputs": safetensors file with "pixel_values", "text", "prompt", "cases": [[num_look_close, use_prompt]...],
+   "vision_only": build a ``PS3VisionModel`` only (no text outputs)}
 
 Outputs (safetensors): per case c: ``c{i}.last_hidden_state``, ``c{i}.map{s}``, ``c{i}.prob{s}``, and
 ``text.pooled`` / ``text.prompt``; a JSON line on stdout with the missing / unexpected keys of a load.
@@ -38,14 +39,17 @@ def register_trunk(t: dict) -> None:
 def main(spec_path: str) -> None:
     from safetensors.torch import load_file, save_file
 
-    from ps3 import PS3Config, PS3Model
+    from ps3 import PS3Config, PS3Model, PS3VisionConfig, PS3VisionModel
 
     spec = json.loads(open(spec_path).read())
     report = {}
     if spec["mode"] == "build":
         register_trunk(spec["trunk"])
         torch.manual_seed(0)
-        model = PS3Model(PS3Config(**spec["config"])).eval()
+        if spec.get("vision_only"):
+            model = PS3VisionModel(PS3VisionConfig(**spec["config"]["vision_config"])).eval()
+        else:
+            model = PS3Model(PS3Config(**spec["config"])).eval()
         with torch.no_grad():  # timm leaves some tensors at zero / one: make every weight matter
             g = torch.Generator().manual_seed(1)
             for p in model.parameters():
@@ -60,8 +64,9 @@ def main(spec_path: str) -> None:
     inputs = load_file(spec["inputs"])
     out = {}
     with torch.no_grad():
-        t = model.text_model(inputs["text"])
-        out["text.pooled"], out["text.prompt"] = t.pooled_output, t.prompt
+        if not spec.get("vision_only"):
+            t = model.text_model(inputs["text"])
+            out["text.pooled"], out["text.prompt"] = t.pooled_output, t.prompt
         for i, (n, use_prompt) in enumerate(spec["cases"]):
             o = model.vision_model(inputs["pixel_values"], num_look_close=n, output_hidden_states=True,
                                    prompt=inputs["prompt"] if use_prompt else None)
