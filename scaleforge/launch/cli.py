@@ -1,7 +1,9 @@
 """``launch`` (run a training job locally, across nodes, or on Slurm) and ``scaleforge`` (tools).
 
-Everything that can be checked is checked here, in the launching process, before any worker starts:
-the config (keys, types, choices), the mesh and batch arithmetic, the resume path.
+Everything that can be checked is checked here, in the launching process, before any worker starts and before
+anything in the run directory is written (``preflight.py``): the flags, the config (keys, types, choices, the
+recipe's model, the optimizer's arguments), the mesh and batch arithmetic, the shards, the resume checkpoint
+and whether it fits the config. Local, multi-node, Slurm and ``--dry-run`` launches run the same checks.
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ def launch_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", required=True, help="YAML file (looked up in ./ then configs/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides")
     ap.add_argument("--nproc", type=int, help="worker processes per node (cluster.procs_per_node)")
-    ap.add_argument("--nnodes", type=int, default=1, help="nodes of a hand-launched multi-node job")
-    ap.add_argument("--node-rank", type=int, default=0, help="this node's rank in a multi-node job")
+    ap.add_argument("--nnodes", type=int, help="nodes of a hand-launched multi-node job (default 1)")
+    ap.add_argument("--node-rank", type=int, help="this node's rank in a multi-node job (default 0)")
     ap.add_argument("--master", help="HOST:PORT of node 0 for a multi-node job")
     ap.add_argument("--slurm", action="store_true", help="render an sbatch script and submit it")
     ap.add_argument("--nodes", type=int, help="Slurm nodes (cluster.nodes)")
@@ -49,6 +51,32 @@ def launch_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", help="auto (default), none, or a checkpoint / run directory")
     ap.add_argument("--from-slurm", action="store_true", help=argparse.SUPPRESS)  # inside an sbatch job
     return ap
+
+
+def check_flags(args) -> None:
+    """Flag combinations that would otherwise be dropped without a word, hang or end in a traceback."""
+    if args.slurm or args.from_slurm:
+        if args.nnodes is not None or args.node_rank is not None or args.master:
+            _fail("--nnodes / --node-rank / --master are for a hand-launched multi-node job; "
+                  "with --slurm use --nodes N")
+        return
+    if args.nodes is not None:
+        _fail("--nodes N is for Slurm (--slurm); a hand-launched multi-node job takes "
+              "--nnodes N --node-rank R --master HOST:PORT on every node")
+    nnodes = 1 if args.nnodes is None else args.nnodes
+    rank = 0 if args.node_rank is None else args.node_rank
+    if nnodes < 1:
+        _fail(f"--nnodes {nnodes}: must be >= 1")
+    if not 0 <= rank < nnodes:
+        _fail(f"--node-rank {rank}: must be in [0, --nnodes {nnodes})")
+    if nnodes > 1 and not args.master:
+        _fail("--nnodes > 1 needs --master HOST:PORT (the address of node 0)")
+    if args.master:
+        if nnodes == 1:
+            _fail("--master is for a multi-node job (--nnodes > 1)")
+        host, _, port = args.master.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            _fail(f"--master {args.master}: expected HOST:PORT, e.g. {args.master.split(':')[0] or 'node0'}:29500")
 
 
 def resolve_job(args):
@@ -71,8 +99,10 @@ def resolve_job(args):
     cfg = validate(raw, recipe_config_class)
     if cfg.cluster.kind == "slurm" or args.from_slurm:
         nnodes = cfg.cluster.nodes
+        if nnodes < 1:
+            _fail(f"cluster.nodes: must be >= 1, got {nnodes}")
     else:
-        nnodes = args.nnodes
+        nnodes = args.nnodes or 1
     if cfg.cluster.procs_per_node < 1:
         _fail(f"cluster.procs_per_node: must be >= 1, got {cfg.cluster.procs_per_node}")
     layout = derive_layout(cfg, nnodes * cfg.cluster.procs_per_node)
@@ -95,10 +125,16 @@ def _check_tensor_parallel(cfg, layout) -> None:
     check_tensor_parallel(model, recipe.tensor_parallel_plan(model), layout.tp, recipe.name)
 
 
-def _check_resume(cfg, run_dir: Path) -> None:
-    from scaleforge.platform.checkpoint import resolve_resume
+def _check_tensor_parallel_runtime(layout) -> None:
+    import importlib.util
 
-    resolve_resume(cfg.checkpoint.resume, run_dir)  # raises CheckpointError with the reason
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(f"parallel.tp={layout.tp}: megatron-core tensor parallelism needs CUDA GPUs, and this "
+              f"machine has none; use parallel.tp=1 (or launch on GPU nodes)")
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        _fail(f"parallel.tp={layout.tp} needs megatron-core (pip install 'scaleforge[gpu]'; python >= 3.12)")
 
 
 def _write_config(cfg, run_dir: Path) -> Path:
@@ -124,57 +160,57 @@ def _print_plan(cfg, layout) -> None:
 
 
 def launch_main(argv: list[str] | None = None) -> int:
-    args = launch_parser().parse_args(argv)
+    args = launch_parser().parse_intermixed_args(argv)  # overrides may come before or after the flags
+    check_flags(args)
     try:
         cfg, layout, nnodes = resolve_job(args)
+        from scaleforge.launch import preflight
         from scaleforge.platform.config import to_yaml
         from scaleforge.platform.trainer import run_dir_of
 
+        preflight.check_job(cfg)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
         run_dir = run_dir_of(cfg)
-        if args.slurm or cfg.cluster.kind == "slurm" and not args.from_slurm:
-            return _launch_slurm(cfg, layout, run_dir, args.dry_run)
-        if args.dry_run:
-            _print_plan(cfg, layout)
-            return 0
-        _check_resume(cfg, run_dir)
-        if cfg.data.kind == "webdataset":  # missing shards etc. fail here, before any process starts
-            from scaleforge.platform.data.loader import check_sources
+        if args.dry_run:  # the plan, then what this machine would refuse (shards, resume checkpoint)
+            if cfg.cluster.kind == "slurm" and not args.from_slurm:
+                from scaleforge.launch import slurm
 
-            check_sources(cfg.data, layout.dp_size)
+                print(slurm.render_sbatch(cfg, run_dir, run_dir / "config.yaml"))
+            _print_plan(cfg, layout)
+        # everything else that can be wrong, for every kind of launch, before anything is written
+        resume_from = preflight.check_resume(cfg, run_dir)
+        preflight.check_sources(cfg, layout)
+        if args.dry_run:
+            return 0
+        if resume_from is not None:
+            print(f"resuming from {resume_from}")
+        if layout.tp > 1 and not (cfg.cluster.kind == "slurm" and not args.from_slurm):
+            _check_tensor_parallel_runtime(layout)
+        node_rank = 0 if args.node_rank is None else args.node_rank
+        if cfg.checkpoint.resume == "none" and node_rank == 0 and not args.from_slurm:
+            moved = preflight.start_fresh(run_dir)
+            if moved is not None:
+                print(f"--resume none: moved the previous run in {run_dir} aside to {moved}")
+            if cfg.cluster.kind == "slurm":  # requeued jobs must resume this new run, not restart it
+                cfg.checkpoint.resume = "auto"
+        if cfg.cluster.kind == "slurm" and not args.from_slurm:
+            return _launch_slurm(cfg, run_dir)
         if args.from_slurm:
             from scaleforge.launch.slurm import rendezvous_from_env
 
             rdzv = rendezvous_from_env()
             return _run_elastic(cfg, run_dir, rdzv["nnodes"], rdzv["node_rank"],
                                 f"{rdzv['master_addr']}:{rdzv['master_port']}")
-        if nnodes > 1 and not args.master:
-            _fail("--nnodes > 1 needs --master HOST:PORT (the address of node 0)")
-        if layout.tp > 1:
-            import torch
-
-            if not torch.cuda.is_available():
-                _fail(f"parallel.tp={layout.tp}: megatron-core tensor parallelism needs CUDA GPUs, and this "
-                      f"machine has none; use parallel.tp=1 (or launch on GPU nodes)")
-            import importlib.util
-
-            if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
-                _fail(f"parallel.tp={layout.tp} needs megatron-core (pip install 'scaleforge[gpu]'; python >= 3.12)")
-        return _run_elastic(cfg, run_dir, nnodes, args.node_rank, args.master)
+        return _run_elastic(cfg, run_dir, nnodes, node_rank, args.master)
     except _known_errors() as e:
         _fail(str(e))
 
 
-def _launch_slurm(cfg, layout, run_dir: Path, dry_run: bool) -> int:
+def _launch_slurm(cfg, run_dir: Path) -> int:
     from scaleforge.launch import slurm
 
-    if dry_run:
-        script = slurm.render_sbatch(cfg, run_dir, run_dir / "config.yaml")
-        print(script)
-        _print_plan(cfg, layout)
-        return 0
     config_path = _write_config(cfg, run_dir)
     script = slurm.render_sbatch(cfg, run_dir, config_path)
     script_path = run_dir / "job.sbatch"
@@ -187,8 +223,60 @@ def _launch_slurm(cfg, layout, run_dir: Path, dry_run: bool) -> int:
     return 0
 
 
+class _Interrupts:
+    """Ctrl-C is a polite stop, as SIGTERM is: the launcher sends SIGTERM to the workers (each finishes its step,
+    a checkpoint is written, they exit); a second Ctrl-C kills them at once. The workers ignore SIGINT
+    themselves (the terminal sends it to the whole process group), so only this path reaches them."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.count = 0
+
+    def install(self) -> None:
+        import signal
+
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        import signal
+
+        self.count += 1
+        if self.count == 1:
+            self.signal = "SIGINT"
+            print("\ninterrupted: the workers finish their step and write a checkpoint "
+                  "(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+            signal.raise_signal(signal.SIGTERM)  # the agent's shutdown path: SIGTERM to every worker
+            return
+        print("aborted: workers killed without a checkpoint", file=sys.stderr, flush=True)
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os._exit(130)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (Linux /proc), children first."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
 def _run_elastic(cfg, run_dir: Path, nnodes: int, node_rank: int, master: str | None) -> int:
     """Start the workers through torch.distributed's elastic agent (what torchrun runs)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -212,25 +300,58 @@ def _run_elastic(cfg, run_dir: Path, nnodes: int, node_rank: int, master: str | 
     if env_threads is None:
         # torchrun would set 1; a small CPU job wants the cores split between its workers instead
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.cluster.procs_per_node))
+    # a stopped worker gets as long to write its checkpoint as a preempted Slurm job has
     lc = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=cfg.cluster.procs_per_node,
                       run_id=run_id, rdzv_backend=backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
-                      max_restarts=0, monitor_interval=0.2, start_method="spawn")
+                      max_restarts=0, monitor_interval=0.2, start_method="spawn",
+                      shutdown_timeout=max(30, cfg.cluster.preempt_grace_s),
+                      # the agent turns these into a shutdown that forwards the signal to the workers; SIGINT
+                      # stays with _Interrupts, which forwards SIGTERM instead
+                      signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
     if backend == "static":
         host, port = master.rsplit(":", 1)
         lc.master_addr, lc.master_port = host, int(port)
     cmd = [sys.executable, "-u", "-m", "scaleforge.launch.worker", "--config", str(config_path)]
+    interrupts = _Interrupts()
+    interrupts.install()
     try:
         elastic_launch(lc, cmd[0])(*cmd[1:])
+    except SignalException as e:
+        return _stopped_by_signal(interrupts.signal or e.sigval.name, run_dir)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        print(f"\nerror: worker rank {rank} failed (exit code {failure.exitcode}); its error first:",
-              file=sys.stderr)
-        msg = failure.message
-        if isinstance(msg, dict):
-            msg = msg.get("message", msg)
-        print(msg if msg else "(no traceback recorded: the process was killed or crashed)", file=sys.stderr)
+        _report_failure(e)
         return 1
     return 0
+
+
+def _stopped_by_signal(name: str, run_dir: Path) -> int:
+    from scaleforge.platform.checkpoint import find_latest
+
+    latest = find_latest(run_dir / "checkpoints")
+    where = f"last checkpoint {latest}" if latest else "no checkpoint was written"
+    print(f"stopped by {name}: {where}; run the same command to resume", file=sys.stderr)
+    return 130 if name == "SIGINT" else 0
+
+
+def _report_failure(e) -> None:
+    """The first failing rank's one-line cause first, then its traceback (every rank's own output came before)."""
+    rank, failure = e.get_first_failure()
+    msg, stack = failure.message, ""
+    if isinstance(msg, dict):  # what @record wrote: {"message": "Type: text", "extraInfo": {"py_callstack": ...}}
+        stack = str(msg.get("extraInfo", {}).get("py_callstack", "")).strip()
+        msg = msg.get("message", "")
+    if failure.exitcode < 0:
+        cause = f"killed by {failure.signal_name()}"
+    elif msg and not str(msg).startswith("To enable traceback"):
+        cause = str(msg).strip().splitlines()[0]
+    else:
+        cause = "no error recorded (the process exited without a Python exception; see its output above)"
+    others = sorted(r for r in e.failures if r != rank)
+    also = f" (ranks {', '.join(map(str, others))} failed after it)" if others else ""
+    print(f"\nerror: worker rank {rank} failed first (exit code {failure.exitcode}): {cause}{also}", file=sys.stderr)
+    if stack:
+        print(f"rank {rank}'s traceback:\n{stack}", file=sys.stderr)
+        print(f"error: worker rank {rank}: {cause}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,8 +390,12 @@ def scaleforge_main(argv: list[str] | None = None) -> int:
     args = scaleforge_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except _known_errors() + (FileNotFoundError,) as e:
+    except _known_errors() + (FileNotFoundError, FileExistsError) as e:
         _fail(str(e))
+    except BrokenPipeError:  # `scaleforge data inspect ... | head`: the reader left, stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 141  # 128 + SIGPIPE, what shells report for a writer cut off by a pipe
     return int(rc or 0)
 
 

@@ -54,6 +54,9 @@ def load_model_state(run_dir: Path, checkpoint: str | None = None, ema: bool = F
 def export_run(run_dir: Path, fmt: str, out: Path, checkpoint: str | None = None, ema: bool = False) -> Path:
     from scaleforge.platform.config import ConfigError
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out}: already exists and is not empty; remove it or choose another folder "
+                              "(an export never overwrites files)")
     cfg, recipe, state = load_model_state(run_dir, checkpoint, ema)
     if fmt not in recipe.export_formats():
         raise ConfigError(f"--format {fmt}: recipe {recipe.name!r} exports {', '.join(recipe.export_formats()) or 'nothing'}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -12,6 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scaleforge-worker")
     ap.add_argument("--config", required=True, help="resolved config.yaml written by launch")
     args = ap.parse_args(argv)
+    # Ctrl-C reaches every process of the terminal's process group; the launcher turns it into SIGTERM for
+    # the workers (checkpoint, then exit), so a worker's own SIGINT must not interrupt it mid-step
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from scaleforge.models import get_recipe_class, recipe_config_class
     from scaleforge.platform.config import load_config

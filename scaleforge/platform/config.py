@@ -166,6 +166,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "metrics.wandb.mode": ("offline", "online", "disabled"),
     "cluster.kind": ("local", "slurm"),
+    "data.kind": ("synthetic", "webdataset"),
+    "data.mode": ("exact", "resampled"),
 }
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -331,7 +333,9 @@ def check_choices(cfg: JobConfig) -> None:
     for path, choices in CHOICES.items():
         value = OmegaConf.select(OmegaConf.structured(cfg), path)
         if value not in choices:
-            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+            hint = difflib.get_close_matches(str(value), choices, n=1)
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}"
+                              + (f"; did you mean {hint[0]}?" if hint else ""))
     if cfg.trainer.max_steps <= 0:
         raise ConfigError(f"trainer.max_steps: must be positive, got {cfg.trainer.max_steps}")
     if cfg.trainer.micro_batch_size <= 0 or cfg.trainer.global_batch_size <= 0:

@@ -86,14 +86,14 @@ def test_grow_and_prune_commands(tmp_path):
     export_diffusers(src.state_dict(), tmp_path / "src", arch)
     args = _parse(["sana", "grow", "--ckpt", str(tmp_path / "src"), "--depth", "7", "--source-layers", "3",
                    "--out", str(tmp_path / "grown")])
-    assert args.handler(args) == 0
+    assert args.func(args) == 0
     garch, gsd = load_diffusers(tmp_path / "grown")
     assert garch.depth == 7 and torch.equal(gsd["blocks.2.attn.qkv.weight"], src.state_dict()["blocks.2.attn.qkv.weight"])
     assert gsd["blocks.5.attn.proj.weight"].abs().sum() == 0
 
     args = _parse(["sana", "prune", "--ckpt", str(tmp_path / "grown"), "--keep", "4", "--calib-samples", "8",
                    "--sigmas", "0.3", "0.7", "--out", str(tmp_path / "pruned")])
-    assert args.handler(args) == 0
+    assert args.func(args) == 0
     rep = json.loads((tmp_path / "pruned" / "importance.json").read_text())
     imp = rep["importance"]
     # the 4 identity blocks added by growth change nothing: importance 0, and they are the ones dropped
@@ -121,7 +121,7 @@ def test_precompute_then_sample(tmp_path, encoders):
     args = _parse(["sana", "precompute", "--shards", str(shard), "--out", str(tmp_path / "pre"),
                    "--text-encoder", te_path, "--vae", vae_path, "--image-size", "64", "--text-len", "8",
                    "--device", "cpu"])
-    assert args.handler(args) == 0
+    assert args.func(args) == 0
     from scaleforge.models.sana.recipe import _latent_text_sample
 
     samples = [_latent_text_sample(raw) for raw in wds.WebDataset(str(tmp_path / "pre" / "shard-000000.tar"),
@@ -139,7 +139,7 @@ def test_precompute_then_sample(tmp_path, encoders):
     args = _parse(["sana", "sample", "--ckpt", str(tmp_path / "model"), "--prompt", "a red circle", "a blue square",
                    "--steps", "3", "--height", "64", "--width", "96", "--text-encoder", te_path, "--vae", vae_path,
                    "--out", str(tmp_path / "samples"), "--device", "cpu"])
-    assert args.handler(args) == 0
+    assert args.func(args) == 0
     pngs = sorted((tmp_path / "samples").glob("*.png"))
     assert len(pngs) == 2
     assert Image.open(pngs[0]).size == (96, 64)

@@ -1,12 +1,40 @@
-"""``scaleforge sana {precompute, sample, prune, grow}``. ``add_sana_subcommands(subparsers)`` registers them;
-each handler takes the parsed namespace and returns an exit code (0 on success)."""
+"""``scaleforge sana {precompute, sample, prune, grow}``. ``add_sana_subcommands(subparsers)`` registers them
+(as ``func``, what the ``scaleforge`` entry point calls); each handler takes the parsed namespace and returns an
+exit code (0 on success). Bad arguments, checkpoints and conversions end in one ``error:`` line, exit 2."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+
+class SanaCliError(ValueError):
+    """A bad argument or input of a ``scaleforge sana`` command."""
+
+
+def _guarded(handler):
+    """The tools' known failures print one line and exit 2, whoever calls the handler."""
+
+    @functools.wraps(handler)
+    def run_handler(args: argparse.Namespace) -> int:
+        from scaleforge.models.sana.diffusers_io import ConversionError
+        from scaleforge.models.sana.grow import GrowError
+        from scaleforge.platform.checkpoint import CheckpointError
+        from scaleforge.platform.config import ConfigError
+        from scaleforge.platform.data import DataError
+
+        try:
+            return handler(args)
+        except (SanaCliError, GrowError, ConversionError, CheckpointError, ConfigError, DataError,
+                FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return run_handler
 
 
 def add_sana_subcommands(subparsers) -> argparse.ArgumentParser:
@@ -16,15 +44,17 @@ def add_sana_subcommands(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("precompute", help="image-text shards -> latent + text-embedding shards")
     p.add_argument("--shards", required=True, nargs="+", help="input tar shards (brace patterns allowed)")
     p.add_argument("--out", required=True, help="output folder for shard-%%06d.tar")
-    p.add_argument("--text-encoder", default="Efficient-Large-Model/gemma-2-2b-it")
-    p.add_argument("--vae", default="mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers")
-    p.add_argument("--image-size", type=int, default=1024, help="base size of the aspect-ratio buckets")
-    p.add_argument("--text-len", type=int, default=300)
+    p.add_argument("--config", help="training config whose model section gives the defaults of the options "
+                   "below (text encoder, DC-AE, image size, text length, CHI, scaling factor)")
+    p.add_argument("--text-encoder", help="default: the config's, else Efficient-Large-Model/gemma-2-2b-it")
+    p.add_argument("--vae", help="default: the config's, else mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers")
+    p.add_argument("--image-size", type=int, help="base size of the aspect-ratio buckets (default 1024)")
+    p.add_argument("--text-len", type=int, help="text tokens per caption (default 300)")
     p.add_argument("--no-chi", action="store_true", help="no complex-human-instruction prefix")
-    p.add_argument("--scaling-factor", type=float, default=0.41407)
+    p.add_argument("--scaling-factor", type=float, help="DC-AE latent scaling (default 0.41407)")
     p.add_argument("--per-shard", type=int, default=1000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.set_defaults(handler=cmd_precompute)
+    p.set_defaults(func=_guarded(cmd_precompute))
 
     p = sub.add_parser("sample", help="generate images from a checkpoint")
     p.add_argument("--ckpt", required=True, help="run dir, checkpoint step dir or diffusers folder")
@@ -41,7 +71,7 @@ def add_sana_subcommands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.set_defaults(handler=cmd_sample)
+    p.set_defaults(func=_guarded(cmd_sample))
 
     p = sub.add_parser("prune", help="block-importance depth pruning")
     p.add_argument("--ckpt", required=True)
@@ -53,7 +83,7 @@ def add_sana_subcommands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--metric", choices=("1-cos",), default="1-cos")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(handler=cmd_prune)
+    p.set_defaults(func=_guarded(cmd_prune))
 
     p = sub.add_parser("grow", help="SANA-1.5 depth growth of a checkpoint")
     p.add_argument("--ckpt", required=True)
@@ -65,7 +95,7 @@ def add_sana_subcommands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--noise-scale", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
-    p.set_defaults(handler=cmd_grow)
+    p.set_defaults(func=_guarded(cmd_grow))
     return sana
 
 
@@ -103,6 +133,8 @@ def cmd_grow(args) -> int:
     from scaleforge.models.sana.diffusers_io import depth_of, export_diffusers
     from scaleforge.models.sana.grow import grow_state_dict
 
+    if args.depth < 1:
+        raise SanaCliError(f"--depth {args.depth}: must be >= 1")
     arch, sd = load_weights(args.ckpt)
     grown = grow_state_dict(sd, args.depth, strategy=args.strategy, source_num_layers=args.source_layers or None,
                             expand_ratio=args.expand_ratio, zero_gate=not args.no_zero_gate,
@@ -146,8 +178,14 @@ def cmd_prune(args) -> int:
     from scaleforge.models.sana.prune import METRICS, block_importance, prune_state_dict, select_blocks, write_report
 
     model, arch, sd = _load_model(args.ckpt)
+    if not 1 <= args.keep <= arch.depth:
+        raise SanaCliError(f"--keep {args.keep}: must be between 1 and the model's depth {arch.depth}")
+    if args.calib_samples < 1:
+        raise SanaCliError(f"--calib-samples {args.calib_samples}: must be >= 1")
     run_cfg = _run_model_cfg(Path(args.ckpt))
     calib = list(_calibration_batches(args, arch, run_cfg, args.calib_samples))
+    if not calib:
+        raise SanaCliError(f"--calib-shards {' '.join(args.calib_shards)}: no calibration samples in them")
     n = sum(b["latents"].shape[0] for b in calib)
     imp = block_importance(model, calib, args.sigmas, METRICS[args.metric], args.seed)
     kept = select_blocks(imp, args.keep)
@@ -171,7 +209,7 @@ def cmd_sample(args) -> int:
     te_name = args.text_encoder or (run_cfg.text_encoder if run_cfg else None)
     vae_name = args.vae or (run_cfg.vae if run_cfg else None)
     if not te_name or not vae_name:
-        raise SystemExit("error: --text-encoder and --vae are needed for a checkpoint outside a run directory")
+        raise SanaCliError("--text-encoder and --vae are needed for a checkpoint outside a run directory")
     use_chi = run_cfg.use_chi if run_cfg else True
     scale = run_cfg.vae_scaling_factor if run_cfg else 0.41407
     shift = args.shift if args.shift is not None else (run_cfg.flow_shift if run_cfg else 3.0)
@@ -179,8 +217,8 @@ def cmd_sample(args) -> int:
     h, w = (args.height or size) // 32, (args.width or size) // 32
     te = load_text_encoder(te_name, device=args.device, max_length=arch.text_len, use_chi=use_chi)
     if te.hidden_size != arch.caption_channels:
-        raise SystemExit(f"error: text encoder hidden size {te.hidden_size} != model caption_channels "
-                         f"{arch.caption_channels}")
+        raise SanaCliError(f"text encoder {te_name!r} has hidden size {te.hidden_size}, the model's "
+                           f"caption_channels is {arch.caption_channels}")
     vae = load_vae(vae_name, device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,6 +242,32 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _precompute_options(args) -> dict:
+    """The encoder options: the flags, else the ``--config`` training config's model section, else SANA's."""
+    from scaleforge.models.sana.recipe import SanaModelConfig, arch_from_config
+
+    model = SanaModelConfig(preset="1.6b")
+    if args.config:
+        from scaleforge.models import recipe_config_class
+        from scaleforge.platform.config import load_config
+
+        model = load_config(args.config, [], recipe_config=recipe_config_class).model
+        if getattr(model, "recipe", None) != "sana":
+            raise SanaCliError(f"--config {args.config}: model.recipe is {model.recipe!r}, not 'sana'")
+    opts = {"text_encoder": args.text_encoder or model.text_encoder, "vae": args.vae or model.vae,
+            "image_size": args.image_size or model.image_size,
+            "text_len": args.text_len or arch_from_config(model).text_len,
+            "use_chi": model.use_chi and not args.no_chi,
+            "scaling_factor": args.scaling_factor or model.vae_scaling_factor}
+    if opts["image_size"] % 32 or opts["image_size"] < 32:
+        raise SanaCliError(f"--image-size {opts['image_size']}: must be a positive multiple of 32")
+    if opts["text_len"] < 2:
+        raise SanaCliError(f"--text-len {opts['text_len']}: must be >= 2")
+    if args.per_shard < 1:
+        raise SanaCliError(f"--per-shard {args.per_shard}: must be >= 1")
+    return opts
+
+
 def cmd_precompute(args) -> int:
     import io
 
@@ -216,11 +280,13 @@ def cmd_precompute(args) -> int:
     from scaleforge.platform.data.shards import expand_patterns
 
     urls = expand_patterns(args.shards, where="--shards")
-    te = load_text_encoder(args.text_encoder, device=args.device, max_length=args.text_len, use_chi=not args.no_chi)
-    vae = load_vae(args.vae, device=args.device)
+    opts = _precompute_options(args)
+    te = load_text_encoder(opts["text_encoder"], device=args.device, max_length=opts["text_len"],
+                           use_chi=opts["use_chi"])
+    vae = load_vae(opts["vae"], device=args.device)
     from scaleforge.models.sana.recipe import sana_buckets
 
-    buckets = sana_buckets(args.image_size)
+    buckets = sana_buckets(opts["image_size"])
     ratios = sorted(buckets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +310,7 @@ def cmd_precompute(args) -> int:
             hw = buckets[min(ratios, key=lambda r: abs(r - ratio))]
             x = image_to_tensor(resize_center_crop(img, hw))[None].to(args.device)
             with torch.no_grad():
-                lat = images_to_latents(vae, x, args.scaling_factor)[0].cpu()
+                lat = images_to_latents(vae, x, opts["scaling_factor"])[0].cpu()
             emb, mask = te.encode([s["caption"]])
             sink.write({"__key__": raw["__key__"], "latent.npy": npy(lat.numpy().astype(np.float32)),
                         "text_emb.npy": npy(emb[0].cpu().numpy().astype(np.float16)),
@@ -259,7 +325,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scaleforge")
     add_sana_subcommands(ap.add_subparsers(dest="cmd", required=True))
     args = ap.parse_args(argv)
-    return args.handler(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -423,7 +423,9 @@ class SanaTransformer(nn.Module):
         shift, scale = (self.final_scale_shift_table[None].to(t.dtype) + t[:, None]).chunk(2, dim=1)
         x = self.proj_out(_modulated_ln(x, shift, scale).to(x.dtype))
         x = x.reshape(b, h, w, p, p, cout).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(b, cout, h * p, w * p)
+        # a fresh tensor, not a view of proj_out's output: FSDP2 hooks the root module's output for backward
+        # and warns that an in-place op on a returned view would skip them
+        return x.reshape(b, cout, h * p, w * p).contiguous()
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text_embeddings: torch.Tensor,
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,9 @@ upstream text: pass ``instruction=`` to use another one.
 
 Autoencoder (sana.md §6): DC-AE f32c32 through diffusers' ``AutoencoderDC``; latents are multiplied by
 the scaling factor 0.41407 before training and divided by it before decoding.
+
+The names ``tiny-gemma2`` and ``tiny-dc-ae`` load the tiny random models of ``tiny_encoders.py`` (CPU tests,
+``configs/sana_tiny.yaml``).
 """
 from __future__ import annotations
 
@@ -65,11 +68,14 @@ def load_text_encoder(name_or_path: str, device: torch.device | str = "cpu", dty
                       max_length: int = 300, use_chi: bool = True, instruction: str | None = None) -> SanaTextEncoder:
     from transformers import AutoModel, AutoTokenizer
 
+    from scaleforge.models.sana.tiny_encoders import resolve
+
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModel.from_pretrained(name_or_path, torch_dtype=dtype)
+        path = resolve(name_or_path)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, dtype=dtype)
     except OSError as e:
-        raise FileNotFoundError(f"model.text_encoder={name_or_path!r}: cannot load tokenizer/model ({e})") from None
+        raise FileNotFoundError(f"model.text_encoder={name_or_path!r}: cannot load tokenizer/model ({_first_line(e)})") from None
     if hasattr(model, "get_decoder") and not hasattr(model, "layers"):
         model = model.get_decoder()
     return SanaTextEncoder(model.to(device), tok, max_length, (instruction or DEFAULT_CHI) if use_chi else None)
@@ -78,11 +84,18 @@ def load_text_encoder(name_or_path: str, device: torch.device | str = "cpu", dty
 def load_vae(name_or_path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderDC
 
+    from scaleforge.models.sana.tiny_encoders import resolve
+
     try:
-        vae = AutoencoderDC.from_pretrained(name_or_path, torch_dtype=dtype)
+        vae = AutoencoderDC.from_pretrained(resolve(name_or_path), torch_dtype=dtype)
     except OSError as e:
-        raise FileNotFoundError(f"model.vae={name_or_path!r}: cannot load AutoencoderDC ({e})") from None
+        raise FileNotFoundError(f"model.vae={name_or_path!r}: cannot load AutoencoderDC ({_first_line(e)})") from None
     return vae.to(device).eval()
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def images_to_latents(vae, images: torch.Tensor, scaling_factor: float) -> torch.Tensor:

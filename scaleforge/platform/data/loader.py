@@ -27,7 +27,14 @@ from scaleforge.platform.data.base import StatefulIterator
 from scaleforge.platform.data.batching import Batcher, FixedBatcher, collate_samples
 from scaleforge.platform.data.config import DataConfig
 from scaleforge.platform.data.decode import BAD_SAMPLE_ERRORS, decode_sample
-from scaleforge.platform.data.shards import DataError, check_shards_exist, expand_patterns, iter_shard
+from scaleforge.platform.data.shards import (
+    DataError,
+    ShardReadResult,
+    check_shards_exist,
+    expand_patterns,
+    is_local,
+    iter_shard,
+)
 from scaleforge.platform.data.stream import (
     ONLY_EXTRAS, PipelineSpec, ReaderPipeline, Slot, SourceSpec, epoch_units, initial_source_state,
     phase_next_epoch,
@@ -248,12 +255,16 @@ def resplit(spec: PipelineSpec, ranks: Sequence[dict[str, Any]], rank: int, worl
 
 
 def _probe_source(source: SourceSpec, sample_fn: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Fail at start-up (before workers) when a source has no usable sample near its start."""
+    """Fail at start-up (before workers) when a source has no usable sample near its start; the error
+    names the source and what each probed shard held."""
     errors: list[str] = []
+    shards: list[str] = []  # per probed shard: "url (what was wrong)"
     scanned = 0
     for url in source.urls[:PROBE_SHARDS]:
-        for index, raw in iter_shard(url):
+        res, in_shard = ShardReadResult(), 0
+        for index, raw in iter_shard(url, res):
             scanned += 1
+            in_shard += 1
             raw.update(__index__=index, __source__=source.name, __epoch__=0, __seed__=0)
             try:
                 out = sample_fn(raw)
@@ -266,11 +277,23 @@ def _probe_source(source: SourceSpec, sample_fn: Callable[[dict[str, Any]], dict
                 return
             if scanned >= PROBE_SAMPLES:
                 break
+        what = f"unreadable: {res.error}" if res.truncated and not in_shard else \
+            f"{in_shard} undecodable sample(s)" if in_shard else "no sample"
+        shards.append(f"{url} ({what})")
         if scanned >= PROBE_SAMPLES:
             break
-    detail = "; ".join(errors) if errors else "the shards hold no complete sample"
+    detail = "; ".join(errors) if errors else "no complete sample"
     raise DataError(f"source {source.name!r}: no usable sample in the first {scanned} samples of "
-                    f"{min(len(source.urls), PROBE_SHARDS)} shard(s) ({detail})")
+                    f"{len(shards)} shard(s): {', '.join(shards)} ({detail})")
+
+
+def probe_sources(data_cfg: DataConfig, world: int) -> None:
+    """``check_sources`` plus, per source, one sample of its first shards that reads and decodes
+    (``decode_sample``): the launcher's check, so that a source of empty or garbage shards fails before
+    any worker starts (the workers probe again with the recipe's own sample function)."""
+    for src in check_sources(data_cfg, world):
+        if all(is_local(u) or u.startswith("file://") for u in src.urls[:PROBE_SHARDS]):
+            _probe_source(src, decode_sample)
 
 
 def check_sources(data_cfg: DataConfig, world: int) -> list[SourceSpec]:

@@ -7,6 +7,7 @@ ends the shard at the last complete sample (and is reported), it never raises in
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -27,7 +28,8 @@ class DataError(RuntimeError):
 
 def expand_patterns(patterns: str | list[str] | tuple[str, ...], where: str = "shards") -> list[str]:
     """Brace-expand one pattern or a list of patterns (local paths or webdataset URLs such as
-    ``pipe:cmd``) into the ordered list of shard URLs."""
+    ``pipe:cmd``) into the ordered list of shard URLs. A local path with a glob (``data/*.tar``) stands
+    for the files it matches and a local directory for its ``*.tar`` files, both in sorted order."""
     if isinstance(patterns, str):
         patterns = [patterns]
     urls: list[str] = []
@@ -37,10 +39,28 @@ def expand_patterns(patterns: str | list[str] | tuple[str, ...], where: str = "s
         expanded = list(braceexpand(pattern))
         if not expanded:
             raise DataError(f"{where}: pattern {pattern!r} expands to no shard")
-        urls.extend(expanded)
+        for url in expanded:
+            urls.extend(_local_files(url, where))
     if not urls:
         raise DataError(f"{where}: no shard pattern given")
     return urls
+
+
+def _local_files(url: str, where: str) -> list[str]:
+    if not is_local(url):
+        return [url]
+    if os.path.isdir(url):
+        found = sorted(glob.glob(os.path.join(glob.escape(url), "*.tar")))
+        if not found:
+            raise DataError(f"{where}: {url} is a directory holding no .tar shard")
+        return found
+    if glob.has_magic(url):
+        found = sorted(p for p in glob.glob(url) if os.path.isfile(p))
+        if not found:
+            raise DataError(f"{where}: {url!r} matches no file (brace patterns name shards that may not "
+                            f"exist yet: shard-{{000000..000009}}.tar)")
+        return found
+    return [url]
 
 
 def is_local(url: str) -> bool:

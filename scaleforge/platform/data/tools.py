@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -124,20 +126,34 @@ def synth_samples(kind: str, n: int, seed: int = 0, size: int = 64, seq_len: int
 
 def write_shards(samples: Iterator[dict[str, Any]], out: str | os.PathLike, per_shard: int = 100,
                  max_bytes: float = 3e9) -> list[str]:
+    """Write ``shard-%06d.tar`` files into ``out``: into a temporary folder first, moved into place only once
+    every sample is written, so that an error (a bad input line) leaves no partial shards behind. An
+    ``out`` that already holds shards is refused, so that old and new shards never mix."""
     out = Path(out)
+    old = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
+    if old:
+        raise DataError(f"--out {out}: already holds {len(old)} shard(s) ({old[0].name} ...); remove them or "
+                        "choose another folder")
     out.mkdir(parents=True, exist_ok=True)
-    written: list[str] = []
-    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, maxsize=max_bytes, verbose=0) as sink:
-        for s in samples:
-            sink.write(s)
-        written = [str(out / f"shard-{i:06d}.tar") for i in range(sink.shard)]
-    return [p for p in written if os.path.exists(p)]
+    tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
+    try:
+        with wds.ShardWriter(str(tmp / "shard-%06d.tar"), maxcount=per_shard, maxsize=max_bytes, verbose=0) as sink:
+            for s in samples:
+                sink.write(s)
+        names = sorted(p.name for p in tmp.glob("shard-*.tar"))
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [str(out / name) for name in names]
 
 
 def synth(kind: str, out: str, n: int, per_shard: int = 100, seed: int = 0, size: int = 64, seq_len: int = 129,
           vocab: int = 256, frames: int = 8, random_aspect: bool = False) -> list[str]:
-    if n < 1:
-        raise DataError(f"--n: must be >= 1, got {n}")
+    for flag, value, low in (("--n", n, 1), ("--per-shard", per_shard, 1), ("--size", size, 8),
+                             ("--seq-len", seq_len, 2), ("--vocab", vocab, 2), ("--frames", frames, 1)):
+        if value < low:
+            raise DataError(f"{flag}: must be >= {low}, got {value}")
     return write_shards(synth_samples(kind, n, seed, size, seq_len, vocab, frames, random_aspect), out, per_shard)
 
 
@@ -149,6 +165,8 @@ def pack(images: str, captions: str, out: str, shard_size_mb: float = 256.0, max
         raise DataError(f"--images: {root} is not a directory")
     if not cap.is_file():
         raise DataError(f"--captions: {cap} not found")
+    if shard_size_mb <= 0 or max_per_shard < 1:
+        raise DataError(f"--shard-size-mb and --max-per-shard: must be positive, got {shard_size_mb}, {max_per_shard}")
 
     def samples() -> Iterator[dict[str, Any]]:
         for lineno, line in enumerate(cap.read_text().splitlines(), 1):
@@ -158,6 +176,9 @@ def pack(images: str, captions: str, out: str, shard_size_mb: float = 256.0, max
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{cap}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{cap}:{lineno}: expected a JSON object {{\"image\": ..., \"caption\": ...}}, "
+                                f"got {type(rec).__name__}")
             name = rec.get("image")
             if not name:
                 raise DataError(f"{cap}:{lineno}: no 'image' field")

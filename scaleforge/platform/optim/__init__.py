@@ -24,7 +24,11 @@ def build_optimizer(param_groups: list[dict[str, Any]], optim_cfg: Any) -> torch
 
     _load_builtin()
     if optim_cfg.name not in _REGISTRY:
-        raise ConfigError(f"optim.name: unknown optimizer {optim_cfg.name!r} (known: {', '.join(sorted(_REGISTRY))})")
+        import difflib
+
+        hint = difflib.get_close_matches(optim_cfg.name, list(_REGISTRY), n=1)
+        raise ConfigError(f"optim.name: unknown optimizer {optim_cfg.name!r} (known: {', '.join(sorted(_REGISTRY))})"
+                          + (f"; did you mean {hint[0]}?" if hint else ""))
     return _REGISTRY[optim_cfg.name](param_groups, optim_cfg)
 
 
@@ -58,6 +62,10 @@ class ShardLocalAdamW(torch.optim.AdamW):
 
 @register_optimizer("adamw")
 def _adamw(groups, cfg):
+    from scaleforge.platform.config import ConfigError
+
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ConfigError(f"optim.betas: adamw takes two values in [0, 1), got {list(cfg.betas)}")
     return ShardLocalAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                            weight_decay=cfg.weight_decay, fused=cfg.fused or None, foreach=None)
 
