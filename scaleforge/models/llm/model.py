@@ -337,6 +337,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.pos = 0  # number of positions already stored
+        # optional attention for one-token decode steps: fn(q, k, v, layer) with q (B, H, 1, D) and the
+        # layer's cached k, v (B, n_kv_heads, L, D), e.g. scaleforge.kernels.sparse_attention.TwilightDecode
+        self.decode_attention = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         s = k.shape[2]
@@ -367,7 +370,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         gqa = self.n_kv_heads != self.n_heads
-        if mask.block_mask is not None:
+        if cache is not None and s == 1 and cache.decode_attention is not None:
+            out = cache.decode_attention(q, k, v, layer_idx)
+        elif mask.block_mask is not None:
             out = _flex(q.is_cuda)(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
         elif mask.dense is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
@@ -549,10 +554,11 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Optional[torch.Tensor] = None, max_new_tokens: int = 16,
                  inputs_embeds: Optional[torch.Tensor] = None, eos_token_id: Optional[int] = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, decode_attention=None) -> torch.Tensor:
         """Greedy decoding of equal-length prompts (no padding). The prompt is ``input_ids`` or
         ``inputs_embeds`` (e.g. text embeddings with visual tokens spliced in); returns only the new
-        tokens (B, <= max_new_tokens). After ``eos_token_id`` a row keeps emitting eos."""
+        tokens (B, <= max_new_tokens). After ``eos_token_id`` a row keeps emitting eos.
+        ``decode_attention`` (with the cache): the attention of the one-token steps (``KVCache.decode_attention``)."""
         prompt = input_ids if inputs_embeds is None else inputs_embeds
         b, s = prompt.shape[:2]
         device = prompt.device
@@ -561,6 +567,7 @@ class Transformer(nn.Module):
         if use_cache:
             cache = self.new_cache(b, s + max_new_tokens, device=device,
                                    dtype=(inputs_embeds.dtype if inputs_embeds is not None else None))
+            cache.decode_attention = decode_attention
             logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache)
         else:
             embeds = inputs_embeds if inputs_embeds is not None else self.tok_embeddings(input_ids)

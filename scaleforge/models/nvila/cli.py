@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ def add_nvila_subcommands(subparsers) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--sparse-attention", default="none", choices=("none", "twilight"),
+                   help="twilight: decode steps attend only to the top-p tokens of an INT4 estimate (docs/inference.md)")
+    g.add_argument("--top-p", type=float, default=0.85, help="attention mass Twilight keeps per head and step")
+    g.add_argument("--dense-layers", type=int, default=2, help="first LLM layers Twilight leaves dense")
     g.set_defaults(func=cmd_generate)
 
 
@@ -104,14 +109,14 @@ def build_prompt_batch(cfg, tok, prompt: str, images: list[Any], frames: list[An
 
 @torch.no_grad()
 def generate(model, tok, cfg, prompt: str, images: list[Any] = (), frames=None, max_new_tokens: int = 64,
-             device: str = "cpu") -> str:
+             device: str = "cpu", decode_attention=None) -> str:
     batch = build_prompt_batch(cfg, tok, prompt, list(images), frames)
     dtype = next(model.parameters()).dtype
     out = model.generate(batch["input_ids"].to(device), media_token_id=tok.image_id,
                          max_new_tokens=max_new_tokens, eos_token_id=tok.im_end,
                          pixel_values=batch["pixel_values"].to(device, dtype),
                          media_kind=batch["media_kind"], media_tiles=batch["media_tiles"],
-                         media_grid=batch["media_grid"])
+                         media_grid=batch["media_grid"], decode_attention=decode_attention)
     ids = out[0].tolist()
     if tok.im_end in ids:
         ids = ids[: ids.index(tok.im_end)]
@@ -122,6 +127,11 @@ def cmd_generate(args) -> int:
     from PIL import Image
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    sparse = None
+    if args.sparse_attention == "twilight":
+        from scaleforge.kernels.sparse_attention import TwilightDecode
+
+        sparse = TwilightDecode(args.top_p, args.dense_layers, track_true_mass=True)  # validates top_p before the model loads
     model, tok, cfg = load_exported(args.model, args.device, dtype)
     images = []
     for f in args.image:
@@ -129,7 +139,12 @@ def cmd_generate(args) -> int:
             raise FileNotFoundError(f"--image {f}: no such file")
         images.append(Image.open(f).convert("RGB"))
     frames = [Image.open(f).convert("RGB") for f in args.video] if args.video else None
-    print(generate(model, tok, cfg, args.prompt, images, frames, args.max_new_tokens, args.device))
+    print(generate(model, tok, cfg, args.prompt, images, frames, args.max_new_tokens, args.device, sparse))
+    if sparse is not None:
+        st = sparse.stats
+        print(json.dumps({"twilight": {"top_p": args.top_p, "kept_fraction": st["kept"] / max(st["total"], 1),
+                                       "min_est_mass": st["min_est_mass"], "min_true_mass": st["min_true_mass"]}}),
+              file=sys.stderr)
     return 0
 
 

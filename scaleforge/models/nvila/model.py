@@ -171,12 +171,14 @@ class NVILAModel(nn.Module):
     # -- generation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, media_token_id: int, max_new_tokens: int = 32,
-                 eos_token_id: Optional[int] = None, **media) -> torch.Tensor:
-        """Greedy decoding with the LLM's KV cache; the prompt's visual tokens are spliced in first."""
+                 eos_token_id: Optional[int] = None, decode_attention=None, **media) -> torch.Tensor:
+        """Greedy decoding with the LLM's KV cache; the prompt's visual tokens are spliced in first.
+        ``decode_attention``: see ``LLM.generate`` (e.g. Twilight sparse decoding)."""
         visual, _ = self.encode_media(media.get("pixel_values"), media.get("media_kind"),
                                       media.get("media_tiles"), media.get("media_grid"))
         h = self.embed(input_ids, media_token_id, visual)
-        return self.llm.generate(inputs_embeds=h, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        return self.llm.generate(inputs_embeds=h, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                 decode_attention=decode_attention)
 
     def num_params(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in getattr(self, name).parameters())

@@ -1,0 +1,215 @@
+"""Triton kernels of the sparse-attention family: variable-block-sparse flash attention (forward), the
+k-means assignment step, the sort-free top-p threshold (binary search), and Twilight's INT4 score estimate and
+sparse decode attention over selected tokens."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from scaleforge.kernels._triton_utils import dot_f32acc
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, O, TILE_CL, TILE_START, Q_OFF, K_OFF, KIDX, KCNT,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+    H, D, CQ, CK, T, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    # One program per (query tile, batch*head). A query tile is BLOCK_M rows of one query cluster (the tile
+    # table maps program -> cluster and first row; -1 marks unused programs of the upper-bound grid); it
+    # walks the key clusters the block map selects for that cluster, BLOCK_N keys at a time, with the
+    # online softmax of flash attention. Rows that see no key give 0.
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    cl = tl.load(TILE_CL + bh * T + t)
+    valid = cl >= 0
+    cl = tl.maximum(cl, 0)
+    q0 = tl.load(TILE_START + bh * T + t)
+    q_end = tl.where(valid, tl.load(Q_OFF + bh * (CQ + 1) + cl + 1), 0)  # an unused program: no rows
+    rows = q0 + tl.arange(0, BLOCK_M)
+    rmask = rows < q_end
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    qp = Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + dcols[None, :]
+    q = tl.load(qp, mask=rmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n = tl.where(valid, tl.load(KCNT + bh * CQ + cl), 0)
+    kbase = K + b * skb + h * skh
+    vbase = V + b * svb + h * svh
+    for i in range(n):
+        kc = tl.load(KIDX + (bh * CQ + cl) * CK + i)
+        ks = tl.load(K_OFF + bh * (CK + 1) + kc)
+        ke = tl.load(K_OFF + bh * (CK + 1) + kc + 1)
+        for j in range(ks, ke, BLOCK_N):
+            cols = j + tl.arange(0, BLOCK_N)
+            cmask = cols < ke
+            kt = tl.load(kbase + cols[None, :].to(tl.int64) * sks + dcols[:, None],
+                         mask=cmask[None, :] & dmask[:, None], other=0.0)  # fmt: skip
+            s = dot_f32acc(q, kt, PREC) * scale
+            keep = cmask[None, :] & rmask[:, None]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = tl.load(vbase + cols[:, None].to(tl.int64) * svs + dcols[None, :],
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+            acc = acc * alpha[:, None] + dot_f32acc(p.to(vt.dtype), vt, PREC)
+            m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    op = O + b * sob + h * soh + rows[:, None].to(tl.int64) * sos + dcols[None, :]
+    tl.store(op, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _kmeans_assign_kernel(X, C, CN, LABELS, S, NC, D, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    # One program per (token tile, batch*head): argmin over centroids of ‖c‖² - 2 x·c (‖x‖² is the same for
+    # every centroid), with a running minimum over centroid tiles; ties go to the lowest index.
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    rmask = rows < S
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    x = tl.load(X + (bh * S + rows[:, None]) * D + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    best = tl.full([BLOCK_S], float("inf"), dtype=tl.float32)
+    arg = tl.zeros([BLOCK_S], dtype=tl.int32)
+    for c0 in range(0, NC, BLOCK_C):
+        cid = c0 + tl.arange(0, BLOCK_C)
+        cmask = cid < NC
+        ct = tl.load(C + (bh * NC + cid[None, :]) * D + dcols[:, None], mask=cmask[None, :] & dmask[:, None],
+                     other=0.0)  # fmt: skip
+        cn = tl.load(CN + bh * NC + cid, mask=cmask, other=float("inf"))
+        dist = cn[None, :] - 2.0 * dot_f32acc(x, ct.to(x.dtype), PREC)
+        dist = tl.where(cmask[None, :], dist, float("inf"))
+        tile_min = tl.min(dist, axis=1)
+        tile_arg = tl.min(tl.where(dist == tile_min[:, None], cid[None, :], 2147483647), axis=1)
+        better = tile_min < best
+        arg = tl.where(better, tile_arg, arg)
+        best = tl.where(better, tile_min, best)
+    tl.store(LABELS + bh * S + rows, arg, mask=rmask)
+
+
+@triton.jit
+def _topp_threshold_kernel(W, THR, N, p, n_min, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per row of probabilities (Twilight's sort-free top-p): binary search for the largest tau
+    # with sum(w >= tau) >= p; keeping w >= tau keeps the mass >= p (invariant: the lower bound always
+    # satisfies it). With n_min > 0 the threshold is also lowered to the n_min-th largest value (a second
+    # search on counts), so at least n_min entries are kept. Rows longer than BLOCK are walked in tiles.
+    p = tl.cast(p, tl.float32)  # Inductor passes Python floats as fp64
+    row = tl.program_id(0).to(tl.int64)
+    base = W + row * N
+    zero = tl.max(tl.zeros([BLOCK], dtype=tl.float32))  # an fp32 scalar 0 (loop-carried values need a type)
+    wmax = zero
+    for j in range(0, N, BLOCK):
+        cols = j + tl.arange(0, BLOCK)
+        wmax = tl.maximum(wmax, tl.max(tl.load(base + cols, mask=cols < N, other=0.0)))
+    lo = zero
+    hi = wmax
+    lo_n = zero
+    hi_n = wmax
+    for _ in range(ITERS):
+        mid = (lo + hi) * 0.5
+        mid_n = (lo_n + hi_n) * 0.5
+        mass = zero
+        count = tl.sum(tl.zeros([BLOCK], dtype=tl.int32))
+        for j in range(0, N, BLOCK):
+            cols = j + tl.arange(0, BLOCK)
+            w = tl.load(base + cols, mask=cols < N, other=-1.0)
+            mass += tl.sum(tl.where(w >= mid, w, 0.0))
+            count += tl.sum((w >= mid_n).to(tl.int32))
+        up = mass >= p
+        lo = tl.where(up, mid, lo)
+        hi = tl.where(up, hi, mid)
+        up_n = count >= n_min
+        lo_n = tl.where(up_n, mid_n, lo_n)
+        hi_n = tl.where(up_n, hi_n, mid_n)
+    thr = lo
+    if n_min > 0:
+        thr = tl.minimum(lo, lo_n)
+    tl.store(THR + row, thr)
+
+
+@triton.jit
+def _int4_scores_kernel(Q, KP, KS, KZ, OUT, HQ, HKV, S, D, LEN, scale, BLOCK_S: tl.constexpr,
+                        HALF_D: tl.constexpr):  # fmt: skip
+    # One program per (key tile, batch*q head): q·k̃ with k̃ = code·scale + min dequantized from the packed
+    # INT4 keys (two codes per byte, low nibble first) of the q head's kv head; keys past LEN score -inf.
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    pid = tl.program_id(0)
+    bhq = tl.program_id(1).to(tl.int64)
+    b = bhq // HQ
+    hk = (bhq % HQ) // (HQ // HKV)
+    kv = b * HKV + hk
+    rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    rmask = rows < LEN
+    j = tl.arange(0, HALF_D)
+    jmask = j < D // 2
+    q_even = tl.load(Q + bhq * D + 2 * j, mask=jmask, other=0.0).to(tl.float32)
+    q_odd = tl.load(Q + bhq * D + 2 * j + 1, mask=jmask, other=0.0).to(tl.float32)
+    packed = tl.load(KP + (kv * S + rows[:, None]) * (D // 2) + j[None, :], mask=rmask[:, None] & jmask[None, :],
+                     other=0).to(tl.int32)  # fmt: skip
+    lo_code = (packed & 15).to(tl.float32)
+    hi_code = (packed >> 4).to(tl.float32)
+    ks = tl.load(KS + kv * S + rows, mask=rmask, other=0.0)
+    kz = tl.load(KZ + kv * S + rows, mask=rmask, other=0.0)
+    # q·(code·s + z) = s·(q·code) + z·Σq
+    qc = tl.sum(lo_code * q_even[None, :] + hi_code * q_odd[None, :], axis=1)
+    qsum = tl.sum(q_even) + tl.sum(q_odd)
+    s = (ks * qc + kz * qsum) * scale
+    tl.store(OUT + bhq * S + rows, tl.where(rmask, s, float("-inf")), mask=rows < S)
+
+
+@triton.jit
+def _sparse_decode_kernel(Q, K, V, IDX, CNT, PO, PM, PL, HQ, HKV, S, D, SPLITS, CHUNK, scale,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    # One program per (split, batch*q head): the online softmax over its chunk of the selected token indices
+    # (gathered rows of the q head's kv head); partial (acc, max, sum) combined afterwards (flash decoding).
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    sp = tl.program_id(0)
+    bhq = tl.program_id(1).to(tl.int64)
+    b = bhq // HQ
+    hk = (bhq % HQ) // (HQ // HKV)
+    kv = b * HKV + hk
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    q = tl.load(Q + bhq * D + dcols, mask=dmask, other=0.0).to(tl.float32)
+    n = tl.load(CNT + bhq)
+    start = sp * CHUNK
+    end = tl.minimum(start + CHUNK, n)
+    l_i = tl.max(tl.zeros([BLOCK_N], dtype=tl.float32))  # fp32 scalars (loop-carried values need a type)
+    m_i = l_i + float("-inf")
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in range(start, end, BLOCK_N):
+        offs = j + tl.arange(0, BLOCK_N)
+        nmask = offs < end
+        idx = tl.load(IDX + bhq * S + offs, mask=nmask, other=0).to(tl.int64)
+        kk = tl.load(K + (kv * S + idx[:, None]) * D + dcols[None, :], mask=nmask[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        s = tl.sum(kk * q[None, :], axis=1) * scale
+        s = tl.where(nmask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe)
+        vv = tl.load(V + (kv * S + idx[:, None]) * D + dcols[None, :], mask=nmask[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+        l_i = l_i * alpha + tl.sum(p)
+        m_i = m_new
+    out = bhq * SPLITS + sp
+    tl.store(PO + out * D + dcols, acc, mask=dmask)
+    tl.store(PM + out, m_i)
+    tl.store(PL + out, l_i)

@@ -1,0 +1,187 @@
+"""Sparse attention (SVG2, Twilight): every Triton op against its plain-PyTorch reference on odd sizes in
+fp32 / fp16 (the CPU interpreter; bf16 numerics are checked on the GPU by
+benchmarks/kernels/sparse_attention_check.py), p = 1 against dense attention, and the ops under
+torch.library.opcheck and torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scaleforge.kernels import sparse_attention as SA
+from scaleforge.kernels.reference import sparse_attention as R
+
+from _kernel_testing import DEVICE, TOL, needs_triton, rel_err
+
+pytestmark = needs_triton
+
+
+def _sizes(b, h, c, s, gen, empty=True):
+    """Random cluster sizes (B, H, C) summing to s per head, some clusters empty."""
+    out = torch.zeros(b, h, c, dtype=torch.int32)
+    for i in range(b):
+        for j in range(h):
+            lab = torch.randint(0, c if not empty else max(1, c - 1), (s,), generator=gen)
+            out[i, j] = torch.bincount(lab, minlength=c)[:c].int()
+    return out.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sq,sk,d,causal", [(37, 37, 64, False), (97, 53, 64, False), (45, 45, 128, True),
+                                            (23, 23, 24, True)])
+def test_block_sparse_attention_matches_reference(dtype, sq, sk, d, causal):
+    gen = torch.Generator().manual_seed(sq * 7 + d)
+    b, h, cq, ck = 2, 2, 5, 7
+    if causal:
+        sk = sq
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype) for n in (sq, sk, sk))
+    q_sizes, k_sizes = _sizes(b, h, cq, sq, gen), _sizes(b, h, ck, sk, gen)
+    block_map = (torch.rand(b, h, cq, ck, generator=gen) < 0.5).to(DEVICE)
+    block_map[0, 0, 1] = False  # a query cluster with no key cluster: its rows give 0
+    out = SA.block_sparse_attention(q, k, v, q_sizes, k_sizes, block_map, causal=causal, backend="triton")
+    ref = R.block_sparse_attention_ref(q.float(), k.float(), v.float(), q_sizes, k_sizes, block_map, causal)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out, ref) < TOL[dtype] * 2
+    if dtype == torch.float16:  # flash-attention rule: within 2x the error of the reference run in fp16
+        low = R.block_sparse_attention_ref(q, k, v, q_sizes, k_sizes, block_map, causal).float()
+        assert (out.float() - ref).abs().max() <= 2 * (low - ref).abs().max() + 1e-3
+
+
+def test_block_sparse_all_blocks_is_dense_attention():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 41, 64, generator=gen).to(DEVICE) for _ in range(3))
+    qs, ks = _sizes(1, 2, 4, 41, gen, empty=False), _sizes(1, 2, 6, 41, gen)
+    full = torch.ones(1, 2, 4, 6, dtype=torch.bool, device=DEVICE)
+    for causal in (False, True):
+        out = SA.block_sparse_attention(q, k, v, qs, ks, full, causal=causal, backend="triton")
+        assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal)) < 1e-5
+
+
+def test_block_sparse_rejects_bad_shapes():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="block_map"):
+        SA.block_sparse_attention(q, q, q, torch.full((1, 2, 3), 8), torch.full((1, 2, 2), 8),
+                                  torch.ones(1, 2, 2, 2, dtype=torch.bool), backend="triton")
+
+
+def test_kmeans_triton_matches_torch_and_warm_start_continues():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 101, 32, generator=gen).to(DEVICE)
+    lab_t, c_t = SA.kmeans(x, 9, iters=4, backend="triton")
+    lab_r, c_r = SA.kmeans(x, 9, iters=4, backend="torch")
+    assert torch.equal(lab_t, lab_r) and rel_err(c_t, c_r) < 1e-5
+    # 4 iterations = 2 + 2 warm-started from the cached centroids
+    lab_a, c_a = SA.kmeans(x, 9, iters=2, backend="triton")
+    lab_b, c_b = SA.kmeans(x, 9, init=c_a, iters=2, backend="triton")
+    assert torch.equal(lab_b, lab_t) and rel_err(c_b, c_t) < 1e-6
+    # labels are the nearest centroid
+    d = torch.cdist(x.double(), c_t.double())
+    assert (d.gather(-1, lab_t[..., None]).squeeze(-1) <= d.min(-1).values + 1e-6).all()
+
+
+def test_cluster_permutation_roundtrip():
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 6, (2, 3, 50), generator=gen).to(DEVICE)
+    x = torch.randn(2, 3, 50, 8, generator=gen).to(DEVICE)
+    perm, sizes = SA.cluster_permutation(labels, 7)
+    assert sizes.sum(-1).eq(50).all() and sizes[..., 6].eq(0).all()
+    xp = SA.permute(x, perm)
+    lp = labels.gather(2, perm)
+    assert (lp[..., 1:] >= lp[..., :-1]).all()  # clusters contiguous, in cluster order
+    assert torch.equal(SA.unpermute(xp, perm), x)
+
+
+@pytest.mark.parametrize("n,p,min_keep", [(50, 0.9, 0), (1000, 0.95, 0), (5000, 0.5, 0), (37, 0.3, 12)])
+def test_topp_mask_matches_sorting_reference(n, p, min_keep):
+    gen = torch.Generator().manual_seed(n)
+    w = torch.softmax(torch.randn(7, n, generator=gen) * 3, -1).to(DEVICE)
+    got = SA.topp_mask(w, p, min_keep, backend="triton")
+    want = SA.topp_mask(w, p, min_keep, backend="torch")
+    assert torch.equal(got, want)
+    assert ((w * got).sum(-1) >= p - 1e-6).all() and (got.sum(-1) >= min_keep).all()
+    assert SA.topp_mask(w, 1.0, backend="triton").all()
+
+
+def test_topp_budget_keeps_mass_and_min_fraction():
+    gen = torch.Generator().manual_seed(4)
+    qc, kc = torch.randn(1, 2, 6, 16, generator=gen).to(DEVICE), torch.randn(1, 2, 40, 16, generator=gen).to(DEVICE)
+    ks = torch.randint(0, 9, (1, 2, 40), generator=gen).to(DEVICE)
+    got = SA.topp_budget(qc, kc, ks, 0.8, 0.1, backend="triton")
+    want = R.topp_budget_ref(qc, kc, ks, 0.8, 0.1)
+    assert torch.equal(got, want)
+    w = R.cluster_weights(qc, kc, ks)
+    assert ((w * got).sum(-1) >= 0.8 - 1e-6).all() and (got.sum(-1) >= 4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_svg2_attention_p1_equals_dense_and_p09_error(dtype):
+    gen = torch.Generator().manual_seed(5)
+    # clustered tokens (as video tokens are), so the top-p budget can drop blocks at little error
+    centers = torch.randn(2, 8, 64, generator=gen)
+    idx = torch.randint(0, 8, (1, 2, 150), generator=gen)
+    base = centers[torch.arange(2)[None, :, None], idx]
+    q, k, v = ((base + 0.5 * torch.randn(base.shape, generator=gen)).to(DEVICE, dtype) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    cfg = SA.SVG2Config(q_clusters=10, k_clusters=12, init_iters=10, warm_iters=1, top_p=1.0, min_key_fraction=0.0)
+    out = SA.svg2_attention(q, k, v, cfg, backend="triton")
+    assert rel_err(out, dense) < TOL[dtype] * 2
+    state = SA.SVG2State()
+    cfg09 = SA.SVG2Config(q_clusters=10, k_clusters=12, init_iters=10, warm_iters=1, top_p=0.9, min_key_fraction=0.1)
+    out09 = SA.svg2_attention(q, k, v, cfg09, state, backend="triton")
+    ref09 = SA.svg2_attention(q, k, v, cfg09, SA.SVG2State(), backend="torch")
+    assert float(state.stats["density"]) < 1.0  # blocks were skipped
+    assert rel_err(out09, dense) < 0.05  # the documented p = 0.9 error on clustered tokens (docs/inference.md)
+    assert rel_err(out09, ref09) < TOL[dtype] * 2
+    # the next call warm-starts from the cached centroids
+    assert state.q_centroids is not None
+    SA.svg2_attention(q, k, v, cfg09, state, backend="triton")
+
+
+def test_int4_keys_error_within_half_a_step():
+    k = torch.randn(2, 3, 17, 64, device=DEVICE) * 3
+    packed, scale, lo = SA.quantize_int4(k)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 17, 32)
+    err = (R.dequantize_int4_ref(packed, scale, lo) - k).abs()
+    assert (err <= scale[..., None] / 2 + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_twilight_select_and_sparse_decode_match_reference(dtype):
+    gen = torch.Generator().manual_seed(6)
+    b, hq, hkv, s, d = 2, 4, 2, 301, 64
+    q = torch.randn(b, hq, d, generator=gen).to(DEVICE, dtype)
+    k, v = (torch.randn(b, hkv, s, d, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    packed, scale, lo = SA.quantize_int4(k)
+    mask, w = SA.twilight_select(q, packed, scale, lo, 0.85, length=290, backend="triton")
+    mask_r, w_r = SA.twilight_select(q, packed, scale, lo, 0.85, length=290, backend="torch")
+    assert rel_err(w, w_r) < 1e-3 and (mask ^ mask_r).float().mean() < 0.01  # ties at the threshold only
+    assert ((w * mask).sum(-1) >= 0.85 - 1e-5).all() and not mask[..., 290:].any()
+    out = SA.sparse_decode_attention(q, k, v, mask, backend="triton")
+    ref = R.sparse_decode_ref(q.float(), k.float(), v.float(), mask)
+    assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype] * 2
+    full = torch.ones(b, hq, s, dtype=torch.bool, device=DEVICE)
+    dense = F.scaled_dot_product_attention(q.float()[:, :, None], k.float(), v.float(), enable_gqa=True)[:, :, 0]
+    assert rel_err(SA.sparse_decode_attention(q, k, v, full, backend="triton"), dense) < TOL[dtype] * 2
+
+
+def test_ops_opcheck_and_compile():
+    """Schemas everywhere; fake tensors and torch.compile(fullgraph=True) on a GPU only (the interpreter runs a
+    kernel launched on fake tensors instead of tracing it)."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 19, 32, generator=gen).to(DEVICE) for _ in range(3))
+    qs, ks = _sizes(1, 2, 3, 19, gen), _sizes(1, 2, 4, 19, gen)
+    bm = torch.rand(1, 2, 3, 4, generator=gen).to(DEVICE) < 0.6
+    from scaleforge.kernels.sparse_attention import op
+
+    utils = ("test_schema",) if DEVICE == "cpu" else ("test_schema", "test_faketensor")
+    torch.library.opcheck(op.block_sparse_attention_op.op, (q, k, v, qs, ks, bm, False, 0.2), test_utils=utils)
+    torch.library.opcheck(op.kmeans_assign_op.op, (q, k[:, :, :5]), test_utils=utils)
+    w = torch.softmax(torch.randn(3, 40, generator=gen), -1).to(DEVICE)
+    torch.library.opcheck(op.topp_threshold_op.op, (w, 0.9, 2), test_utils=utils)
+    if DEVICE == "cpu":
+        return
+
+    def fn(q, k, v):
+        return SA.block_sparse_attention(q, k, v, qs, ks, bm, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True)
+    assert rel_err(compiled(q, k, v), R.block_sparse_attention_ref(q, k, v, qs, ks, bm)) < 1e-5
