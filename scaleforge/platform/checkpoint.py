@@ -131,11 +131,12 @@ class PendingSave:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: Path, ckpt_cfg, rank: int, world_size: int, config_yaml: str):
+    def __init__(self, run_dir: Path, ckpt_cfg, rank: int, world_size: int, config_yaml: str, tp: int = 1):
         self.root = run_dir / "checkpoints"
         self.cfg = ckpt_cfg
         self.rank = rank
         self.world_size = world_size
+        self.tp = tp  # tensor-parallel size: the tp ranks of a group share one data-parallel position
         self.config_yaml = config_yaml
         self.pending: PendingSave | None = None
         # Async saves run collectives from a background thread: give them their own gloo group so
@@ -203,7 +204,8 @@ class CheckpointManager:
     # -- load ---------------------------------------------------------------------------------------
     def load(self, path: Path, dcp_state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Load sharded state into ``dcp_state`` in place (DCP reshards to this world size) and
-        return (trainer_state, per-rank states of the run that saved it)."""
+        return (trainer_state, rank states): this rank's own when the world size and tp are the
+        saving run's, else one per data-parallel rank of the saving run."""
         if not is_complete(path):
             raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
         trainer_state = json.loads((path / "trainer.json").read_text())
@@ -212,7 +214,9 @@ class CheckpointManager:
         if len(rank_files) != trainer_state["world_size"]:
             raise CheckpointError(f"{path}: expected {trainer_state['world_size']} rank_state files, "
                                   f"found {len(rank_files)}")
-        if trainer_state["world_size"] == self.world_size:
+        old_tp = int(trainer_state.get("tp", 1))
+        if trainer_state["world_size"] == self.world_size and old_tp == self.tp:
             own = torch.load(rank_files[self.rank], weights_only=False)
             return trainer_state, [own]
-        return trainer_state, [torch.load(f, weights_only=False) for f in rank_files]
+        # One state per data-parallel position of the saving run (its tp ranks hold identical data states).
+        return trainer_state, [torch.load(f, weights_only=False) for f in rank_files[::old_tp]]

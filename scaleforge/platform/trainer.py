@@ -90,7 +90,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     data = recipe.build_data(DataContext(dp_rank=info.rank // layout.tp, dp_world_size=info.world_size // layout.tp,
                                          micro_batch_size=layout.micro_batch_size, seed=data_seed,
                                          device=info.device))
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint, info.rank, info.world_size, to_yaml(cfg))
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint, info.rank, info.world_size, to_yaml(cfg), tp=layout.tp)
 
     def dcp_state() -> dict[str, Any]:
         state = engine.checkpoint_state()
@@ -107,14 +107,15 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
         engine.load_checkpoint_state(state)
         engine.scheduler.load_state_dict(trainer_state["scheduler"])
         step = int(trainer_state["step"])
-        if trainer_state["world_size"] == info.world_size:
+        if trainer_state["world_size"] == info.world_size and trainer_state.get("tp", 1) == layout.tp:
             restore_rng_state(rank_states[0]["rng"])
             data.load_state_dict(rank_states[0]["data"])
             resume_note = f"resumed from {resume_path} at step {step}"
         else:
             how = data.load_resharded_state_dict([s["data"] for s in rank_states])
             resume_note = (f"resumed from {resume_path} at step {step}, resharded from "
-                           f"{trainer_state['world_size']} to {info.world_size} processes: model and "
+                           f"{trainer_state['world_size']} to {info.world_size} processes"
+                           f"{_tp_change(trainer_state.get('tp', 1), layout.tp)}: model and "
                            f"optimizer resharded exactly; data: {how}; RNG streams restart from the seed")
     if info.is_main and resume_path is not None:
         truncate_jsonl(run_dir / "metrics.jsonl", step)
@@ -122,7 +123,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     if resume_note:
         log.message(resume_note)
     log.message(f"world size {info.world_size} ({info.device.type}), mesh dp_replicate={layout.dp_replicate} "
-                f"x dp_shard={layout.dp_shard}, micro-batch {layout.micro_batch_size} x accumulation "
+                f"x dp_shard={layout.dp_shard}{f' x tp={layout.tp}' if layout.tp > 1 else ''}, micro-batch {layout.micro_batch_size} x accumulation "
                 f"{layout.grad_accum} = global batch {layout.global_batch_size}")
 
     stop = _StopFlag()
@@ -437,9 +438,14 @@ class _Profiler:
         self.prof = None
 
 
+def _tp_change(old: int, new: int) -> str:
+    return f" (tensor parallel {old} -> {new})" if old != new or new > 1 else ""
+
+
 def _save(ckpt: CheckpointManager, step: int, state: dict[str, Any], data, engine, info, blocking: bool) -> None:
     rank_state = {"rng": capture_rng_state(), "data": data.state_dict()}
-    trainer_state = {"step": step, "world_size": info.world_size, "scheduler": engine.scheduler.state_dict()}
+    trainer_state = {"step": step, "world_size": info.world_size, "tp": ckpt.tp,
+                     "scheduler": engine.scheduler.state_dict()}
     ckpt.save(step, state, rank_state, trainer_state, blocking=blocking)
 
 
