@@ -6,9 +6,11 @@ from typing import Optional
 
 from scaleforge.models.llm.model import LLMModelConfig
 from scaleforge.models.nvila.siglip import SiglipConfig
+from scaleforge.models.ps3.config import PS3VisionConfig
 
 COMPONENTS = ("vision_tower", "mm_projector", "llm")
 IMAGE_MODES = ("dynamic_s2", "dynamic", "single")
+VISION_TOWERS = ("siglip", "ps3")
 
 
 @dataclass
@@ -42,6 +44,10 @@ class NVILAConfig:
     recipe: str = "nvila"
     stage: str = "image_sft"  # informative name of the training stage
     vision: SiglipConfig = field(default_factory=SiglipConfig)
+    #: siglip (NVILA) | ps3 (VILA-HD: low-res tokens + bottom-up selected high-res patches, docs/ps3.md)
+    vision_tower: str = "siglip"
+    ps3: PS3VisionConfig = field(default_factory=PS3VisionConfig)  # used when vision_tower = ps3
+    ps3_num_look_close: int = 1  # look-close rounds per image (VILA-HD-4K default: 6)
     llm: LLMModelConfig = field(default_factory=_llm_default)
     projector: str = "mlp_downsample"  # mlp_downsample | mlp_downsample_2x2_fix | mlp_downsample_3x3_fix | mlp2x_gelu
     image_mode: str = "dynamic_s2"  # dynamic_s2 (NVILA) | dynamic (NVILA-Lite) | single (one tile)
@@ -67,6 +73,23 @@ class NVILAConfig:
         """Vision channels entering the projector per ViT channel (3 for Dynamic-S2 with 3 scales)."""
         return len(self.s2_scales) if self.image_mode == "dynamic_s2" else 1
 
+    def _validate_ps3(self) -> None:
+        from scaleforge.platform.config import ConfigError
+
+        p = self.ps3
+        p.validate()
+        if self.image_mode != "single":
+            raise ConfigError("model.image_mode must be 'single' with model.vision_tower=ps3 (PS3 takes the "
+                              "whole image at its largest scale)")
+        if self.vision.image_size != p.scales[-1] or self.vision.hidden_size != p.width:
+            raise ConfigError(f"model.vision.image_size / hidden_size ({self.vision.image_size} / "
+                              f"{self.vision.hidden_size}) must equal model.ps3.scales[-1] / width "
+                              f"({p.scales[-1]} / {p.width}) with model.vision_tower=ps3")
+        if not 0 <= self.ps3_num_look_close <= p.max_rounds():
+            raise ConfigError(f"model.ps3_num_look_close={self.ps3_num_look_close} is outside 0..{p.max_rounds()}")
+        if self.synthetic.video_prob:
+            raise ConfigError("model.synthetic.video_prob: videos are not supported with model.vision_tower=ps3")
+
     def validate(self) -> None:
         from scaleforge.platform.config import ConfigError
 
@@ -85,6 +108,10 @@ class NVILAConfig:
         self.llm.kernels = self.kernels
         if self.projector not in PROJECTOR_TYPES:
             raise ConfigError(f"model.projector: {self.projector!r} is not one of {', '.join(PROJECTOR_TYPES)}")
+        if self.vision_tower not in VISION_TOWERS:
+            raise ConfigError(f"model.vision_tower: {self.vision_tower!r} is not one of {', '.join(VISION_TOWERS)}")
+        if self.vision_tower == "ps3":
+            self._validate_ps3()
         if self.image_mode not in IMAGE_MODES:
             raise ConfigError(f"model.image_mode: {self.image_mode!r} is not one of {', '.join(IMAGE_MODES)}")
         bad = [t for t in self.trainable if t not in COMPONENTS]

@@ -163,8 +163,15 @@ def export_hf_layout(state_dict: Mapping[str, torch.Tensor], cfg, out_dir: str |
         tokenizer.save_pretrained(str(out / "llm"))
 
     vt = out / "vision_tower"
-    _save_safetensors(siglip_to_hf_state_dict(parts["vision_tower"]), vt, dtype)
-    vcfg = siglip_hf_config(cfg.vision)
+    if cfg.vision_tower == "ps3":  # a ps3-torch PS3VisionModel folder (docs/ps3.md)
+        from scaleforge.models.ps3.config import PS3Config
+        from scaleforge.models.ps3.hf_io import hf_config
+
+        _save_safetensors({f"vision_model.{k}": v for k, v in parts["vision_tower"].items()}, vt, dtype)
+        vcfg = hf_config(PS3Config(vision=cfg.ps3))["vision_config"]
+    else:
+        _save_safetensors(siglip_to_hf_state_dict(parts["vision_tower"]), vt, dtype)
+        vcfg = siglip_hf_config(cfg.vision)
     (vt / "config.json").write_text(json.dumps(vcfg, indent=2) + "\n")
     (vt / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "SiglipImageProcessor", "do_resize": True, "do_rescale": True,
@@ -213,7 +220,20 @@ def export_hf_layout(state_dict: Mapping[str, torch.Tensor], cfg, out_dir: str |
 # Import
 # ---------------------------------------------------------------------------------------------------
 def load_vision_tower(tower: nn.Module, hf_dir: str | os.PathLike) -> None:
-    """Load an HF ``SiglipVisionModel`` folder (or a full SigLIP ``vision_model.*``) into our tower."""
+    """Load an HF ``SiglipVisionModel`` folder (or a full SigLIP ``vision_model.*``) into our tower;
+    a PS3 tower takes a ps3-torch folder (``vision_model.*`` keys)."""
+    from scaleforge.models.ps3.vision import PS3VisionEncoder
+
+    if isinstance(tower, PS3VisionEncoder):
+        from scaleforge.models.ps3.hf_io import load_state
+
+        sd = {k[len("vision_model."):]: v for k, v in read_safetensors_dir(hf_dir).items()
+              if k.startswith("vision_model.")}
+        missing = sorted(set(tower.state_dict()) - set(sd))
+        if missing:
+            raise ValueError(f"{hf_dir}: not a PS3 vision folder of this shape (missing {missing[:3]})")
+        load_state(tower, sd, str(hf_dir))
+        return
     tensors = siglip_from_hf_state_dict(
         {k: v for k, v in read_safetensors_dir(hf_dir).items()
          if not k.startswith(("text_model.", "logit_", "text_projection"))})

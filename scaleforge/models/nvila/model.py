@@ -37,6 +37,10 @@ KIND_IMAGE, KIND_VIDEO = 0, 1
 
 
 def tokens_per_tile(cfg: NVILAConfig) -> int:
+    if cfg.vision_tower == "ps3":
+        from scaleforge.models.nvila.ps3_tower import ps3_visual_tokens
+
+        return ps3_visual_tokens(cfg, stc_block_size(cfg.projector))
     return ds2.tokens_per_tile(cfg.vision.grid, stc_block_size(cfg.projector))
 
 
@@ -63,7 +67,12 @@ class NVILAModel(nn.Module):
         self.cfg = cfg
         llm_cfg = cfg.llm.resolved()
         with torch.device(device or "cpu"):
-            self.vision_tower = SiglipVisionTower(cfg.vision, kernels=cfg.kernels)
+            if cfg.vision_tower == "ps3":
+                from scaleforge.models.ps3.vision import PS3VisionEncoder
+
+                self.vision_tower = PS3VisionEncoder(cfg.ps3)
+            else:
+                self.vision_tower = SiglipVisionTower(cfg.vision, kernels=cfg.kernels)
             self.mm_projector = MultimodalProjector(cfg.projector, cfg.vision.hidden_size * cfg.channel_multiplier,
                                                     llm_cfg.dim)
             self.llm = Transformer(llm_cfg)
@@ -80,6 +89,8 @@ class NVILAModel(nn.Module):
                      ) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         """-> (per-item visual tokens [n_i, d], dummy term or None). One tower and one projector call."""
         cfg = self.cfg
+        if cfg.vision_tower == "ps3":
+            return self._encode_media_ps3(pixel_values, media_kind)
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
         if pixel_values is None or pixel_values.shape[0] == 0:
             s = cfg.vision.image_size
@@ -118,6 +129,20 @@ class NVILAModel(nn.Module):
             else:
                 out.append(p.reshape(-1, d))
         return out, None
+
+    def _encode_media_ps3(self, pixel_values, media_kind) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+        """PS3 tower (VILA-HD): one image per item; a micro-batch without images runs one zero image."""
+        from scaleforge.models.nvila.ps3_tower import encode_ps3
+
+        w = self.vision_tower.trunk.pos_embed
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            s = self.cfg.ps3.scales[-1]
+            out = encode_ps3(self.vision_tower, self.mm_projector, w.new_zeros(1, 3, s, s), self.cfg)
+            return [], out.sum() * 0.0
+        if bool((media_kind != KIND_IMAGE).any()):
+            raise ValueError("videos are not supported with model.vision_tower=ps3")
+        out = encode_ps3(self.vision_tower, self.mm_projector, pixel_values.to(w.dtype), self.cfg)
+        return list(out.unbind(0)), None
 
     def embed(self, input_ids: torch.Tensor, media_token_id: int, visual: list[torch.Tensor]) -> torch.Tensor:
         """Text embeddings with every ``media_token_id`` slot replaced by the visual tokens in order."""

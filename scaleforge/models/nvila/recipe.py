@@ -90,12 +90,19 @@ class NVILARecipe(Recipe):
 
     def parallel_plan(self, model: nn.Module) -> ParallelPlan:
         cfg = self.cfg
-        used = cfg.vision.num_used_layers
-        units = list(model.vision_tower.encoder.layers[:used]) + list(model.llm.layers)
+        if cfg.vision_tower == "ps3":
+            from scaleforge.models.nvila.ps3_tower import UNUSED_PS3_PREFIXES
+
+            vision_units, unused = list(model.vision_tower.trunk.blocks), UNUSED_PS3_PREFIXES
+        else:
+            vision_units = list(model.vision_tower.encoder.layers[:cfg.vision.num_used_layers])
+            unused = model.vision_tower.unused_parameter_prefixes()
+        units = vision_units + list(model.llm.layers)
         frozen = [c for c in COMPONENTS if c not in cfg.trainable]
         if "vision_tower" in cfg.trainable:
-            # layers above select_layer and post_layernorm never get a gradient: freeze them explicitly
-            frozen += [f"vision_tower.{p}" for p in model.vision_tower.unused_parameter_prefixes()]
+            # parameters that never get a gradient (layers above select_layer, post_layernorm; PS3's
+            # selection modules and MAP head): freeze them explicitly
+            frozen += [f"vision_tower.{p}" for p in unused]
         rules = [ParamGroupRule(name=c, prefixes=(c,), lr_mult=getattr(cfg.lr_mult, c)) for c in COMPONENTS]
         eval_modules = tuple(c for c in ("vision_tower", "mm_projector") if c not in cfg.trainable)
         return ParallelPlan(fsdp_units=units, frozen=tuple(frozen), param_groups=rules, eval_modules=eval_modules)
@@ -166,6 +173,8 @@ class NVILARecipe(Recipe):
         p = v.num_patches
         vit_layer = 2 * p * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size) + 4 * p * p * v.hidden_size
         vit_fwd = tiles * v.num_used_layers * vit_layer
+        if cfg.vision_tower == "ps3":
+            vit_fwd = tiles * ps3_forward_flops(cfg)
         k = stc_block_size(cfg.projector)
         proj_params = sum(x.numel() for x in NVILAModel_projector_meta(cfg).parameters())
         proj_fwd = 2 * proj_params * tiles * ds2.tokens_per_tile(v.grid, k)
@@ -181,6 +190,8 @@ class NVILARecipe(Recipe):
         llm = cfg.llm.resolved()
         tiles, _, tokens = self._nominal_sample()
         s, t = tokens * micro_batch_size, tiles * micro_batch_size * cfg.vision.num_patches
+        if cfg.vision_tower == "ps3":  # low-res tokens + the selected patches of every round
+            t = tiles * micro_batch_size * (cfg.ps3.low_res_tokens + cfg.ps3_num_look_close * sum(cfg.ps3.budget_per_scale()))
 
         def stack(seq: int, d: int, layers: int) -> int:
             if activation_checkpointing:
@@ -202,6 +213,9 @@ class NVILARecipe(Recipe):
             vis_line = (f"Dynamic-S2 {cfg.s2_scales}, {lo + sum((s // cfg.vision.image_size) ** 2 for s in cfg.s2_scales[:-1])}"
                         f"-{tiles} tiles/image -> {lo * tpt}-{cfg.max_tiles * tpt} visual tokens/image "
                         f"({tpt}/tile, {cfg.projector})")
+        elif cfg.vision_tower == "ps3":
+            vis_line = (f"PS3 {cfg.ps3.scales}: {cfg.ps3_num_look_close} look-close round(s) of "
+                        f"{sum(cfg.ps3.budget_per_scale())} patches -> {tpt} visual tokens/image ({cfg.projector})")
         else:
             vis_line = f"{cfg.image_mode}: {tpt} visual tokens per tile ({cfg.projector})"
         return {
@@ -226,6 +240,17 @@ class NVILARecipe(Recipe):
             raise NotImplementedError(f"recipe 'nvila' has no export format {fmt!r} (hf)")
         cfg = dataclasses.replace(self.cfg, init_from=self.user_init_from)
         export_hf_layout(state_dict, cfg, out_dir, tokenizer=self.tokenizer.hf)
+
+
+def ps3_forward_flops(cfg: NVILAConfig) -> float:
+    """Forward FLOPs of the PS3 tower for one image: low-res pass + each round's selected patches
+    attending to [low-res || selected] (selection modules excluded, < 2%)."""
+    from scaleforge.models.ps3.model import vit_forward_flops
+
+    p = cfg.ps3
+    n0, k = p.low_res_tokens, sum(p.budget_per_scale())
+    return (vit_forward_flops(p.width, p.mlp_dim, p.depth, n0, n0)
+            + cfg.ps3_num_look_close * vit_forward_flops(p.width, p.mlp_dim, p.depth, k, n0 + k))
 
 
 def NVILAModel_projector_meta(cfg: NVILAConfig) -> nn.Module:
