@@ -60,9 +60,14 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(tmp_path):
     assert abs(one[0] - two[0]) <= 1e-5 * abs(one[0]), (one, two)
 
 
-def test_4k_slurm_dry_run_plan():
+def test_4k_slurm_dry_run_plan(tmp_path):
+    # the dry run checks the shards: 100 image-boxes shards of one sample under $PS3_DATA
+    res = subprocess.run([str(BIN / "scaleforge"), "data", "synth", "--kind", "image-boxes", "--out",
+                          str(tmp_path), "--n", "100", "--per-shard", "1", "--size", "32"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
     p = subprocess.run([str(BIN / "launch"), "--config", "configs/ps3_4k.yaml", "--slurm", "--nodes", "16",
-                        "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PS3_DATA=str(tmp_path)))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "world size        128" in p.stdout and "memory / device" in p.stdout
     assert "[85, 341, 2133]" in p.stdout and "35 rounds" in p.stdout
