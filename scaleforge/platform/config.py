@@ -65,7 +65,8 @@ class MetricsConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd | (recipes may register more, e.g. came8bit)
+    # auto (adamw_fp8 with parallel.fp8=coat, adamw otherwise) | adamw | adamw_fp8 | sgd | came | came8bit
+    name: str = "auto"
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -348,6 +349,31 @@ def check_choices(cfg: JobConfig) -> None:
         raise ConfigError(f"trainer.gc_interval: must be >= 0, got {cfg.trainer.gc_interval}")
     if cfg.parallel.fsdp_group_size < 1:
         raise ConfigError(f"parallel.fsdp_group_size: must be >= 1, got {cfg.parallel.fsdp_group_size}")
+    if cfg.optim.name == "auto":
+        cfg.optim.name = "adamw_fp8" if cfg.parallel.fp8 == "coat" else "adamw"
+    check_fp8(cfg)
+
+
+def check_fp8(cfg: JobConfig) -> None:
+    """The combinations COAT mode (parallel.fp8=coat) does not support, named by their key."""
+    if cfg.optim.name == "adamw_fp8" and cfg.optim.fused:
+        raise ConfigError("optim.fused=true: adamw_fp8 has no fused kernel (its update decodes and encodes "
+                          "FP8 states per group); set optim.fused=false")
+    if cfg.parallel.fp8 != "coat":
+        return
+    if cfg.parallel.mixed_precision != "bf16":
+        raise ConfigError(f"parallel.mixed_precision={cfg.parallel.mixed_precision}: parallel.fp8=coat needs bf16 "
+                          "compute (its FP8 GEMMs write bf16 outputs)")
+    if cfg.parallel.engine != "fsdp2":
+        raise ConfigError(f"parallel.engine={cfg.parallel.engine}: parallel.fp8=coat is implemented for fsdp2")
+    if cfg.parallel.compile:
+        raise ConfigError("parallel.compile=true: parallel.fp8=coat runs eager (its FP8 blocks pass the producer "
+                          "amax as a tensor attribute, which torch.compile does not trace)")
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        raise ConfigError(f"parallel.fp8=coat: FP8 GEMMs need compute capability 8.9 or newer, this GPU has "
+                          f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Memory model for FSDP2 with mixed precision (per device; what ``torch.cuda.max_m
 measures, so CUDA context and allocator fragmentation are not included):
 - sharded fp32 parameters: 4 B x params / dp_shard
 - sharded fp32 gradients: 4 B x trainable / dp_shard
-- optimizer state: AdamW 8 B x trainable / dp_shard (other optimizers: their own bytes per parameter)
+- optimizer state: what the optimizer's registry entry counts for each trainable parameter's shape
+  (``optimizer_state_bytes``; AdamW 8 B per parameter, adamw_fp8 ~2.2) / dp_shard
 - unsharded compute-dtype parameters of the root unit (embeddings, head; not resharded after forward)
   plus two FSDP groups in flight (the current one and the prefetched one; a group is
   ``parallel.fsdp_group_size`` consecutive units), and the unsharded gradients of one group before its
@@ -26,9 +27,8 @@ from torch import nn
 
 from scaleforge.platform.config import JobConfig, Layout
 from scaleforge.platform.engine import fsdp_groups
+from scaleforge.platform.optim import optimizer_state_bytes
 from scaleforge.platform.recipe import Recipe
-
-OPTIM_BYTES_PER_PARAM = {"adamw": 8, "sgd": 4, "came8bit": 2, "came": 4}
 
 
 @dataclass
@@ -71,6 +71,14 @@ def _fmt(n: float) -> str:
     return str(int(n))
 
 
+def _optimizer_bytes(model: nn.Module, frozen_prefixes: tuple[str, ...], name: str, per_device) -> float:
+    """The optimizer's own count of its state bytes for every trainable parameter (e.g. adamw_fp8's codes
+    and per-group metadata, which depend on each parameter's shape), times the share a device holds along
+    the tensor-parallel dimension (``per_device(p) / numel``)."""
+    return sum(optimizer_state_bytes(name, p.shape) * per_device(p) / p.numel() for fqn, p in model.named_parameters()
+               if p.requires_grad and not any(fqn == f or fqn.startswith(f + ".") for f in frozen_prefixes))
+
+
 def _count(module: nn.Module, frozen_prefixes: tuple[str, ...], prefix: str = "") -> tuple[int, int]:
     total = trainable = 0
     for name, p in module.named_parameters(prefix=prefix):
@@ -109,11 +117,10 @@ def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
     compute_bytes = 2 if cfg.parallel.mixed_precision in ("bf16", "fp16") else 4
     shard = layout.dp_shard
     gib = 2**30
-    optim_bpp = OPTIM_BYTES_PER_PARAM.get(cfg.optim.name, 8)
     mem = {
         "params (fp32)": 4 * local_total / shard / gib,
         "grads (fp32)": 4 * local_trainable / shard / gib,
-        f"optimizer ({cfg.optim.name})": optim_bpp * local_trainable / shard / gib,
+        f"optimizer ({cfg.optim.name})": _optimizer_bytes(model, plan.frozen, cfg.optim.name, per_device) / shard / gib,
         "unsharded units": (compute_bytes * (root + 2 * largest) + compute_bytes * largest) / gib,
     }
     act = recipe.activation_bytes(layout.micro_batch_size, cfg.parallel.activation_checkpointing == "full",

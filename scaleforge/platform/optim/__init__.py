@@ -2,20 +2,33 @@
 optimizer (e.g. CAME-8bit) can be added without touching the train loop."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 
 OptimizerFactory = Callable[[list[dict[str, Any]], Any], torch.optim.Optimizer]
+#: bytes of optimizer state one parameter of a given (global) shape needs
+StateBytes = Callable[[tuple[int, ...]], int]
 _REGISTRY: dict[str, OptimizerFactory] = {}
+_STATE_BYTES: dict[str, StateBytes] = {}
 
 
-def register_optimizer(name: str):
+def register_optimizer(name: str, state_bytes: StateBytes | None = None):
+    """Register a factory under ``optim.name``; ``state_bytes(shape)`` tells the dry-run plan how many bytes
+    of state one parameter needs (default: AdamW's two fp32 moments)."""
     def deco(fn: OptimizerFactory) -> OptimizerFactory:
         _REGISTRY[name] = fn
+        _STATE_BYTES[name] = state_bytes or (lambda shape: 8 * math.prod(shape))
         return fn
 
     return deco
+
+
+def optimizer_state_bytes(name: str, shape: tuple[int, ...]) -> int:
+    """Bytes of optimizer state that optimizer ``name`` keeps for one parameter of ``shape``."""
+    _load_builtin()
+    return _STATE_BYTES[name](tuple(shape))
 
 
 def build_optimizer(param_groups: list[dict[str, Any]], optim_cfg: Any) -> torch.optim.Optimizer:
@@ -70,7 +83,7 @@ def _adamw(groups, cfg):
                            weight_decay=cfg.weight_decay, fused=cfg.fused or None, foreach=None)
 
 
-@register_optimizer("sgd")
+@register_optimizer("sgd", state_bytes=lambda shape: 4 * math.prod(shape))
 def _sgd(groups, cfg):
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 

@@ -290,11 +290,11 @@ def _came_args(cfg: Any) -> dict[str, Any]:
     )
 
 
-@register_optimizer("came8bit")
+@register_optimizer("came8bit", state_bytes=lambda shape: 2 * math.prod(shape))
 def _came8bit(groups, cfg):
     return CAME(groups, quantize_first_moment=True, **_came_args(cfg))
 
 
-@register_optimizer("came")
+@register_optimizer("came", state_bytes=lambda shape: 4 * math.prod(shape))
 def _came(groups, cfg):
     return CAME(groups, quantize_first_moment=False, **_came_args(cfg))
