@@ -5,7 +5,8 @@
 ``parallel.dp_replicate > 1``); a DeepSpeed ZeRO engine implements the same methods (backward,
 clip, step, state dicts, full state dict for export).
 
-Order of the parallelize step (torchtitan's): build on meta -> freeze -> activation checkpointing ->
+Order of the parallelize step (torchtitan's): build on meta -> freeze -> FP8 conversion (``parallel.fp8``) ->
+activation checkpointing ->
 per-block compile -> fully_shard per unit, then the root -> ``to_empty`` -> seeded ``init_weights`` (or
 load pretrained weights) -> optimizer over the trainable parameters.
 """
@@ -123,6 +124,17 @@ def apply_freeze(model: nn.Module, plan: ParallelPlan) -> None:
         names[prefix].requires_grad_(False)
 
 
+def apply_coat(model: nn.Module, plan: ParallelPlan) -> dict[str, int]:
+    """COAT FP8 mode from outside the model (as torchao's ``convert_to_float8_training``): eligible linears
+    become FP8 linears, FP8-aware blocks save FP8 activations; ``plan.fp8_keep`` stays high precision."""
+    from scaleforge.fp8 import convert_to_coat
+
+    try:
+        return convert_to_coat(model, plan.fp8_keep)
+    except ValueError as e:
+        raise ConfigError(f"parallel.fp8=coat: {e}") from None
+
+
 def apply_activation_checkpointing(modules: list[nn.Module]) -> None:
     """Recompute each block's activations in backward. Patching the instance's ``forward`` (rather
     than wrapping the module) keeps parameter names, so checkpoints and exports are unaffected."""
@@ -193,6 +205,10 @@ class FSDP2Engine(Engine):
         plan = recipe.parallel_plan(model)
         self.plan = plan
         apply_freeze(model, plan)
+        if pcfg.fp8 == "coat":
+            self.fp8_summary = apply_coat(model, plan)
+            if info.rank == 0:
+                print("parallel.fp8=coat: " + ", ".join(f"{v} {k}" for k, v in self.fp8_summary.items()), flush=True)
         ckpt_units = plan.checkpoint_units if plan.checkpoint_units is not None else plan.fsdp_units
         if pcfg.activation_checkpointing == "full":
             apply_activation_checkpointing(ckpt_units)

@@ -49,6 +49,9 @@ class ParallelPlan:
     ``param_groups``: first matching rule wins; unmatched parameters use the base LR and the default
     weight-decay rule (no decay on biases, norms and 1-D parameters).
     ``eval_modules``: frozen modules to keep in ``eval()`` mode (e.g. a frozen ViT's dropout).
+    ``fp8_keep``: module-name prefixes whose ``nn.Linear`` layers stay in high precision under
+    ``parallel.fp8=coat`` (output heads, embedders, adaLN modulation; linears whose dims are not multiples of
+    16 stay anyway).
     """
 
     fsdp_units: list[nn.Module] = field(default_factory=list)
@@ -56,6 +59,7 @@ class ParallelPlan:
     frozen: tuple[str, ...] = ()
     param_groups: list[ParamGroupRule] = field(default_factory=list)
     eval_modules: tuple[str, ...] = ()
+    fp8_keep: tuple[str, ...] = ()
 
 
 @dataclass

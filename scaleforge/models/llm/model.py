@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleforge import fp8 as coat
+
 # ---------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------
@@ -195,10 +197,11 @@ def fused_kernels_on(kernels: str, x: torch.Tensor) -> bool:
     return x.is_cuda or triton_interpreting()
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(coat.FP8Block):
     """``weight * x / sqrt(mean(x^2) + eps)``, normalized in fp32 and cast back before the weight
     (the order HF's Llama/Qwen2 RMSNorm uses, so bf16 outputs match too). With ``kernels="triton"`` on GPU
-    one fused kernel (``scaleforge.kernels.rms_norm``, which applies the weight in fp32 before the cast)."""
+    one fused kernel (``scaleforge.kernels.rms_norm``, which applies the weight in fp32 before the cast). COAT mode: the norm kernel with its input
+    saved in FP8 (scaleforge.fp8)."""
 
     def __init__(self, dim: int, eps: float, kernels: str = "torch"):
         super().__init__()
@@ -206,6 +209,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return coat.norm(x, self.weight, eps=self.eps)
         if fused_kernels_on(self.kernels, x):
             from scaleforge.kernels import rms_norm
 
@@ -381,9 +386,10 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
 
-class FeedForward(nn.Module):
+class FeedForward(coat.FP8Block):
     """SwiGLU: w2(silu(w1 x) * w3 x) (HF: gate_proj = w1, up_proj = w3, down_proj = w2); the gate is one fused
-    kernel (``scaleforge.kernels.swiglu``) with ``kernels="triton"`` on GPU."""
+    kernel (``scaleforge.kernels.swiglu``) with ``kernels="triton"`` on GPU. COAT mode: the SwiGLU
+    product's inputs are saved in FP8."""
 
     def __init__(self, dim: int, hidden: int, kernels: str = "torch"):
         super().__init__()
@@ -393,6 +399,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return self.w2(coat.glu(self.w1(x), self.w3(x), "silu"))
         if fused_kernels_on(self.kernels, x):
             from scaleforge.kernels import swiglu
 

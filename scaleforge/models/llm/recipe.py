@@ -65,7 +65,8 @@ class LLMRecipe(Recipe):
         units: list[nn.Module] = list(blocks)
         if not self.cfg.tied_embeddings:
             units = [model.tok_embeddings] + units + [model.output]
-        return ParallelPlan(fsdp_units=units, checkpoint_units=blocks)
+        # COAT: the output head stays in high precision (coat.md §1; the loss is sensitive to its rounding)
+        return ParallelPlan(fsdp_units=units, checkpoint_units=blocks, fp8_keep=("output",))
 
     def tensor_parallel_plan(self, model: nn.Module) -> TensorParallelPlan:
         """Megatron's layout of a Llama block: q/k/v and gate/up column-parallel, attention output and

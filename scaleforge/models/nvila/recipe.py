@@ -105,7 +105,9 @@ class NVILARecipe(Recipe):
             frozen += [f"vision_tower.{p}" for p in unused]
         rules = [ParamGroupRule(name=c, prefixes=(c,), lr_mult=getattr(cfg.lr_mult, c)) for c in COMPONENTS]
         eval_modules = tuple(c for c in ("vision_tower", "mm_projector") if c not in cfg.trainable)
-        return ParallelPlan(fsdp_units=units, frozen=tuple(frozen), param_groups=rules, eval_modules=eval_modules)
+        # COAT: the LLM's output head stays in high precision (the patch embedding is a conv: not converted)
+        return ParallelPlan(fsdp_units=units, frozen=tuple(frozen), param_groups=rules, eval_modules=eval_modules,
+                            fp8_keep=("llm.output",))
 
     # -- data and loss ---------------------------------------------------------------------------------
     def build_data(self, ctx: DataContext):

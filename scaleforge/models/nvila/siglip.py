@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleforge import fp8 as coat
+
 
 def init_linear_and_layernorm(modules) -> None:
     """Xavier-uniform Linear weights, zero biases, unit LayerNorms (SigLIP's and the projector's init)."""
@@ -119,13 +121,15 @@ class SiglipAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
 
 
-class SiglipMLP(nn.Module):
+class SiglipMLP(coat.FP8Block):
     def __init__(self, cfg: SiglipConfig, device=None):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, device=device)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:  # COAT mode: the GELU input saved in FP8
+            return self.fc2(coat.act(self.fc1(x), "gelu_tanh"))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleforge import fp8 as coat
+
 ATTN_EPS = 1e-8  # the blocks construct LiteLA with eps=1e-8 (sana.md §3)
 NORM_EPS = 1e-6  # affine-free LayerNorms of the blocks and the final layer
 QK_NORM_EPS = 1e-5
@@ -256,8 +258,9 @@ class CrossAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(b, n, c))
 
 
-class MixFFN(nn.Module):
-    """GLUMBConv: 1x1 -> SiLU -> depthwise 3x3 -> x * SiLU(gate) -> 1x1 (GLU after the depthwise conv)."""
+class MixFFN(coat.FP8Block):
+    """GLUMBConv: 1x1 -> SiLU -> depthwise 3x3 -> x * SiLU(gate) -> 1x1 (GLU after the depthwise conv).
+    COAT mode: the SiLU and GLU inputs are saved in FP8 (the depthwise conv's input stays bf16)."""
 
     def __init__(self, arch: SanaArch):
         super().__init__()
@@ -268,10 +271,13 @@ class MixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, n, _ = x.shape
-        h = F.silu(self.inverted_conv(x))
+        h = self.inverted_conv(x)
+        h = coat.act(h, "silu") if self.fp8 else F.silu(h)
         h = h.transpose(1, 2).reshape(b, -1, hw[0], hw[1])
         h = self.depth_conv(h).flatten(2).transpose(1, 2)
         h, gate = h.chunk(2, dim=-1)
+        if self.fp8:
+            return self.point_conv(coat.glu(gate, h, "silu"))
         return self.point_conv(h * F.silu(gate))
 
 
@@ -284,7 +290,7 @@ def _modulated_ln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ker
     return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS) * (1 + scale) + shift
 
 
-class SanaBlock(nn.Module):
+class SanaBlock(coat.FP8Block):
     def __init__(self, arch: SanaArch):
         super().__init__()
         c = arch.hidden_size
@@ -299,10 +305,17 @@ class SanaBlock(nn.Module):
         mod = self.scale_shift_table[None].to(t0.dtype) + t0.reshape(b, 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         k = self.attn.kernels
-        x = x + gate_msa * self.attn(_modulated_ln(x, shift_msa, scale_msa, k).to(x.dtype))
+        # COAT mode: the modulated norms save their input in FP8 and hand max|y| to the FP8 linear after them
+        norm = self._fp8_norm if self.fp8 else (lambda x, shift, scale: _modulated_ln(x, shift, scale, k).to(x.dtype))
+        x = x + gate_msa * self.attn(norm(x, shift_msa, scale_msa))
         x = x + self.cross_attn(x, y, mask_bias)
-        x = x + gate_mlp * self.mlp(_modulated_ln(x, shift_mlp, scale_mlp, k).to(x.dtype), hw)
+        x = x + gate_mlp * self.mlp(norm(x, shift_mlp, scale_mlp), hw)
         return x
+
+
+    @staticmethod
+    def _fp8_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return coat.norm(x, None, None, NORM_EPS, rms=False, shift=shift.to(x.dtype), scale=scale.to(x.dtype))
 
 
 class TimestepEmbedder(nn.Module):

@@ -325,7 +325,9 @@ class SanaRecipe(Recipe):
         model.init_weights()
 
     def parallel_plan(self, model: nn.Module) -> ParallelPlan:
-        return ParallelPlan(fsdp_units=list(model.blocks))
+        # COAT: embedders, the adaLN modulation (t_block) and the output projection stay in high precision
+        keep = ("patch_embed", "t_embedder", "t_block", "caption_projection", "proj_out")
+        return ParallelPlan(fsdp_units=list(model.blocks), fp8_keep=keep)
 
     def load_pretrained(self, model: nn.Module, path: str) -> None:
         from scaleforge.models.sana.checkpoint_io import load_weights
