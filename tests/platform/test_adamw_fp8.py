@@ -114,3 +114,40 @@ def test_dtensor_states_match_plain(mesh):
     st = b.state[dt[0]]
     assert isinstance(st["exp_avg_q"], DTensor) and st["exp_avg_q"].placements == (Shard(0),)
     assert st["exp_avg_scale"].shape == (37, 3)
+
+
+def _cfg(*overrides):
+    from scaleforge.models import recipe_config_class
+    from scaleforge.platform.config import load_config
+
+    return load_config("lm_tiny.yaml", list(overrides), recipe_config=recipe_config_class)
+
+
+def test_coat_defaults_to_adamw_fp8_and_the_plan_counts_its_bytes():
+    from scaleforge.models import get_recipe_class
+    from scaleforge.platform.config import derive_layout
+    from scaleforge.platform.plan import make_plan
+
+    cfg = _cfg("parallel.fp8=coat", "parallel.mixed_precision=bf16", "optim.fused=false")
+    assert cfg.optim.name == "adamw_fp8" and _cfg().optim.name == "adamw"
+    assert _cfg("parallel.fp8=coat", "parallel.mixed_precision=bf16", "optim.name=adamw").optim.name == "adamw"
+    layout = derive_layout(cfg, 2)
+    recipe = get_recipe_class(cfg.model.recipe)(cfg.model, cfg)
+    plan = make_plan(cfg, layout, recipe)
+    with torch.device("meta"):
+        model = recipe.build_model(torch.device("meta"))
+    expect = sum(state_bytes(p.shape) for p in model.parameters()) / 2 / 2**30
+    assert plan.memory["optimizer (adamw_fp8)"] == pytest.approx(expect)
+    assert plan.memory["optimizer (adamw_fp8)"] < 0.3 * plan.memory["params (fp32)"] * 2  # vs AdamW's 8 B/param
+
+
+@pytest.mark.parametrize("override, key", [
+    ("parallel.mixed_precision=fp32", "parallel.mixed_precision"),
+    ("parallel.compile=true", "parallel.compile"),
+    ("optim.fused=true", "optim.fused"),
+])
+def test_unsupported_coat_combinations_name_the_key(override, key):
+    from scaleforge.platform.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        _cfg("parallel.fp8=coat", "parallel.mixed_precision=bf16", "optim.fused=false", override)

@@ -78,21 +78,18 @@ def test_lm_coat_reshards_two_to_one(lm_coat, tmp_path, env):
 
 @pytest.mark.parametrize("config", ["nvila_tiny.yaml", "sana_tiny.yaml"])
 def test_recipe_coat_within_2_percent_of_bf16(config, tmp_path, env):
-    short = ["trainer.max_steps=4", "checkpoint.save_final=false"]
+    short = ["trainer.max_steps=3", "checkpoint.save_final=false"]
     r = launch(env, tmp_path, config, "coat", *COAT, *short)
     assert "parallel.fp8=coat:" in r.stdout and " 0 fp8_blocks" not in r.stdout
     launch(env, tmp_path, config, "bf16", *short)
     coat, bf16 = losses(tmp_path / "coat"), losses(tmp_path / "bf16")
-    assert coat[4] != bf16[4] and abs(coat[4] - bf16[4]) / bf16[4] < 0.02, (coat, bf16)
+    assert coat[3] != bf16[3] and abs(coat[3] - bf16[3]) / bf16[3] < 0.02, (coat, bf16)
 
 
-@pytest.mark.parametrize("override, key", [
-    (["parallel.mixed_precision=fp32"], "parallel.mixed_precision"),
-    (["optim.fused=true"], "optim.fused"),
-])
-def test_unsupported_combinations_fail_in_the_launcher(override, key, tmp_path, env):
+def test_unsupported_combination_fails_in_the_launcher(tmp_path, env):
+    """(Every combination check by key: test_adamw_fp8.py; here the launcher's console script.)"""
     cmd = [str(BIN / "launch"), "--config", "lm_tiny.yaml", "--nproc", "2", f"run.output_dir={tmp_path}",
-           "parallel.fp8=coat", "parallel.mixed_precision=bf16", "optim.fused=false", *override]
+           "parallel.fp8=coat", "optim.fused=false"]  # lm_tiny computes in fp32
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0 and key in r.stderr + r.stdout
+    assert r.returncode != 0 and "parallel.mixed_precision=fp32" in r.stderr + r.stdout
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
