@@ -356,6 +356,9 @@ def check_choices(cfg: JobConfig) -> None:
 
 def check_fp8(cfg: JobConfig) -> None:
     """The combinations COAT mode (parallel.fp8=coat) does not support, named by their key."""
+    if cfg.optim.name == "adamw_fp8" and cfg.parallel.tp > 1:
+        raise ConfigError(f"parallel.tp={cfg.parallel.tp}: adamw_fp8's row groups follow FSDP2's dim-0 shards; "
+                          "tensor-parallel column shards are not supported")
     if cfg.optim.name == "adamw_fp8" and cfg.optim.fused:
         raise ConfigError("optim.fused=true: adamw_fp8 has no fused kernel (its update decodes and encodes "
                           "FP8 states per group); set optim.fused=false")
@@ -366,6 +369,9 @@ def check_fp8(cfg: JobConfig) -> None:
                           "compute (its FP8 GEMMs write bf16 outputs)")
     if cfg.parallel.engine != "fsdp2":
         raise ConfigError(f"parallel.engine={cfg.parallel.engine}: parallel.fp8=coat is implemented for fsdp2")
+    if cfg.parallel.tp > 1:
+        raise ConfigError(f"parallel.tp={cfg.parallel.tp}: parallel.fp8=coat's FP8 linears take plain tensors, "
+                          "not tensor-parallel DTensors")
     if cfg.parallel.compile:
         raise ConfigError("parallel.compile=true: parallel.fp8=coat runs eager (its FP8 blocks pass the producer "
                           "amax as a tensor attribute, which torch.compile does not trace)")

@@ -145,6 +145,7 @@ def test_coat_defaults_to_adamw_fp8_and_the_plan_counts_its_bytes():
     ("parallel.mixed_precision=fp32", "parallel.mixed_precision"),
     ("parallel.compile=true", "parallel.compile"),
     ("optim.fused=true", "optim.fused"),
+    ("parallel.tp=2", "parallel.tp"),
 ])
 def test_unsupported_coat_combinations_name_the_key(override, key):
     from scaleforge.platform.config import ConfigError
