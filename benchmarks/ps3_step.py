@@ -3,11 +3,13 @@
 Table 1 (--variants): PS3-1.5K / PS3-4K pre-training step (forward + backward of the PS3 loss on one
 GPU, no data loading): images/s, MFU (model FLOPs from ``pretrain_flops_per_sample`` vs the 989 TFLOP/s
 BF16 dense peak), peak memory.
-Table 2 (--sides): step time at 378 / 1512 / 3780 px of the PS3-4K encoder (low-res pass + one
-look-close round, text tower excluded) against a full-resolution ViT of the same shape that encodes
-every patch (time or OOM), and their ratio (paper: 79x lower cost at 3780 px).
+Table 2 (--sides, batch --cost-batch): training-step time (forward + backward) at 378 / 1512 / 3780 px
+of the PS3 encoder (low-res pass + one look-close round of 2560 patches from the given side; at 378 px
+the round comes from a 756 px resize, PS3 needs one high-res scale; text tower and selection encoder
+excluded) against the same ViT encoding every patch of the image (time or OOM), and their ratio
+(paper: 79x lower cost at 3780 px).
 
-Usage (H100):  python benchmarks/ps3_step.py --batch 32 --steps 10
+Usage (H100):  python benchmarks/ps3_step.py --batch 32 --steps 10 --cost-batch 2 --cost-steps 3
 CPU smoke:     python benchmarks/ps3_step.py --smoke
 """
 from __future__ import annotations
@@ -104,7 +106,7 @@ def step_table(args, dev, dtype):
 
 def cost_table(args, dev, dtype):
     base = variant("4k", args.smoke)
-    print(f"\n{'side px':>7} {'PS3 step s':>11} {'full-res ViT step s':>20} {'ratio':>7}")
+    print(f"\nbatch {args.cost_batch}\n{'side px':>7} {'PS3 step s':>11} {'full-res ViT step s':>20} {'ratio':>7}")
     for side in args.sides:
         s0 = base.vision.scales[0]
         scales = [s0] if side == s0 else [s0, side]
@@ -113,9 +115,9 @@ def cost_table(args, dev, dtype):
         enc = PS3Model(cfg, dev).vision_model.to(dtype)
         if args.ac:
             checkpoint_blocks(enc)
-        x = torch.randn(args.batch, 3, side, side, device=dev, dtype=dtype)
-        gt = torch.zeros(args.batch, 8, 8, device=dev)
-        is_g = torch.zeros(args.batch, dtype=torch.bool, device=dev)
+        x = torch.randn(args.cost_batch, 3, side, side, device=dev, dtype=dtype)
+        gt = torch.zeros(args.cost_batch, 8, 8, device=dev)
+        is_g = torch.zeros(args.cost_batch, dtype=torch.bool, device=dev)
 
         def ps3():
             enc.forward_pretrain(x, None, gt, is_g).pooled_output.float().sum().backward()
@@ -130,7 +132,7 @@ def cost_table(args, dev, dtype):
         res = []
         for fn in (ps3, full):
             try:
-                res.append(timed(fn, args.steps, dev))
+                res.append(timed(fn, args.cost_steps, dev))
             except torch.OutOfMemoryError:
                 res.append(float("inf"))
             if dev.type == "cuda":
@@ -146,13 +148,15 @@ def main():
     ap.add_argument("--sides", nargs="+", type=int, default=[378, 1512, 3780])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--cost-batch", type=int, default=2)
+    ap.add_argument("--cost-steps", type=int, default=3)
     ap.add_argument("--no-ac", dest="ac", action="store_false", help="no activation checkpointing")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script runs)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if args.smoke:
-        args.batch, args.steps, args.sides = 2, 1, [16, 64, 160]
+        args.batch, args.steps, args.sides, args.cost_batch, args.cost_steps = 2, 1, [16, 64, 160], 2, 1
     print(f"device {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, {dtype}, batch {args.batch}, activation checkpointing {args.ac}")
     step_table(args, dev, dtype)
     cost_table(args, dev, dtype)
