@@ -87,10 +87,11 @@ def kmeans(x: torch.Tensor, num_clusters: int, *, init: torch.Tensor | None = No
         return ref.kmeans_ref(x, init, iters)
     check_triton_device(x)
     xc = x.contiguous()
+    xf = xc.float()  # the update's sums in fp32, converted once
     c = init.float()
     labels = _op.kmeans_assign_op(xc, c).long()
     for _ in range(iters):
-        c = ref.update_ref(xc, labels, c)
+        c = ref.update_ref(xf, labels, c)
         labels = _op.kmeans_assign_op(xc, c).long()
     return labels, c
 
