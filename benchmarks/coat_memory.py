@@ -16,6 +16,10 @@ DC-AE f32c32, 300 caption tokens; flow-matching MSE against random targets). "to
   python benchmarks/coat_memory.py --model lm_1b --loss-steps 300      # + the loss curves (CSV)
   python benchmarks/coat_memory.py --model sana-1.6b --seq 1024 --micro 1,2,4
   python benchmarks/coat_memory.py --smoke                               # CPU, tiny shapes, torch kernels
+
+Breakdown columns (GiB): weights = fp32 master shards; optimizer = its state tensors; grads = fp32 gradient
+shards after backward; activations = allocated memory added by the forward (saved activations plus the
+gathered bf16 weights of the last block, which is not resharded). peak_* = the timed steps' peak.
 """
 from __future__ import annotations
 
@@ -210,6 +214,9 @@ def main() -> None:
                 break
             except ImportError as e:
                 print(f"{mode:>13} | unavailable ({e})")
+                break
+            except Exception as e:  # one failing mode must not hide the others' rows
+                print(f"{mode:>13} | {micro:>13} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 break
             print(" | ".join(f"{r[c]:>13.3f}" if isinstance(r[c], float) else f"{r[c]:>13}" for c in cols), flush=True)
     if args.loss_steps:
