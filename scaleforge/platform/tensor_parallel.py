@@ -374,5 +374,8 @@ def vocab_parallel_summed_cross_entropy(logits: torch.Tensor, labels: torch.Tens
 
     target = labels[:, 1:]
     valid = target != ignore_index
-    per_token = vocab_parallel_cross_entropy(logits[:, :-1].float(), torch.where(valid, target, 0), tp_group=group)
+    # megatron views the logits as 2-D: the shifted slice must be made contiguous (``.float()`` copies
+    # bf16 logits but returns fp32 ones as the strided slice itself)
+    shifted = logits[:, :-1].float().contiguous()
+    per_token = vocab_parallel_cross_entropy(shifted, torch.where(valid, target, 0), tp_group=group)
     return (per_token * valid).sum()
