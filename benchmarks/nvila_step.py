@@ -94,8 +94,7 @@ def run_variant(args, projector: str, info, world: int) -> dict:
         sq = engine.grad_sq_norm_local()
         dist.all_reduce(sq)
         norm = float(sq.sqrt())
-        engine.scale_grads(clip_coefficient(norm, cfg.optim.grad_clip))
-        engine.optimizer_step()
+        engine.step(clip_coefficient(norm, cfg.optim.grad_clip))
         engine.zero_grad()
         if cuda:
             torch.cuda.synchronize()

@@ -1,20 +1,20 @@
 """``scaleforge export``: a run's checkpoint -> a serving layout, one process, no GPU needed.
 
-The sharded DCP checkpoint is read straight into a full (unsharded) state dict on CPU: DCP reshards
-on load, so a checkpoint written by any number of ranks exports the same way.
+The sharded checkpoint is read straight into a full (unsharded) state dict on CPU by
+``checkpoint.read_model_weights`` (DCP reshards on load), so a checkpoint written by any number of
+ranks, with either engine, exports the same way.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from scaleforge.platform.checkpoint import CheckpointError, find_latest, is_complete
+from scaleforge.platform.checkpoint import CheckpointError, find_latest, is_complete, read_model_weights
 
 
 def load_model_state(run_dir: Path, checkpoint: str | None = None, ema: bool = False):
-    """(cfg, recipe, full CPU state dict) of a run's latest (or given) checkpoint."""
+    """(cfg, recipe, full CPU state dict) of a run's latest (or given) checkpoint, whichever engine wrote it."""
     from scaleforge.models import get_recipe_class, recipe_config_class
     from scaleforge.platform.config import load_config
 
@@ -32,23 +32,7 @@ def load_model_state(run_dir: Path, checkpoint: str | None = None, ema: bool = F
     with torch.device("meta"):
         model = recipe.build_model(torch.device("meta"))
     template = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
-    key = "ema" if ema else "model"
-    if ema:
-        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-        if not any(k.startswith("ema.") for k in saved):
-            raise CheckpointError(f"{ckpt}: no EMA weights in this checkpoint (was optim.ema_decay set?)")
-        trainable = {n for n, p in model.named_parameters()}
-        template = {k: v for k, v in template.items() if k in trainable}
-    state = {key: template}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    full = state[key]
-    if ema:  # EMA covers trainable parameters; buffers and frozen weights come from the model state
-        rest = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items() if k not in full}
-        if rest:
-            base = {"model": rest}
-            dcp.load(base, checkpoint_id=str(ckpt), no_dist=True)
-            full.update(base["model"])
-    return cfg, recipe, full
+    return cfg, recipe, read_model_weights(ckpt, template, ema=ema)
 
 
 def export_run(run_dir: Path, fmt: str, out: Path, checkpoint: str | None = None, ema: bool = False) -> Path:

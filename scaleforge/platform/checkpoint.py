@@ -47,7 +47,49 @@ def step_dir_name(step: int) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file() and (path / ".metadata").is_file()
+    return (path / COMPLETE).is_file() and (path / "trainer.json").is_file()
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer.json: step, world size, schedule state and ``format`` (the engine's layout;
+    checkpoints written before it was recorded are DCP)."""
+    state = json.loads((path / "trainer.json").read_text())
+    state.setdefault("format", "dcp")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one reader of a run's model weights (export, EMA export, a next stage's init_from_run)
+# ---------------------------------------------------------------------------------------------------
+def has_ema(ckpt: Path) -> bool:
+    """Whether the checkpoint holds EMA weights (``optim.ema_decay`` > 0 in the run that wrote it)."""
+    fmt = read_trainer_state(ckpt)["format"]
+    if fmt == "dcp":
+        meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        return any(k.startswith("ema.") for k in meta)
+    return False
+
+
+def read_model_weights(ckpt: Path, target: dict[str, torch.Tensor], ema: bool = False) -> dict[str, torch.Tensor]:
+    """Fill ``target`` (a model state dict: plain CPU tensors for a full copy, or the DTensor shards of
+    a sharded model) in place with the checkpoint's model weights, or with its EMA weights where it has
+    them (EMA covers the trainable parameters; buffers and frozen weights come from the model's own
+    state). Works in one process or in every rank of a job, whatever world size wrote the checkpoint."""
+    fmt = read_trainer_state(ckpt)["format"]
+    if ema and not has_ema(ckpt):
+        raise CheckpointError(f"{ckpt}: no EMA weights in this checkpoint (was optim.ema_decay set?)")
+    if fmt == "dcp":
+        no_dist = not (dist.is_available() and dist.is_initialized())
+        if ema:
+            saved = {k[len("ema."):] for k in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+                     if k.startswith("ema.")}
+            parts = {"ema": {k: v for k, v in target.items() if k in saved},
+                     "model": {k: v for k, v in target.items() if k not in saved}}
+            dcp.load({k: v for k, v in parts.items() if v}, checkpoint_id=str(ckpt), no_dist=no_dist)
+        else:
+            dcp.load({"model": target}, checkpoint_id=str(ckpt), no_dist=no_dist)
+        return target
+    raise CheckpointError(f"{ckpt}: unknown checkpoint format {fmt!r} in trainer.json")
 
 
 def list_complete(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -110,18 +152,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _clone_for_async(obj: Any) -> Any:
-    """Async saves write in a background thread while training mutates parameters in place; give
-    DCP a private copy so the checkpoint is a consistent snapshot."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_for_async(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_for_async(v) for v in obj]
-    return obj
-
-
 @dataclass
 class PendingSave:
     step: int
@@ -146,8 +176,11 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
 
     # -- save -------------------------------------------------------------------------------------
-    def save(self, step: int, dcp_state: dict[str, Any], rank_state: dict[str, Any],
-             trainer_state: dict[str, Any], blocking: bool = False) -> None:
+    def save(self, step: int, engine, rank_state: dict[str, Any], trainer_state: dict[str, Any],
+             blocking: bool = False) -> None:
+        """The engine's sharded state (``Engine.save_state``) plus this rank's state and the trainer
+        state, under the protocol of this module's docstring; asynchronous where configured and not
+        ``blocking``."""
         self.wait()  # at most one save in flight
         final = self.root / step_dir_name(step)
         tmp = self.root / (final.name + ".tmp")
@@ -160,14 +193,14 @@ class CheckpointManager:
             (tmp / "rank_state").mkdir()
         dist.barrier()
         torch.save(rank_state, tmp / "rank_state" / f"rank_{self.rank:05d}.pt")
+        trainer_state = {**trainer_state, "format": engine.checkpoint_format}
         if self.rank == 0:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
             (tmp / "config.yaml").write_text(self.config_yaml)
-        if self.cfg.async_save and not blocking:
-            fut = dcp.async_save(_clone_for_async(dcp_state), checkpoint_id=str(tmp), process_group=self._pg)
+        fut = engine.save_state(tmp, self._pg if self.cfg.async_save and not blocking else None)
+        if fut is not None:
             self.pending = PendingSave(step, tmp, final, fut)
         else:
-            dcp.save(dcp_state, checkpoint_id=str(tmp))
             self._finalize(PendingSave(step, tmp, final, None))
 
     def wait(self) -> None:
@@ -202,14 +235,19 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- load ---------------------------------------------------------------------------------------
-    def load(self, path: Path, dcp_state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Load sharded state into ``dcp_state`` in place (DCP reshards to this world size) and
-        return (trainer_state, rank states): this rank's own when the world size and tp are the
-        saving run's, else one per data-parallel rank of the saving run."""
+    def load(self, path: Path, engine) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Restore the engine's sharded state (``Engine.load_state``) and return (trainer_state, rank
+        states): this rank's own when the world size and tp are the saving run's, else one per
+        data-parallel rank of the saving run."""
         if not is_complete(path):
             raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
-        trainer_state = json.loads((path / "trainer.json").read_text())
-        dcp.load(dcp_state, checkpoint_id=str(path))
+        trainer_state = read_trainer_state(path)
+        fmt = trainer_state.get("format", "dcp")
+        if fmt != engine.checkpoint_format:
+            raise CheckpointError(f"{path}: written by the {fmt!r} engine's checkpointing; this run's engine "
+                                  f"writes {engine.checkpoint_format!r} (parallel.engine must match to resume; "
+                                  f"start a new run with model.init_from_run or export the weights instead)")
+        engine.load_state(path)
         rank_files = sorted((path / "rank_state").glob("rank_*.pt"))
         if len(rank_files) != trainer_state["world_size"]:
             raise CheckpointError(f"{path}: expected {trainer_state['world_size']} rank_state files, "

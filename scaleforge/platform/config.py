@@ -87,8 +87,6 @@ class TrainerConfig:
     global_batch_size: int = 8
     micro_batch_size: int = 1
     log_interval: int = 1
-    checkpoint_interval: int = 0  # 0: only at the end and on signals
-    eval_interval: int = 0
     max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
     gc_interval: int = 0  # > 0: automatic GC off, gc.collect(1) every N steps (torchtitan: 50); 0: automatic GC
     exit_after_steps: int = 0  # > 0: checkpoint and exit after this many steps in this job (time slicing)

@@ -12,9 +12,9 @@ load pretrained weights) -> optimizer over the trainable parameters.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Iterator
 
 import warnings
@@ -24,6 +24,7 @@ from torch import nn
 
 from scaleforge.platform.config import ConfigError, JobConfig, Layout
 from scaleforge.platform.dist import DistInfo
+from scaleforge.platform.ema import ShardedEMA
 from scaleforge.platform.optim import build_optimizer
 from scaleforge.platform.recipe import ParallelPlan, ParamGroupRule, Recipe
 from scaleforge.platform.schedule import build_lr_scheduler
@@ -32,19 +33,23 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 class Engine(ABC):
-    """What the train loop needs from a sharding engine."""
+    """What the train loop needs from a sharding engine; the only place that knows the engine.
+
+    One optimizer step: ``backward(loss, last_micro_batch)`` per micro-batch (an engine may defer its
+    gradient reduction to the last one, ``no_sync``-style), ``grad_sq_norm_local`` (all-reduced by the
+    loop with its statistics), then ``step(factor)`` (or ``device_step`` where
+    ``supports_device_step``), ``zero_grad`` and ``scheduler.step()``. The EMA, the sharded checkpoint
+    state and pretrained-weight loading live behind the same seam."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # the torch optimizer whose param_groups the LR scheduler drives
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: ParallelPlan
+    #: names the on-disk layout of ``save_state`` (recorded in trainer.json; ``read_model_weights`` reads it)
+    checkpoint_format: str = "dcp"
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
-
-    @abstractmethod
-    def scale_grads(self, factor: float) -> None:
-        """Multiply every gradient by ``factor`` (global item-count normalization times the clip
-        coefficient, applied as one pass)."""
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool = True) -> None: ...
 
     @abstractmethod
     def grad_sq_norm_local(self) -> torch.Tensor:
@@ -53,33 +58,41 @@ class Engine(ABC):
         the train loop all-reduces it together with the loss statistics."""
 
     @abstractmethod
-    def optimizer_step(self, grad_scale: torch.Tensor | None = None,
-                       found_inf: torch.Tensor | None = None) -> None:
-        """One optimizer step. With ``grad_scale`` / ``found_inf`` (fp32 scalars on the device; only
-        where ``supports_device_step``) the gradients are divided by ``grad_scale`` inside the update
-        and the whole step is skipped where ``found_inf`` is 1, without the host reading either."""
+    def step(self, factor: float) -> None:
+        """Multiply every gradient by ``factor`` (global item-count normalization times the clip
+        coefficient, one pass), take the optimizer step and update the EMA."""
 
     @property
     def supports_device_step(self) -> bool:
-        """Whether ``optimizer_step`` takes device-side ``grad_scale`` / ``found_inf``."""
+        """Whether ``device_step`` exists: the update reads its gradient scale and skip flag on the device."""
         return False
+
+    def device_step(self, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """One optimizer step with gradients divided by ``grad_scale`` inside the update, skipped where
+        ``found_inf`` is 1 (fp32 scalars on the device), without the host reading either."""
+        raise NotImplementedError(f"{type(self).__name__} has no device-side optimizer step")
 
     @abstractmethod
     def zero_grad(self) -> None: ...
 
-    @abstractmethod
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Sharded model + optimizer state for torch.distributed.checkpoint."""
+    def base_lr(self) -> float:
+        """The schedule's current LR (the first group's, without its LR multiplier)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / (group.get("lr_mult") or 1.0)
 
     @abstractmethod
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None: ...
+    def save_state(self, path: Path, async_group=None):
+        """Write the sharded model, optimizer (and EMA) state into the folder ``path`` (every rank
+        calls it). With ``async_group`` (a gloo group for the background collectives) the write may
+        continue after the call returns: it returns a future then, else None."""
+
+    @abstractmethod
+    def load_state(self, path: Path) -> None:
+        """Restore what ``save_state`` wrote (resharded where the engine can; see ``reshard_note``)."""
 
     @abstractmethod
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded model state dict on CPU (rank 0 gets it; others may get an empty dict)."""
-
-    def no_sync(self, is_last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
 
 def clip_coefficient(grad_norm: float, max_norm: float) -> float:
@@ -183,15 +196,32 @@ def build_param_groups(model: nn.Module, rules: list[ParamGroupRule], base_lr: f
     return list(groups.values())
 
 
+def build_optimizer_and_schedule(engine: Engine, model: nn.Module, cfg: JobConfig) -> list[dict[str, Any]]:
+    """Our optimizer over the trainable parameters in the recipe's groups, and the LR schedule over it;
+    sets ``engine.optimizer`` / ``engine.scheduler`` / ``engine.param_groups_summary``."""
+    groups = build_param_groups(model, engine.plan.param_groups, cfg.optim.lr, cfg.optim.weight_decay)
+    engine.param_groups_summary = [(g["group_name"], len(g["params"]), g["lr_mult"], g["weight_decay"])
+                                   for g in groups]
+    for g in groups:
+        g.pop("param_names")
+    engine.optimizer = build_optimizer(groups, cfg.optim)
+    engine.scheduler = build_lr_scheduler(engine.optimizer, cfg.optim, cfg.trainer.max_steps)
+    return groups
+
+
+def set_eval_modules(model: nn.Module, plan: ParallelPlan) -> None:
+    """``model.train()`` everywhere except the plan's frozen ``eval_modules`` (e.g. a frozen ViT's dropout)."""
+    model.train()
+    modules = dict(model.named_modules())
+    for name in plan.eval_modules:
+        modules[name].eval()
+
+
 class FSDP2Engine(Engine):
     def __init__(self, cfg: JobConfig, layout: Layout, info: DistInfo, recipe: Recipe):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         self.cfg, self.layout, self.info, self.recipe = cfg, layout, info, recipe
         self.full_mesh = build_mesh(layout, info.device)
         self.mesh = data_parallel_mesh(self.full_mesh)
-        pcfg = cfg.parallel
-
         with torch.device("meta"):
             model = recipe.build_model(torch.device("meta"))
         self.tp = None
@@ -202,19 +232,30 @@ class FSDP2Engine(Engine):
             self.tp = tensor_parallel.apply_tensor_parallel(model, recipe.tensor_parallel_plan(model),
                                                             self.full_mesh["tp"].get_group(), torch.device("meta"))
             self.tp.mesh = self.full_mesh
-        plan = recipe.parallel_plan(model)
-        self.plan = plan
-        apply_freeze(model, plan)
+        self.plan = recipe.parallel_plan(model)
+        apply_freeze(model, self.plan)
+        self._parallelize(model)
+        self._materialize(model)
+        set_eval_modules(model, self.plan)
+        self.model = model
+        build_optimizer_and_schedule(self, model, cfg)
+        self.ema = ShardedEMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+
+    def _parallelize(self, model: nn.Module) -> None:
+        """COAT FP8 conversion, activation checkpointing, per-block compile, then ``fully_shard`` per
+        group and the root."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        pcfg, plan = self.cfg.parallel, self.plan
         if pcfg.fp8 == "coat":
             self.fp8_summary = apply_coat(model, plan)
-            if info.rank == 0:
+            if self.info.rank == 0:
                 print("parallel.fp8=coat: " + ", ".join(f"{v} {k}" for k, v in self.fp8_summary.items()), flush=True)
         ckpt_units = plan.checkpoint_units if plan.checkpoint_units is not None else plan.fsdp_units
         if pcfg.activation_checkpointing == "full":
             apply_activation_checkpointing(ckpt_units)
         if pcfg.compile:
             apply_compile(ckpt_units)
-
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[pcfg.mixed_precision],
                                   reduce_dtype=_DTYPES[pcfg.reduce_dtype])
         kwargs = dict(mesh=self.mesh, mp_policy=mp)
@@ -228,6 +269,10 @@ class FSDP2Engine(Engine):
         # because backward needs them first.
         fully_shard(model, reshard_after_forward=False, **kwargs)
 
+    def _materialize(self, model: nn.Module) -> None:
+        """Sharded storage, seeded ``init_weights``, then the pretrained weights (the recipe copies full
+        tensors into the DTensor shards)."""
+        cfg, info, recipe = self.cfg, self.info, self.recipe
         model.to_empty(device=info.device)
         source = recipe.pretrained_source()
         if self.tp is not None:
@@ -248,23 +293,13 @@ class FSDP2Engine(Engine):
             _copy_full_init(model, recipe, cfg.run.seed)
         if source:
             recipe.load_pretrained(model, source)
-        for name in plan.eval_modules:
-            dict(model.named_modules())[name].eval()
-        self.model = model
-
-        groups = build_param_groups(model, plan.param_groups, cfg.optim.lr, cfg.optim.weight_decay)
-        self.param_groups_summary = [(g["group_name"], len(g["params"]), g["lr_mult"], g["weight_decay"])
-                                     for g in groups]
-        for g in groups:
-            g.pop("param_names")
-        self.optimizer = build_optimizer(groups, cfg.optim)
-        self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.trainer.max_steps)
 
     # -- step pieces ------------------------------------------------------------------------------
     def trainable_params(self) -> Iterator[nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool = True) -> None:
+        # Reduce-scatter after every micro-batch (no deferral): the gradients stay sharded in memory.
         if self.tp is None:
             loss.backward()
             return
@@ -280,11 +315,6 @@ class FSDP2Engine(Engine):
         return [getattr(g, "_local_tensor", g) for g in (p.grad for p in self.trainable_params())
                 if g is not None]
 
-    def scale_grads(self, factor: float) -> None:
-        grads = self._local_grads()
-        if grads and factor != 1.0:
-            torch._foreach_mul_(grads, factor)
-
     def grad_sq_norm_local(self) -> torch.Tensor:
         grads = self._local_grads()
         if not grads:
@@ -299,19 +329,24 @@ class FSDP2Engine(Engine):
         # Under HSDP each shard is held (identically) by dp_replicate ranks.
         return sq / self.layout.dp_replicate
 
+    def step(self, factor: float) -> None:
+        grads = self._local_grads()
+        if grads and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+
     @property
     def supports_device_step(self) -> bool:
-        # torch's fused Adam/AdamW kernels read grad_scale and found_inf on the device
-        return all(g.get("fused") for g in self.optimizer.param_groups) and isinstance(
-            self.optimizer, torch.optim.Adam)
+        # torch's fused Adam/AdamW kernels read grad_scale and found_inf on the device; the EMA update
+        # would need the host's skip decision
+        return self.ema is None and isinstance(self.optimizer, torch.optim.Adam) and all(
+            g.get("fused") for g in self.optimizer.param_groups)
 
-    def optimizer_step(self, grad_scale: torch.Tensor | None = None,
-                       found_inf: torch.Tensor | None = None) -> None:
-        if grad_scale is None and found_inf is None:
-            self.optimizer.step()
-            return
+    def device_step(self, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
         if not self.supports_device_step:
-            raise RuntimeError("optimizer_step(grad_scale=, found_inf=) needs a fused Adam/AdamW optimizer")
+            raise RuntimeError("device_step needs a fused Adam/AdamW optimizer and no EMA")
         # torch's Adam reads these attributes (the GradScaler protocol) and passes them to the kernel
         self.optimizer.grad_scale, self.optimizer.found_inf = grad_scale, found_inf
         try:
@@ -323,17 +358,32 @@ class FSDP2Engine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- state ----------------------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict[str, Any]:
+    def _dcp_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         # tp-split entries as global DTensors over the full mesh: DCP reshards them between tp sizes
         return state if self.tp is None else self.tp.checkpoint_view(state, self.tp.to_global)
 
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+    def save_state(self, path: Path, async_group=None):
+        import torch.distributed.checkpoint as dcp
+
+        if async_group is None:
+            dcp.save(self._dcp_state(), checkpoint_id=str(path))
+            return None
+        # DCP stages the state into its own CPU buffers before returning: training may go on mutating
+        # the parameters while the background thread writes.
+        return dcp.async_save(self._dcp_state(), checkpoint_id=str(path), process_group=async_group)
+
+    def load_state(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        state = self._dcp_state()  # the EMA's tensors are its shadow itself: loaded in place
+        dcp.load(state, checkpoint_id=str(path))  # reshards to this world size
         if self.tp is not None:
             state = self.tp.checkpoint_view(state, lambda fqn, t: self.tp.to_local(fqn, t, self.mesh))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],

@@ -25,8 +25,7 @@ from scaleforge.platform import dist as sfdist
 from scaleforge.platform import faults
 from scaleforge.platform.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
 from scaleforge.platform.config import JobConfig, derive_layout, to_yaml
-from scaleforge.platform.ema import ShardedEMA
-from scaleforge.platform.engine import build_engine, clip_coefficient
+from scaleforge.platform.engine import Engine, build_engine, clip_coefficient, set_eval_modules
 from scaleforge.platform.metrics import MetricsLogger, device_peak_flops, truncate_jsonl
 from scaleforge.platform.recipe import DataContext, Recipe
 
@@ -36,14 +35,6 @@ DONE_FILE = "DONE"  # written when max_steps is reached: a Slurm job never reque
 
 class TrainingError(RuntimeError):
     pass
-
-
-class _StopFlag:
-    def __init__(self):
-        self.signal: str | None = None
-
-    def __call__(self, signum, frame):
-        self.signal = signal.Signals(signum).name
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -70,13 +61,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     """Train until ``trainer.max_steps`` or a stop request. Returns a summary (on every rank)."""
     info = sfdist.init_distributed(cfg.trainer.collective_timeout_s)
     layout = derive_layout(cfg, info.world_size)
-    run_dir = run_dir_of(cfg)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / PREEMPT_FILE).unlink(missing_ok=True)
-        (run_dir / DONE_FILE).unlink(missing_ok=True)  # a resumed run with a larger max_steps
-    sfdist.barrier()
-
+    run_dir = _prepare_run_dir(cfg, info)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # Model init uses run.seed on every rank (engine); per-rank randomness (noise, dropout) differs.
@@ -84,236 +69,324 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
 
     recipe = recipe_cls(cfg.model, cfg)
     engine = build_engine(cfg, layout, info, recipe)
-    ema = ShardedEMA(engine.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     data_seed = cfg.data.seed if cfg.data.seed is not None else cfg.run.seed
     # The ranks of one tensor-parallel group (innermost mesh dimension) read the same micro-batches.
     data = recipe.build_data(DataContext(dp_rank=info.rank // layout.tp, dp_world_size=info.world_size // layout.tp,
                                          micro_batch_size=layout.micro_batch_size, seed=data_seed,
                                          device=info.device))
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, info.rank, info.world_size, to_yaml(cfg), tp=layout.tp)
-
-    def dcp_state() -> dict[str, Any]:
-        state = engine.checkpoint_state()
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        return state
-
-    step = 0
-    resume_path = resolve_resume(cfg.checkpoint.resume, run_dir)
-    resume_note = None
-    if resume_path is not None:
-        state = dcp_state()
-        trainer_state, rank_states = ckpt.load(resume_path, state)
-        engine.load_checkpoint_state(state)
-        engine.scheduler.load_state_dict(trainer_state["scheduler"])
-        step = int(trainer_state["step"])
-        if trainer_state["world_size"] == info.world_size and trainer_state.get("tp", 1) == layout.tp:
-            restore_rng_state(rank_states[0]["rng"])
-            data.load_state_dict(rank_states[0]["data"])
-            resume_note = f"resumed from {resume_path} at step {step}"
-        else:
-            how = data.load_resharded_state_dict([s["data"] for s in rank_states])
-            resume_note = (f"resumed from {resume_path} at step {step}, resharded from "
-                           f"{trainer_state['world_size']} to {info.world_size} processes"
-                           f"{_tp_change(trainer_state.get('tp', 1), layout.tp)}: model and "
-                           f"optimizer resharded exactly; data: {how}; RNG streams restart from the seed")
-    if info.is_main and resume_path is not None:
-        truncate_jsonl(run_dir / "metrics.jsonl", step)
+    step, resume_note = _resume(cfg, run_dir, ckpt, engine, data, info, layout)
     log = MetricsLogger(run_dir, cfg.metrics, _plain(cfg), cfg.trainer.max_steps, step, enabled=info.is_main)
     if resume_note:
         log.message(resume_note)
-    log.message(f"world size {info.world_size} ({info.device.type}), mesh dp_replicate={layout.dp_replicate} "
-                f"x dp_shard={layout.dp_shard}{f' x tp={layout.tp}' if layout.tp > 1 else ''}, micro-batch {layout.micro_batch_size} x accumulation "
-                f"{layout.grad_accum} = global batch {layout.global_batch_size}")
+    log.message(f"world size {info.world_size} ({info.device.type}), engine {cfg.parallel.engine}, mesh "
+                f"dp_replicate={layout.dp_replicate} x dp_shard={layout.dp_shard}"
+                f"{f' x tp={layout.tp}' if layout.tp > 1 else ''}, micro-batch "
+                f"{layout.micro_batch_size} x accumulation {layout.grad_accum} = global batch "
+                f"{layout.global_batch_size}")
 
-    stop = _StopFlag()
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, stop)
-    nan_steps = faults.steps(faults.NAN_STEPS)
-    kill_after_ckpt = faults.steps(faults.KILL_AFTER_CHECKPOINT)
-    sigterm_steps = faults.steps(faults.SIGTERM_STEPS) if info.is_main else set()
+    stop = _StopRequests(run_dir, info)
+    reader = _StatsReader(cfg, layout, info, log, ckpt, recipe)
+    policy = _CheckpointPolicy(cfg, ckpt, engine, data, info, log, start_step=step, resumed=resume_note is not None)
+    stepper = _StepRunner(cfg, layout, info, engine, recipe, data, reader, stop)
+    with _LoopEnvironment(cfg, run_dir, info) as env:
+        set_eval_modules(engine.model, engine.plan)
+        while step < cfg.trainer.max_steps:
+            env.before_step(step + 1)
+            current = stepper.run(step + 1)
+            step += 1
+            env.after_step(step)
+            must_read = reader.stop_seen or policy.must_read(step)
+            if stepper.defer and not must_read:
+                reader.pending = current
+                continue
+            want_stop = reader.account_now(current)
+            if policy.after_step(step, want_stop, stop):
+                break
+    policy.finish(step)
+    if info.is_main and step >= cfg.trainer.max_steps:
+        (run_dir / DONE_FILE).write_text(f"{step}\n")
+    log.close(plot=policy.stop_reason is None)
+    data.close()
+    summary = {"step": step, "stopped_by": policy.stop_reason, "run_dir": str(run_dir)}
+    sfdist.barrier()
+    return summary
 
-    flops_per_sample = recipe.flops_per_sample(None)
-    peak = device_peak_flops()
-    nonfinite_in_row = 0
-    last_saved = step if resume_path is not None else -1
-    stop_reason = None
-    start_step = step
-    model = engine.model
-    model.train()
-    for name in engine.plan.eval_modules:
-        dict(model.named_modules())[name].eval()
 
-    profiler = _Profiler(cfg.metrics, run_dir, info)
-    gc_control = _GCControl(cfg.trainer.gc_interval)
-    # Deterministic mode also fills every new tensor with NaN, a debugging aid against reads of
-    # uninitialized memory, not part of determinism. It stays on while the model is built and loaded (a
-    # parameter that init_weights misses then shows as NaN), and is off for the loop, where FSDP's
-    # all-gather / reduce-scatter buffers and cuDNN attention's gradients made it ~400 fill kernels and
-    # ~5 ms of GPU time per lm_1b step.
-    fill_uninitialized = torch.utils.deterministic.fill_uninitialized_memory
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    device_step = engine.supports_device_step and ema is None
-    # With the device-side step the host needs a step's statistics only for logging and the stop /
-    # non-finite decisions, so (trainer.deferred_stats) it reads step N's after enqueueing step N+1's
-    # forward and backward: the GPU never drains at the step boundary. Steps that checkpoint, end the run
-    # or follow a stop request are read at once; every rank decides that from the same global facts.
-    defer = device_step and cfg.trainer.deferred_stats
-    pending: _PendingStats | None = None
-    stop_seen = False  # a read step carried a stop request: the next step is the last
-    last_done = None  # when the host last finished reading a step's statistics
+def _prepare_run_dir(cfg: JobConfig, info) -> Path:
+    run_dir = run_dir_of(cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / PREEMPT_FILE).unlink(missing_ok=True)
+        (run_dir / DONE_FILE).unlink(missing_ok=True)  # a resumed run with a larger max_steps
+    sfdist.barrier()
+    return run_dir
 
-    def account(p: _PendingStats, t_end: float | None = None) -> bool:
-        """The host side of step p.step: non-finite bookkeeping, the metrics record. True = stop requested.
+
+def _resume(cfg: JobConfig, run_dir: Path, ckpt: CheckpointManager, engine: Engine, data, info,
+            layout) -> tuple[int, str | None]:
+    """(step, message): the checkpoint ``checkpoint.resume`` names restored into the engine, the
+    schedule, the data loader and the RNG streams; (0, None) for a fresh start."""
+    resume_path = resolve_resume(cfg.checkpoint.resume, run_dir)
+    if resume_path is None:
+        return 0, None
+    trainer_state, rank_states = ckpt.load(resume_path, engine)
+    engine.scheduler.load_state_dict(trainer_state["scheduler"])
+    step = int(trainer_state["step"])
+    if info.is_main:
+        truncate_jsonl(run_dir / "metrics.jsonl", step)
+    if trainer_state["world_size"] == info.world_size and trainer_state.get("tp", 1) == layout.tp:
+        restore_rng_state(rank_states[0]["rng"])
+        data.load_state_dict(rank_states[0]["data"])
+        return step, f"resumed from {resume_path} at step {step}"
+    how = data.load_resharded_state_dict([s["data"] for s in rank_states])
+    return step, (f"resumed from {resume_path} at step {step}, resharded from {trainer_state['world_size']} "
+                  f"to {info.world_size} processes{_tp_change(trainer_state.get('tp', 1), layout.tp)}: model and "
+                  f"optimizer resharded exactly; data: {how}; RNG streams restart from the seed")
+
+
+def _tp_change(old: int, new: int) -> str:
+    return f" (tensor parallel {old} -> {new})" if old != new or new > 1 else ""
+
+
+class _StopRequests:
+    """SIGTERM / SIGUSR1 (Slurm's warning), a PREEMPT file in the run directory (rank 0 looks), and the
+    SIGTERM fault drill. ``local()`` is this rank's vote; the loop all-reduces it with the statistics."""
+
+    def __init__(self, run_dir: Path, info):
+        self.signal: str | None = None
+        self.run_dir, self.is_main = run_dir, info.is_main
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+        self.drill_steps = faults.steps(faults.SIGTERM_STEPS) if info.is_main else set()
+
+    def _handler(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def local(self, step: int) -> float:
+        if step in self.drill_steps:
+            faults.sigterm_self()
+        return 1.0 if (self.signal or (self.is_main and (self.run_dir / PREEMPT_FILE).exists())) else 0.0
+
+
+class _StepRunner:
+    """One optimizer step: the micro-batches' forward / backward, the step's single all-reduce of its
+    statistics, and the update, on the device path (fused Adam reads the gradient factor and the skip
+    flag on the device; nothing waits for the host) or the host path (read first, then step or skip)."""
+
+    def __init__(self, cfg: JobConfig, layout, info, engine: Engine, recipe: Recipe, data, reader, stop):
+        self.cfg, self.layout, self.info = cfg, layout, info
+        self.engine, self.recipe, self.data, self.reader, self.stop = engine, recipe, data, reader, stop
+        self.nan_steps = faults.steps(faults.NAN_STEPS)
+        self.device_step = engine.supports_device_step
+        # With the device-side step the host needs a step's statistics only for logging and the stop /
+        # non-finite decisions, so (trainer.deferred_stats) it reads step N's after enqueueing step N+1's
+        # forward and backward: the GPU never drains at the step boundary. Steps that checkpoint, end the
+        # run or follow a stop request are read at once; every rank decides that from the same global facts.
+        self.defer = self.device_step and cfg.trainer.deferred_stats
+
+    def run(self, step: int) -> "_PendingStats":
+        t0 = time.perf_counter()
+        dev, engine = self.info.device, self.engine
+        # Statistics stay on the device until the host reads them (below, or one step later).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        items = torch.zeros((), dtype=torch.float64, device=dev)
+        tokens = 0.0
+        extra: dict[str, torch.Tensor] = {}
+        for mb in range(self.layout.grad_accum):
+            out = self.recipe.forward_loss(engine.model, _to_device(next(self.data), dev))
+            loss = out.loss * float("nan") if step in self.nan_steps else out.loss
+            engine.backward(loss, last_micro_batch=mb == self.layout.grad_accum - 1)
+            loss_sum += loss.detach().double()
+            items += _as_device_scalar(out.num_items, dev)
+            tokens += float(out.num_tokens or 0)  # a host int: the recipe knows it without the device
+            for k, v in out.metrics.items():
+                extra[k] = extra.get(k, 0.0) + _as_device_scalar(v, dev)
+        self.reader.read_pending()  # the previous step, now that this one's work is enqueued
+        keys = sorted(extra)
+        # One all-reduce per step. The gradient norm is taken on the raw (summed-loss) gradients, so the
+        # global item-count normalization and the clipping are applied together as one factor.
+        # The tp ranks of a group compute the same loss over the same tokens: each counts 1/tp of them.
+        tp = self.layout.tp
+        stats = torch.stack([loss_sum / tp, items / tp, torch.full((), tokens / tp, dtype=torch.float64, device=dev),
+                             torch.full((), self.stop.local(step), dtype=torch.float64, device=dev),
+                             engine.grad_sq_norm_local()] + [extra[k] for k in keys])
+        dist.all_reduce(stats)
+        lr = engine.base_lr()
+        if self.device_step:
+            factor, nonfinite = _device_step_factor(stats, self.layout.dp_size, self.cfg.optim.grad_clip)
+            # clamped: a huge but finite norm must give a tiny update, as the host path's multiply does,
+            # not an inf scale (which would step with zero gradients)
+            grad_scale = factor.reciprocal().clamp(max=torch.finfo(torch.float32).max).float()
+            engine.device_step(grad_scale, nonfinite.float())
+            # before the read too: after it the GPU idles until the host launches the next step, and
+            # freeing the gradients plus the LR step take ~0.8 ms of host time with 16 layers on CPU
+            # (benchmarks/host_step_probe.py: sync -> next step start 0.17 ms here, 1.0 ms after)
+        current = _PendingStats(step, t0, lr, stats, keys, self.layout, self.info.world_size)
+        if not self.device_step:  # the host path reads first: the skip decision and the clip factor
+            current.read()
+            v = current.values
+            if not v.skipped:
+                engine.step(v.normalize * clip_coefficient(v.grad_norm, self.cfg.optim.grad_clip))
+        engine.zero_grad()
+        engine.scheduler.step()
+        current.data_metrics = {k if k.startswith("data/") else f"data/{k}": v
+                                for k, v in self.data.metrics().items()}
+        return current
+
+
+class _StatsReader:
+    """The host side of each step's statistics: the deferred read (``pending``, one step behind), the
+    non-finite bookkeeping, the metrics record. ``stop_seen``: a read step carried a stop request."""
+
+    def __init__(self, cfg: JobConfig, layout, info, log: MetricsLogger, ckpt: CheckpointManager, recipe: Recipe):
+        self.cfg, self.layout, self.info, self.log, self.ckpt = cfg, layout, info, log, ckpt
+        self.flops_per_sample = recipe.flops_per_sample(None)
+        self.peak = device_peak_flops()
+        self.pending: _PendingStats | None = None
+        self.stop_seen = False
+        self.nonfinite_in_row = 0
+        self.last_done: float | None = None  # when the host last finished reading a step's statistics
+
+    def read_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.read()
+            self.stop_seen = self.account(self.pending) or self.stop_seen
+            self.pending = None
+
+    def account_now(self, p: "_PendingStats") -> bool:
+        """Read p (unless the host path already did) and account it. True = stop requested."""
+        if p.values is None:  # the device path; the host path read it before its update
+            p.read()
+            return self.account(p) or self.stop_seen
+        return self.account(p, t_end=time.perf_counter()) or self.stop_seen
+
+    def account(self, p: "_PendingStats", t_end: float | None = None) -> bool:
+        """Non-finite bookkeeping and the metrics record of step p.step. True = stop requested.
         Step time: from t_end - p.t0 when given (host path, the step ran to completion before the read);
         else between the ends of consecutive reads, from this step's start at the earliest. With the
         deferred read the host enqueues a step about one step ahead of the GPU, so its start time alone
         says little; successive reads come one GPU step apart, whether or not a read was deferred."""
-        nonlocal nonfinite_in_row, last_done
-        v = p.values
+        v, limit = p.values, self.cfg.trainer.max_nonfinite_steps
         if v.skipped:
-            nonfinite_in_row += 1
-            log.message(f"step {p.step}: non-finite loss ({v.loss}) or grad norm ({v.grad_norm}); step skipped "
-                        f"({nonfinite_in_row} in a row, limit {cfg.trainer.max_nonfinite_steps})")
-            if nonfinite_in_row >= cfg.trainer.max_nonfinite_steps:
-                log.close(plot=False)
-                ckpt.wait()
+            self.nonfinite_in_row += 1
+            self.log.message(f"step {p.step}: non-finite loss ({v.loss}) or grad norm ({v.grad_norm}); step "
+                             f"skipped ({self.nonfinite_in_row} in a row, limit {limit})")
+            if self.nonfinite_in_row >= limit:
+                self.log.close(plot=False)
+                self.ckpt.wait()
                 raise TrainingError(
-                    f"stopping at step {p.step}: {nonfinite_in_row} consecutive steps with a non-finite loss or "
-                    f"gradient norm (trainer.max_nonfinite_steps={cfg.trainer.max_nonfinite_steps}); the last "
-                    f"good checkpoint is kept")
+                    f"stopping at step {p.step}: {self.nonfinite_in_row} consecutive steps with a non-finite loss "
+                    f"or gradient norm (trainer.max_nonfinite_steps={limit}); the last good checkpoint is kept")
         else:
-            nonfinite_in_row = 0
-        if t_end is not None:
-            dt = t_end - p.t0
-        else:
-            dt = p.t_done - (p.t0 if last_done is None else max(p.t0, last_done))
-        last_done = p.t_done
+            self.nonfinite_in_row = 0
+        dt = t_end - p.t0 if t_end is not None else p.t_done - (p.t0 if self.last_done is None
+                                                                else max(p.t0, self.last_done))
+        self.last_done = p.t_done
+        if p.step % self.cfg.trainer.log_interval == 0 or p.step == self.cfg.trainer.max_steps:
+            self.log.log(self._record(p, dt))
+        return v.stop
+
+    def _record(self, p: "_PendingStats", dt: float) -> dict[str, Any]:
+        v, L, world = p.values, self.layout, self.info.world_size
         record: dict[str, Any] = {"step": p.step, "loss": v.loss, "lr": p.lr, "grad_norm": v.grad_norm,
-                                  "step_time_s": dt, "samples_per_s": layout.global_batch_size / dt,
+                                  "step_time_s": dt, "samples_per_s": L.global_batch_size / dt,
                                   # host time blocked on the device when the statistics were read: near 0
                                   # means the host (Python, dispatch) limits the step, not the GPU
                                   "sync_wait_s": p.sync_wait, "skipped": v.skipped}
         if v.tokens > 0:
             record["tokens_per_s"] = v.tokens / dt
-            record["tokens_per_s_per_device"] = v.tokens / dt / info.world_size
-        if flops_per_sample and peak:
-            record["mfu"] = flops_per_sample * layout.global_batch_size / dt / (peak * info.world_size)
-        if info.device.type == "cuda":
+            record["tokens_per_s_per_device"] = v.tokens / dt / world
+        if self.flops_per_sample and self.peak:
+            record["mfu"] = self.flops_per_sample * L.global_batch_size / dt / (self.peak * world)
+        if self.info.device.type == "cuda":
             record["mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         record.update(v.extra)
         record.update(p.data_metrics)
-        if p.step % cfg.trainer.log_interval == 0 or p.step == cfg.trainer.max_steps:
-            log.log(record)
-        return v.stop
+        return record
 
-    try:
-        while step < cfg.trainer.max_steps:
-            gc_control.before_step(step + 1)
-            profiler.before_step(step + 1)
-            t0 = time.perf_counter()
-            dev = info.device
-            # Statistics stay on the device until the host reads them (below, or one step later).
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-            items = torch.zeros((), dtype=torch.float64, device=dev)
-            tokens = 0.0
-            extra: dict[str, torch.Tensor] = {}
-            for mb in range(layout.grad_accum):
-                batch = _to_device(next(data), dev)
-                out = recipe.forward_loss(model, batch)
-                loss = out.loss
-                if (step + 1) in nan_steps:
-                    loss = loss * float("nan")
-                engine.backward(loss)
-                loss_sum += loss.detach().double()
-                items += _as_device_scalar(out.num_items, dev)
-                tokens += float(out.num_tokens or 0)  # a host int: the recipe knows it without the device
-                for k, v in out.metrics.items():
-                    extra[k] = extra.get(k, 0.0) + _as_device_scalar(v, dev)
-            if pending is not None:  # the previous step, now that this one's work is enqueued
-                pending.read()
-                stop_seen = account(pending) or stop_seen
-                pending = None
-            keys = sorted(extra)
-            if step + 1 in sigterm_steps:
-                faults.sigterm_self()
-            stop_local = 1.0 if (stop.signal or (info.is_main and (run_dir / PREEMPT_FILE).exists())) else 0.0
-            # One all-reduce per step. The gradient norm is taken on the raw (summed-loss) gradients, so
-            # the global item-count normalization and the clipping are applied together as one factor.
-            # The tp ranks of a group compute the same loss over the same tokens: each counts 1/tp of them.
-            tp = layout.tp
-            stats = torch.stack([loss_sum / tp, items / tp, torch.full((), tokens / tp, dtype=torch.float64, device=dev),
-                                 torch.full((), stop_local, dtype=torch.float64, device=dev),
-                                 engine.grad_sq_norm_local()] + [extra[k] for k in keys])
-            dist.all_reduce(stats)
-            group = engine.optimizer.param_groups[0]  # the base LR (groups may carry LR multipliers)
-            lr = group["lr"] / (group.get("lr_mult") or 1.0)
-            if device_step:
-                # The update is enqueued before the host reads anything: the factor and the skip flag are
-                # computed on the device and the fused optimizer divides by 1/factor and skips the step when
-                # the loss or norm is not finite.
-                factor, nonfinite = _device_step_factor(stats, layout.dp_size, cfg.optim.grad_clip)
-                # clamped: a huge but finite norm must give a tiny update, as the host path's multiply does,
-                # not an inf scale (which would step with zero gradients)
-                grad_scale = factor.reciprocal().clamp(max=torch.finfo(torch.float32).max).float()
-                engine.optimizer_step(grad_scale=grad_scale, found_inf=nonfinite.float())
-                # before the read too: after it the GPU idles until the host launches the next step, and
-                # freeing the gradients plus the LR step take ~0.8 ms of host time with 16 layers on CPU
-                # (benchmarks/host_step_probe.py: sync -> next step start 0.17 ms here, 1.0 ms after)
-                engine.zero_grad()
-                engine.scheduler.step()
-            current = _PendingStats(step + 1, t0, lr, stats, keys, layout, info.world_size)
-            if not device_step:  # the host path reads first: the skip decision and the clip factor
-                current.read()
-                v = current.values
-                if not v.skipped:
-                    engine.scale_grads(v.normalize * clip_coefficient(v.grad_norm, cfg.optim.grad_clip))
-                    engine.optimizer_step()
-                    if ema is not None:
-                        ema.update()
-                engine.zero_grad()
-                engine.scheduler.step()
-            step += 1
-            data_metrics = data.metrics()
-            current.data_metrics = {k if k.startswith("data/") else f"data/{k}": v for k, v in data_metrics.items()}
-            profiler.after_step(step)
 
-            sliced = cfg.trainer.exit_after_steps > 0 and step - start_step >= cfg.trainer.exit_after_steps
-            periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
-            if defer and not (stop_seen or sliced or periodic or step >= cfg.trainer.max_steps):
-                pending = current
-                continue
-            if current.values is None:  # the device path; the host path read it before its update
-                current.read()
-                want_stop = account(current) or stop_seen
-            else:
-                want_stop = account(current, t_end=time.perf_counter()) or stop_seen
-            if sliced and not want_stop and step < cfg.trainer.max_steps:
-                want_stop, stop.signal = True, "trainer.exit_after_steps"
-            if periodic or want_stop:
-                _save(ckpt, step, dcp_state(), data, engine, info, blocking=want_stop)
-                last_saved = step
-                if step in kill_after_ckpt:
-                    ckpt.wait()
-                    faults.kill_self()
-            if want_stop:
-                stop_reason = stop.signal or PREEMPT_FILE
-                log.message(f"stop requested ({stop_reason}): checkpoint written at step {step}; exiting cleanly")
-                break
+class _CheckpointPolicy:
+    """When to save: every ``checkpoint.interval`` steps, on a stop request (blocking, then exit), after
+    ``trainer.exit_after_steps`` steps of this job (time slicing), and at the end (``save_final``)."""
 
-    finally:
-        gc_control.close()  # also on errors: automatic GC back on for in-process callers
-        torch.utils.deterministic.fill_uninitialized_memory = fill_uninitialized
-    if stop_reason is None and cfg.checkpoint.save_final and last_saved != step:
-        _save(ckpt, step, dcp_state(), data, engine, info, blocking=True)
-    ckpt.wait()
-    if info.is_main and step >= cfg.trainer.max_steps:
-        (run_dir / DONE_FILE).write_text(f"{step}\n")
-    log.close(plot=stop_reason is None)
-    data.close()
-    summary = {"step": step, "stopped_by": stop_reason, "run_dir": str(run_dir)}
-    sfdist.barrier()
-    return summary
+    def __init__(self, cfg: JobConfig, ckpt: CheckpointManager, engine: Engine, data, info, log: MetricsLogger,
+                 start_step: int, resumed: bool):
+        self.cfg, self.ckpt, self.engine, self.data, self.info, self.log = cfg, ckpt, engine, data, info, log
+        self.start_step = start_step
+        self.last_saved = start_step if resumed else -1
+        self.stop_reason: str | None = None
+        self.kill_after_ckpt = faults.steps(faults.KILL_AFTER_CHECKPOINT)
+
+    def _sliced(self, step: int) -> bool:
+        n = self.cfg.trainer.exit_after_steps
+        return n > 0 and step - self.start_step >= n
+
+    def _periodic(self, step: int) -> bool:
+        return self.cfg.checkpoint.interval > 0 and step % self.cfg.checkpoint.interval == 0
+
+    def must_read(self, step: int) -> bool:
+        """Whether step's statistics must be read now (it may save or end the run)."""
+        return self._sliced(step) or self._periodic(step) or step >= self.cfg.trainer.max_steps
+
+    def after_step(self, step: int, want_stop: bool, stop: _StopRequests) -> bool:
+        """Save where due. True = leave the loop (a stop request, or the job's slice is done)."""
+        if self._sliced(step) and not want_stop and step < self.cfg.trainer.max_steps:
+            want_stop, stop.signal = True, "trainer.exit_after_steps"
+        if self._periodic(step) or want_stop:
+            self.save(step, blocking=want_stop)
+            if step in self.kill_after_ckpt:
+                self.ckpt.wait()
+                faults.kill_self()
+        if want_stop:
+            self.stop_reason = stop.signal or PREEMPT_FILE
+            self.log.message(f"stop requested ({self.stop_reason}): checkpoint written at step {step}; "
+                             f"exiting cleanly")
+        return want_stop
+
+    def save(self, step: int, blocking: bool) -> None:
+        rank_state = {"rng": capture_rng_state(), "data": self.data.state_dict()}
+        trainer_state = {"step": step, "world_size": self.info.world_size, "tp": self.ckpt.tp,
+                         "scheduler": self.engine.scheduler.state_dict()}
+        self.ckpt.save(step, self.engine, rank_state, trainer_state, blocking=blocking)
+        self.last_saved = step
+
+    def finish(self, step: int) -> None:
+        if self.stop_reason is None and self.cfg.checkpoint.save_final and self.last_saved != step:
+            self.save(step, blocking=True)
+        self.ckpt.wait()
+
+
+class _LoopEnvironment:
+    """Process-wide settings for the loop, restored on the way out (also on errors, for in-process
+    callers): GC control, the profiler, and the NaN fill of new tensors.
+
+    Deterministic mode also fills every new tensor with NaN, a debugging aid against reads of
+    uninitialized memory, not part of determinism. It stays on while the model is built and loaded (a
+    parameter that init_weights misses then shows as NaN), and is off for the loop, where FSDP's
+    all-gather / reduce-scatter buffers and cuDNN attention's gradients made it ~400 fill kernels and
+    ~5 ms of GPU time per lm_1b step."""
+
+    def __init__(self, cfg: JobConfig, run_dir: Path, info):
+        self.cfg, self.run_dir, self.info = cfg, run_dir, info
+
+    def __enter__(self):
+        self.profiler = _Profiler(self.cfg.metrics, self.run_dir, self.info)
+        self.gc_control = _GCControl(self.cfg.trainer.gc_interval)
+        self.fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        return self
+
+    def before_step(self, step: int) -> None:
+        self.gc_control.before_step(step)
+        self.profiler.before_step(step)
+
+    def after_step(self, step: int) -> None:
+        self.profiler.after_step(step)
+
+    def __exit__(self, *exc) -> None:
+        self.gc_control.close()
+        torch.utils.deterministic.fill_uninitialized_memory = self.fill
 
 
 def _device_step_factor(stats: torch.Tensor, dp_size: int, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,17 +509,6 @@ class _Profiler:
             (out / "top_ops_by_shape.txt").write_text(
                 self.prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=60))
         self.prof = None
-
-
-def _tp_change(old: int, new: int) -> str:
-    return f" (tensor parallel {old} -> {new})" if old != new or new > 1 else ""
-
-
-def _save(ckpt: CheckpointManager, step: int, state: dict[str, Any], data, engine, info, blocking: bool) -> None:
-    rank_state = {"rng": capture_rng_state(), "data": data.state_dict()}
-    trainer_state = {"step": step, "world_size": info.world_size, "tp": ckpt.tp,
-                     "scheduler": engine.scheduler.state_dict()}
-    ckpt.save(step, state, rank_state, trainer_state, blocking=blocking)
 
 
 def _plain(cfg: JobConfig) -> dict[str, Any]:

@@ -45,6 +45,15 @@ def test_unknown_key_suggests_closest():
     assert str(e.value) == "trainer.max_stepz: unknown key; did you mean trainer.max_steps?"
 
 
+def test_removed_dead_trainer_keys_are_unknown():
+    """trainer.checkpoint_interval (checkpoint.interval is the one the trainer honours) and
+    trainer.eval_interval (there is no eval loop) were accepted and ignored; now they are errors."""
+    with pytest.raises(ConfigError, match=r"^trainer.checkpoint_interval: unknown key"):
+        load("trainer.checkpoint_interval=5")
+    with pytest.raises(ConfigError, match=r"^trainer.eval_interval: unknown key"):
+        load("trainer.eval_interval=5")
+
+
 def test_unknown_key_in_recipe_section():
     with pytest.raises(ConfigError, match=r"^model.seq_lenn: unknown key; did you mean model.seq_len\?"):
         load("model.seq_lenn=3")

@@ -196,13 +196,18 @@ def test_hsdp_mesh_matches_fsdp(reference, tmp_path, run_env):
 
 
 def test_async_save_resume_exact_with_default_metrics(reference, tmp_path, run_env):
-    """Async checkpoints resume bit-identically; the default metrics (offline wandb, plot) are written."""
+    """A checkpoint written asynchronously (the periodic save of step 8, in the background while steps 9+
+    run; the workers are then SIGKILLed) resumes bit-identically; the default metrics (offline wandb,
+    plot) are written."""
     env = {k: v for k, v in run_env.items() if k != "WANDB_MODE"}
     common = ["checkpoint.async_save=true", "metrics.wandb.mode=offline", "metrics.plot=true"]
-    launch(env, tmp_path, "a", *common, "trainer.exit_after_steps=8", env={"WANDB_MODE": "offline"})
+    r = launch(env, tmp_path, "a", *common, check=False,
+               env={"WANDB_MODE": "offline", "SCALEFORGE_FAULT_KILL_AFTER_CHECKPOINT": "8"})
+    assert r.returncode != 0
+    run = tmp_path / "a"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     r = launch(env, tmp_path, "a", *common, env={"WANDB_MODE": "offline"})
     assert "at step 8" in r.stdout
-    run = tmp_path / "a"
     assert losses(run) == losses(reference)
     assert (run / "metrics.png").stat().st_size > 10_000
     assert list((run / "wandb").glob("offline-run-*")), "no offline wandb run"

@@ -61,7 +61,7 @@ def test_freeze_unknown_module_is_clear():
 def _fake_ckpt(root: Path, step: int, complete: bool = True) -> Path:
     p = root / f"step_{step:08d}"
     p.mkdir(parents=True)
-    (p / ".metadata").write_text("x")
+    (p / "trainer.json").write_text("{}")
     if complete:
         (p / COMPLETE).write_text("1")
     return p

@@ -263,22 +263,16 @@ def NVILAModel_projector_meta(cfg: NVILAConfig) -> nn.Module:
 
 
 def load_run_checkpoint(model: nn.Module, run_dir: str) -> None:
-    """Model weights of a previous stage's latest complete DCP checkpoint into ``model`` (plain or
-    FSDP2-sharded; DCP reshards). The optimizer is not restored: a new stage starts a new schedule."""
+    """Model weights of a previous stage's latest complete checkpoint into ``model`` (plain or sharded;
+    the checkpoint reader reshards). The optimizer is not restored: a new stage starts a new schedule."""
     from pathlib import Path
 
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         set_model_state_dict)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from scaleforge.platform.checkpoint import find_latest
+    from scaleforge.platform.checkpoint import find_latest, read_model_weights
 
     ckpt = find_latest(Path(run_dir) / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"model.init_from_run={run_dir}: no complete checkpoint under "
                                 f"{run_dir}/checkpoints (did the previous stage finish?)")
-    sd = get_model_state_dict(model, options=StateDictOptions())
-    state = {"model": sd}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=not (dist.is_available() and dist.is_initialized()))
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, read_model_weights(ckpt, get_model_state_dict(model)))

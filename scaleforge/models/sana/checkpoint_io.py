@@ -15,7 +15,7 @@ from scaleforge.models.sana.model import SanaArch
 def _run_and_step(path: Path) -> tuple[Path, str | None] | None:
     if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
         return path, None
-    if (path / ".metadata").is_file() and (path.parent.parent / "config.yaml").is_file():
+    if (path / "trainer.json").is_file() and (path.parent.parent / "config.yaml").is_file():
         return path.parent.parent, str(path)
     return None
 
@@ -33,24 +33,15 @@ def load_weights(path: str | Path, use_ema: bool = True) -> tuple[SanaArch, dict
         raise FileNotFoundError(f"{path}: not a diffusers SANA folder (config.json + safetensors), a run directory "
                                 "(config.yaml + checkpoints/) or a checkpoint step directory")
     from scaleforge.launch.export import load_model_state
-    from scaleforge.platform.checkpoint import CheckpointError
-
-    from scaleforge.platform.checkpoint import find_latest
+    from scaleforge.platform.checkpoint import CheckpointError, find_latest, has_ema
 
     run_dir, step = run
     ckpt = Path(step) if step else find_latest(run_dir / "checkpoints")
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint")
-    has_ema = _has_ema(ckpt)
-    _, recipe, state = load_model_state(run_dir, str(ckpt), ema=use_ema and has_ema)
+    _, recipe, state = load_model_state(run_dir, str(ckpt), ema=use_ema and has_ema(ckpt))
     if getattr(recipe, "name", None) != "sana":
         raise ValueError(f"{path}: the run's recipe is {recipe.name!r}, not 'sana'")
     arch = dataclasses.replace(recipe.arch, depth=depth_of(state))
     return arch, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
-
-def _has_ema(ckpt: Path) -> bool:
-    import torch.distributed.checkpoint as dcp
-
-    meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
-    return any(k.startswith("ema.") for k in meta.state_dict_metadata)
