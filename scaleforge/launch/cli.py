@@ -182,10 +182,18 @@ def launch_main(argv: list[str] | None = None) -> int:
         # everything else that can be wrong, for every kind of launch, before anything is written
         resume_from = preflight.check_resume(cfg, run_dir)
         preflight.check_sources(cfg, layout)
+        if resume_from is not None:
+            step = preflight.saved_step(resume_from)
+            print(f"resuming from {resume_from} (step {step})")
+            note = preflight.schedule_change(cfg, resume_from, step)
+            if note:
+                print(note)
+            if step >= cfg.trainer.max_steps and not args.from_slurm:
+                print(f"nothing to do: the checkpoint is at step {step} and trainer.max_steps is "
+                      f"{cfg.trainer.max_steps}; raise trainer.max_steps to train further")
+                return 0
         if args.dry_run:
             return 0
-        if resume_from is not None:
-            print(f"resuming from {resume_from}")
         if layout.tp > 1 and not (cfg.cluster.kind == "slurm" and not args.from_slurm):
             _check_tensor_parallel_runtime(layout)
         node_rank = 0 if args.node_rank is None else args.node_rank

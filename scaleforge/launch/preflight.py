@@ -76,6 +76,48 @@ def check_resume(cfg: JobConfig, run_dir: Path) -> Path | None:
     return ckpt
 
 
+SCHEDULE_KEYS = (("optim", "lr"), ("optim", "schedule"), ("optim", "warmup_steps"), ("optim", "min_lr_ratio"),
+                 ("trainer", "max_steps"))
+
+
+def saved_step(ckpt: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((ckpt / "trainer.json").read_text())["step"])
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"--resume: {ckpt}/trainer.json is unreadable ({e})") from None
+
+
+def schedule_change(cfg: JobConfig, ckpt: Path, step: int) -> str | None:
+    """The resume rule for the LR schedule: the config wins. Base LRs, warmup, decay and trainer.max_steps
+    come from the config, evaluated at the resumed step (the trainer applies it); this says what changed and
+    what the LR of the next step becomes, or None when nothing did."""
+    from scaleforge.platform.schedule import lr_factor
+
+    saved = _saved_config(ckpt) or {}
+    now = {"optim": cfg.optim, "trainer": cfg.trainer}
+    changed, old = [], {}
+    for section, key in SCHEDULE_KEYS:
+        before = (saved.get(section) or {}).get(key, getattr(now[section], key))
+        after = getattr(now[section], key)
+        old[key] = before
+        if before != after:
+            changed.append(f"{section}.{key} {before} -> {after}")
+    if not changed:
+        return None
+    o = cfg.optim
+    lr_new = o.lr * lr_factor(step, o.schedule, o.warmup_steps, cfg.trainer.max_steps, o.min_lr_ratio)
+    try:
+        lr_old = float(old["lr"]) * lr_factor(step, str(old["schedule"]), int(old["warmup_steps"]),
+                                              int(old["max_steps"]), float(old["min_lr_ratio"]))
+        was = f", where the checkpoint's settings gave {lr_old:.3g}"
+    except (TypeError, ValueError):
+        was = ""
+    return (f"resume: the config's LR schedule applies from step {step + 1} ({'; '.join(changed)}): "
+            f"base LR {lr_new:.3g} at step {step + 1}{was}")
+
+
 def _saved_config(ckpt: Path) -> dict[str, Any] | None:
     for path in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml"):
         if path.is_file():

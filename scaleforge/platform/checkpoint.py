@@ -121,6 +121,8 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     if spec == "auto":
         return find_latest(run_dir / "checkpoints")
     path = Path(spec)
+    if path.is_file() and path.name == "latest":  # the pointer file names the checkpoint beside it
+        path = path.parent
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if path.name == "checkpoints" or (path / "latest").exists():
@@ -131,8 +133,11 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"--resume {spec}: no such checkpoint folder")
     if not is_complete(path):
-        raise CheckpointError(f"--resume {spec}: checkpoint is incomplete (no {COMPLETE} marker); "
-                              f"it was interrupted while being written and cannot be used")
+        if path.name.endswith(".tmp") or (path / ".metadata").exists() or STEP_RE.match(path.name):
+            raise CheckpointError(f"--resume {spec}: checkpoint is incomplete (no {COMPLETE} marker); "
+                                  f"it was interrupted while being written and cannot be used")
+        raise CheckpointError(f"--resume {spec}: not a checkpoint; --resume takes a run directory, its "
+                              f"checkpoints/ folder or checkpoints/latest, or a step_NNNNNNNN folder")
     return path
 
 
@@ -169,6 +174,7 @@ class CheckpointManager:
         self.tp = tp  # tensor-parallel size: the tp ranks of a group share one data-parallel position
         self.config_yaml = config_yaml
         self.pending: PendingSave | None = None
+        self.on_written = None  # called on rank 0 as on_written(step, path) once a checkpoint is complete
         # Async saves run collectives from a background thread: give them their own gloo group so
         # they never interleave with the training collectives on the default group.
         self._pg = dist.new_group(backend="gloo") if (ckpt_cfg.async_save and dist.is_initialized()) else None
@@ -223,6 +229,8 @@ class CheckpointManager:
             pointer_tmp.write_text(p.final.name + "\n")
             os.replace(pointer_tmp, self.root / "latest")
             self._retain()
+            if self.on_written is not None:
+                self.on_written(p.step, p.final)
         dist.barrier()
 
     def _retain(self) -> None:

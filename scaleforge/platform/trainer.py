@@ -23,7 +23,13 @@ import torch.distributed as dist
 
 from scaleforge.platform import dist as sfdist
 from scaleforge.platform import faults
-from scaleforge.platform.checkpoint import CheckpointManager, capture_rng_state, resolve_resume, restore_rng_state
+from scaleforge.platform.checkpoint import (
+    CheckpointManager,
+    capture_rng_state,
+    find_latest,
+    resolve_resume,
+    restore_rng_state,
+)
 from scaleforge.platform.config import JobConfig, derive_layout, to_yaml
 from scaleforge.platform.engine import Engine, build_engine, clip_coefficient, set_eval_modules
 from scaleforge.platform.metrics import MetricsLogger, device_peak_flops, truncate_jsonl
@@ -77,6 +83,7 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, info.rank, info.world_size, to_yaml(cfg), tp=layout.tp)
     step, resume_note = _resume(cfg, run_dir, ckpt, engine, data, info, layout)
     log = MetricsLogger(run_dir, cfg.metrics, _plain(cfg), cfg.trainer.max_steps, step, enabled=info.is_main)
+    ckpt.on_written = lambda at, path: log.message(f"checkpoint written: {path} (step {at})")
     if resume_note:
         log.message(resume_note)
     log.message(f"world size {info.world_size} ({info.device.type}), engine {cfg.parallel.engine}, mesh "
@@ -107,10 +114,23 @@ def train(cfg: JobConfig, recipe_cls: type[Recipe]) -> dict[str, Any]:
     if info.is_main and step >= cfg.trainer.max_steps:
         (run_dir / DONE_FILE).write_text(f"{step}\n")
     log.close(plot=policy.stop_reason is None)
+    if policy.stop_reason is None:
+        _print_summary(log, recipe, run_dir, step, find_latest(ckpt.root))
     data.close()
     summary = {"step": step, "stopped_by": policy.stop_reason, "run_dir": str(run_dir)}
     sfdist.barrier()
     return summary
+
+
+def _print_summary(log: MetricsLogger, recipe: Recipe, run_dir: Path, step: int, last: Path | None) -> None:
+    lines = [f"finished: {step} steps; run directory {run_dir}",
+             f"  last checkpoint  {last if last is not None else 'none (checkpoint.save_final=false)'}",
+             f"  metrics          {run_dir / 'metrics.jsonl'}"]
+    formats = recipe.export_formats()
+    if formats and last is not None:
+        lines.append(f"  export           scaleforge export --run {run_dir} --format {formats[0]} "
+                     f"--out {run_dir / 'export'}")
+    log.message("\n".join(lines))
 
 
 def _prepare_run_dir(cfg: JobConfig, info) -> Path:
@@ -131,7 +151,7 @@ def _resume(cfg: JobConfig, run_dir: Path, ckpt: CheckpointManager, engine: Engi
     if resume_path is None:
         return 0, None
     trainer_state, rank_states = ckpt.load(resume_path, engine)
-    engine.scheduler.load_state_dict(trainer_state["scheduler"])
+    _load_schedule(engine, trainer_state["scheduler"])
     step = int(trainer_state["step"])
     if info.is_main:
         truncate_jsonl(run_dir / "metrics.jsonl", step)
@@ -147,6 +167,25 @@ def _resume(cfg: JobConfig, run_dir: Path, ckpt: CheckpointManager, engine: Engi
 
 def _tp_change(old: int, new: int) -> str:
     return f" (tensor parallel {old} -> {new})" if old != new or new > 1 else ""
+
+
+def _load_schedule(engine: Engine, saved: dict[str, Any]) -> None:
+    """The resume rule for the LR schedule: the config wins. The scheduler's position (its step count) comes
+    from the checkpoint; base LRs (optim.lr x the groups' multipliers), warmup, decay and trainer.max_steps
+    come from the config, evaluated at that step, so a changed optim.lr or max_steps takes effect from the
+    first resumed step (the launcher prints what changed). Unchanged, this is the LR the checkpoint holds."""
+    sched = engine.scheduler
+    base_lrs = list(sched.base_lrs)  # built from this run's config
+    sched.load_state_dict(saved)
+    sched.base_lrs = base_lrs
+    lrs = [base * fn(sched.last_epoch) for base, fn in zip(base_lrs, sched.lr_lambdas)]
+    for group, base, lr in zip(engine.optimizer.param_groups, base_lrs, lrs):
+        group["initial_lr"] = base
+        if isinstance(group["lr"], torch.Tensor):  # a tensor LR (capturable / fused optimizers) stays one
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    sched._last_lr = lrs
 
 
 class _StopRequests:
@@ -188,6 +227,7 @@ class _StepRunner:
     def run(self, step: int) -> "_PendingStats":
         t0 = time.perf_counter()
         dev, engine = self.info.device, self.engine
+        started = _record_event(dev)
         # Statistics stay on the device until the host reads them (below, or one step later).
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         items = torch.zeros((), dtype=torch.float64, device=dev)
@@ -222,7 +262,7 @@ class _StepRunner:
             # before the read too: after it the GPU idles until the host launches the next step, and
             # freeing the gradients plus the LR step take ~0.8 ms of host time with 16 layers on CPU
             # (benchmarks/host_step_probe.py: sync -> next step start 0.17 ms here, 1.0 ms after)
-        current = _PendingStats(step, t0, lr, stats, keys, self.layout, self.info.world_size)
+        current = _PendingStats(step, t0, lr, stats, keys, self.layout, self.info.world_size, started)
         if not self.device_step:  # the host path reads first: the skip decision and the clip factor
             current.read()
             v = current.values
@@ -230,6 +270,7 @@ class _StepRunner:
                 engine.step(v.normalize * clip_coefficient(v.grad_norm, self.cfg.optim.grad_clip))
         engine.zero_grad()
         engine.scheduler.step()
+        current.finish()
         current.data_metrics = {k if k.startswith("data/") else f"data/{k}": v
                                 for k, v in self.data.metrics().items()}
         return current
@@ -246,7 +287,6 @@ class _StatsReader:
         self.pending: _PendingStats | None = None
         self.stop_seen = False
         self.nonfinite_in_row = 0
-        self.last_done: float | None = None  # when the host last finished reading a step's statistics
 
     def read_pending(self) -> None:
         if self.pending is not None:
@@ -259,14 +299,10 @@ class _StatsReader:
         if p.values is None:  # the device path; the host path read it before its update
             p.read()
             return self.account(p) or self.stop_seen
-        return self.account(p, t_end=time.perf_counter()) or self.stop_seen
+        return self.account(p) or self.stop_seen
 
-    def account(self, p: "_PendingStats", t_end: float | None = None) -> bool:
-        """Non-finite bookkeeping and the metrics record of step p.step. True = stop requested.
-        Step time: from t_end - p.t0 when given (host path, the step ran to completion before the read);
-        else between the ends of consecutive reads, from this step's start at the earliest. With the
-        deferred read the host enqueues a step about one step ahead of the GPU, so its start time alone
-        says little; successive reads come one GPU step apart, whether or not a read was deferred."""
+    def account(self, p: "_PendingStats") -> bool:
+        """Non-finite bookkeeping and the metrics record of step p.step. True = stop requested."""
         v, limit = p.values, self.cfg.trainer.max_nonfinite_steps
         if v.skipped:
             self.nonfinite_in_row += 1
@@ -275,14 +311,15 @@ class _StatsReader:
             if self.nonfinite_in_row >= limit:
                 self.log.close(plot=False)
                 self.ckpt.wait()
+                last = find_latest(self.ckpt.root)
+                kept = (f"the last checkpoint, {last}, is kept (resume from it after fixing the cause)" if last
+                        else "no checkpoint was written before it")
                 raise TrainingError(
                     f"stopping at step {p.step}: {self.nonfinite_in_row} consecutive steps with a non-finite loss "
-                    f"or gradient norm (trainer.max_nonfinite_steps={limit}); the last good checkpoint is kept")
+                    f"or gradient norm (trainer.max_nonfinite_steps={limit}); {kept}")
         else:
             self.nonfinite_in_row = 0
-        dt = t_end - p.t0 if t_end is not None else p.t_done - (p.t0 if self.last_done is None
-                                                                else max(p.t0, self.last_done))
-        self.last_done = p.t_done
+        dt = p.step_time()
         if p.step % self.cfg.trainer.log_interval == 0 or p.step == self.cfg.trainer.max_steps:
             self.log.log(self._record(p, dt))
         return v.stop
@@ -423,14 +460,16 @@ class _PendingStats:
     (a plain ``tolist()`` then would wait for the whole queue)."""
 
     def __init__(self, step: int, t0: float, lr: float, stats: torch.Tensor, keys: list[str], layout,
-                 world_size: int):
+                 world_size: int, started=None):
         self.step, self.t0, self.lr, self.keys = step, t0, lr, keys
+        self.started, self.ended, self.t_end = started, None, None
         self.layout, self.world_size = layout, world_size
         self.data_metrics: dict[str, Any] = {}
         self.values: _StepValues | None = None
         self.sync_wait = 0.0
         self.t_done = 0.0
         self.event = None
+        self.stats_device = stats.device
         if stats.is_cuda:
             self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
             self.host.copy_(stats, non_blocking=True)
@@ -438,6 +477,22 @@ class _PendingStats:
             self.event.record()
         else:
             self.host = stats
+
+    def finish(self) -> None:
+        """The step's work is all issued (on CPU: done): mark its end."""
+        self.t_end = time.perf_counter()
+        self.ended = _record_event(self.stats_device)
+
+    def step_time(self) -> float:
+        """Seconds the step took, whichever step reads it and when. On CUDA: between events recorded at the
+        step's first and last launch, i.e. from when the device could start the step (the previous step done
+        and this one's first kernel issued) to when it finished its update. On CPU the work runs as it is
+        issued: the host's time from the step's start to its end. Not the interval between statistics reads,
+        which differs from the step time wherever a read is deferred and the next one is not."""
+        if self.started is not None and self.ended is not None:
+            self.ended.synchronize()
+            return self.started.elapsed_time(self.ended) / 1e3
+        return (self.t_end if self.t_end is not None else time.perf_counter()) - self.t0
 
     def read(self) -> None:
         t = time.perf_counter()
@@ -447,6 +502,15 @@ class _PendingStats:
         self.t_done = time.perf_counter()
         self.sync_wait = self.t_done - t
         self.values = _StepValues(values, self.step, self.keys, self.layout, self.world_size)
+
+
+def _record_event(device: torch.device):
+    """A timing event recorded on the current CUDA stream (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 class _GCControl:

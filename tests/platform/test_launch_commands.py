@@ -70,11 +70,12 @@ def test_planning_needs_no_triton(tmp_path):
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
-    """A finished 4-step lm_tiny run (checkpoints at 2 and 4)."""
+    """A finished 6-step lm_tiny run (checkpoints at 3 and 6; steps 1, 2, 4, 5 read deferred)."""
     root = tmp_path_factory.mktemp("launch_cmds")
-    r = launch("--config", "lm_tiny.yaml", "--nproc", "1", "trainer.max_steps=4", "checkpoint.interval=2", *QUIET,
+    r = launch("--config", "lm_tiny.yaml", "--nproc", "1", "trainer.max_steps=6", "checkpoint.interval=3", *QUIET,
                cwd=root, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
+    (root / "first_run.out").write_text(r.stdout)
     return root
 
 
@@ -113,7 +114,7 @@ def test_resume_none_moves_the_old_run_aside(lm_run):
     assert "--resume none: moved the previous run" in r.stdout
     old = [p for p in (lm_run / "runs").iterdir() if p.name.startswith("again.old-")]
     assert len(old) == 1 and sorted(p.name for p in (old[0] / "checkpoints").glob("step_*")) == [
-        "step_00000002", "step_00000004"]
+        "step_00000003", "step_00000006"]
     new = lm_run / "runs" / "again"
     steps = [json.loads(line)["step"] for line in (new / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
@@ -176,3 +177,45 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     time.sleep(1)
     workers = subprocess.run(["pgrep", "-f", f"runs/{name}/config.yaml"], capture_output=True, text=True)
     assert workers.stdout.split() == []  # no worker left running
+
+
+@pytest.mark.slow
+def test_run_says_what_it_wrote_and_reports_honest_throughput(lm_run):
+    out = (lm_run / "first_run.out").read_text()
+    run = Path("runs") / "lm_tiny"
+    assert f"checkpoint written: {run / 'checkpoints' / 'step_00000003'}" in out
+    assert f"checkpoint written: {run / 'checkpoints' / 'step_00000006'}" in out
+    summary = out[out.index("finished: "):]
+    assert f"run directory {run}" in summary and "last checkpoint" in summary and "step_00000006" in summary
+    assert f"scaleforge export --run {run} --format hf --out" in summary
+    recs = [json.loads(line) for line in (lm_run / run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    rates = sorted(r["samples_per_s"] for r in recs[1:])  # step 1 includes one-time set-up
+    median = rates[len(rates) // 2]
+    # the deferred read must not make the steps read at once (3: checkpoint, 6: final) look many times faster
+    assert max(rates) < 4 * median, rates
+
+
+@pytest.mark.slow
+def test_resume_rules(lm_run, tmp_path):
+    run = lm_run / "runs" / "lm_tiny"
+    r = launch("--config", "lm_tiny.yaml", "--nproc", "1", "trainer.max_steps=6",
+               f"--resume={run / 'checkpoints' / 'latest'}", "run.name=same_length", cwd=lm_run, env=_env())
+    assert r.returncode == 0 and "nothing to do: the checkpoint is at step 6" in r.stdout, r.stderr[-2000:]
+    assert not (lm_run / "runs" / "same_length").exists()  # no worker started, nothing written
+    (tmp_path / "shards").mkdir()
+    one_line_error(launch("--config", "lm_tiny.yaml", f"--resume={tmp_path / 'shards'}", cwd=lm_run),
+                   "not a checkpoint; --resume takes a run directory")
+    import shutil
+
+    shutil.copytree(run, lm_run / "runs" / "longer")
+    r = launch("--config", "lm_tiny.yaml", "--nproc", "1", "run.name=longer", "trainer.max_steps=8",
+               "optim.lr=1e-3", *QUIET, cwd=lm_run, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("resume: the config's LR schedule applies from step 7 (optim.lr 0.003 -> 0.001; "
+            "trainer.max_steps 6 -> 8)") in r.stdout
+    from scaleforge.platform.schedule import lr_factor
+
+    recs = {json.loads(line)["step"]: json.loads(line) for line in
+            (lm_run / "runs" / "longer" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line}
+    for step in (7, 8):  # the new base LR on the new cosine, from the first resumed step
+        assert recs[step]["lr"] == pytest.approx(1e-3 * lr_factor(step - 1, "cosine", 5, 8, 0.1), rel=1e-9)
