@@ -9,10 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleforge import fp8 as coat
-from scaleforge.kernels import layer_norm, rms_norm
+from scaleforge.kernels import layer_norm, rms_norm, use_backend
 
 BF16 = torch.bfloat16
 SHAPE = (3, 7, 72)  # 72 channels: four full 1 x 16 groups and a partial one
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    # these tensors live on the CPU: pin the reference backend, which a CUDA machine would not pick by itself
+    with use_backend("torch"):
+        yield
 
 
 def _rel(a, b):
