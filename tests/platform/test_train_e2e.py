@@ -224,3 +224,18 @@ def test_fsdp_groups_train_the_same_model(reference, tmp_path, run_env):
     ref, got = losses(reference), losses(tmp_path / "g")
     for s in range(1, 13):
         assert abs(got[s] - ref[s]) / ref[s] < 1e-6, (s, got[s], ref[s])
+
+
+def test_kernel_library_path_trains_the_same_model(tmp_path, run_env):
+    """model.kernels=triton routes the loss through the output projection called with labels (the fused head's
+    path; an FSDP unit of its own in lm_tiny). On CPU the layers compute their torch functions, so this checks
+    the FSDP wiring of that path: the same steps as model.kernels=torch (the logits path) under 2-process FSDP2,
+    up to fp32 rounding. The Triton kernels themselves are checked against torch in tests/kernels/test_llm_kernels.py."""
+    for k in ("torch", "triton"):
+        # TRITON_INTERPRET off (tests/conftest.py sets it): the interpreter would run the kernels, far too slowly
+        launch(run_env, tmp_path, k, f"model.kernels={k}", "trainer.max_steps=3", "checkpoint.interval=0",
+               env={"TRITON_INTERPRET": "0"})
+    ref, got = losses(tmp_path / "torch"), losses(tmp_path / "triton")
+    assert sorted(got) == [1, 2, 3]
+    for s in range(1, 4):
+        assert abs(got[s] - ref[s]) / ref[s] < 1e-5, (s, got[s], ref[s])
