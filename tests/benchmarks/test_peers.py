@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
@@ -26,6 +28,7 @@ def test_one_flops_formula_for_ours_and_the_peers():
     assert abs(sum(p.numel() for p in gpt.parameters()) / 1e9 - 0.94) < 0.005  # the 0.94B GPT yardstick
 
 
+@pytest.mark.slow
 def test_naive_fsdp2_trains_tiny():
     arch = "llama"  # the plain Llama blocks; the GPT blocks and our model build in the test above
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/peers/naive_fsdp2.py"), "--arch", arch, "--tiny",
