@@ -85,10 +85,17 @@ def roofline_ms(family: str, inputs) -> tuple[float, str]:
     return moved / (HBM_TBPS * 1e12) * 1e3, "HBM bytes"
 
 
+def fresh(inputs):
+    """Copies of the inputs for one implementation: Liger's SwiGLU backward writes the gradients into its
+    saved inputs' storage, which would change the inputs of every later row."""
+    return [t.detach().clone().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in inputs]
+
+
 def errors(fn, inputs) -> tuple[float, float]:
-    out = fn(*inputs)
+    ours = fresh(inputs)
+    out = fn(*ours)
     grad = torch.randn_like(out) if out.dim() else torch.ones_like(out)
-    (dx,) = torch.autograd.grad(out, inputs[0], grad)
+    (dx,) = torch.autograd.grad(out, ours[0], grad)
     ref_in = [t.detach().float().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in inputs]
     ref = {"rms_norm": rms_torch, "swiglu": swiglu_torch, "flce": flce_torch}[FAMILY](*ref_in)
     (dx_ref,) = torch.autograd.grad(ref, ref_in[0], grad.float())
@@ -145,7 +152,7 @@ def main() -> None:
             for impl, fn in impls(FAMILY, lf).items():
                 try:
                     e_out, e_dx = errors(fn, inputs)
-                    ms, peak = bench(fn, inputs, args.smoke)
+                    ms, peak = bench(fn, fresh(inputs), args.smoke)
                 except Exception as e:  # noqa: BLE001 - report the failure in the table, go on
                     print(f"| {FAMILY} | {name} | {impl} | failed: {type(e).__name__}: {str(e)[:150]} |||||||")
                     continue
