@@ -66,10 +66,21 @@ def block_sparse(gen):
 
 def kmeans_topp_twilight(gen):
     x = torch.randn(1, 12, 32760, 128, device=DEV, generator=gen).to(torch.bfloat16)
-    lab, c = SA.kmeans(x, 300, iters=3, backend="triton")
-    lab_r, _ = SA.kmeans(x, 300, iters=3, backend="torch")
+    # One assignment step from the same centroids (full Lloyd runs diverge from any near-tie): the labels may
+    # differ only where the two distances tie within the Triton path's rounding (bf16 centroids: each
+    # ‖x - c‖² moves by at most 2·2⁻⁹·(‖c‖² + ‖x‖‖c‖); the bound is twice that for the two candidates, x2).
+    c0 = x[:, :, torch.randperm(x.shape[2], device=DEV, generator=gen)[:300]].float()
+    lab, _ = SA.kmeans(x, 300, init=c0, iters=0, backend="triton")
+    lab_r, _ = SA.kmeans(x, 300, init=c0, iters=0, backend="torch")
     agree = float((lab == lab_r).float().mean())
-    check("kmeans labels (bf16, 12 x 32760 x 128, 300 clusters)", agree > 0.99, f"{agree:.4%} agree")
+    xf = x.float()
+    dist = lambda lb: (xf - c0.gather(2, lb[..., None].expand(*lb.shape, 128))).square().sum(-1)  # noqa: E731
+    c_max = c0.norm(dim=-1).amax(-1, keepdim=True)
+    bound = 2.0**-6 * c_max * (c_max + xf.norm(dim=-1))
+    gap = (dist(lab) - dist(lab_r)).abs()
+    ties = bool((gap <= bound)[lab != lab_r].all())
+    check("kmeans assignment (bf16, 12 x 32760 x 128, 300 clusters)", agree > 0.99 and ties,
+          f"{agree:.4%} agree; every differing label a tie within rounding: {ties}")
     w = torch.softmax(torch.randn(300, 1000, device=DEV, generator=gen) * 3, -1)
     same = torch.equal(SA.topp_mask(w, 0.9, 100, backend="triton"), SA.topp_mask(w, 0.9, 100, backend="torch"))
     check("top-p binary search = sort (300 x 1000)", same, "masks equal" if same else "masks differ")

@@ -46,6 +46,16 @@ def test_block_sparse_attention_matches_reference(dtype, sq, sk, d, causal):
         assert (out.float() - ref).abs().max() <= 2 * (low - ref).abs().max() + 1e-3
 
 
+def test_block_sparse_key_tiles_span_many_small_clusters():
+    """Key clusters of 0-3 tokens (more clusters than a key tile has lanes): a tile crosses many of them."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 50, 32, generator=gen).to(DEVICE) for _ in range(3))
+    q_sizes, k_sizes = _sizes(1, 2, 3, 50, gen), _sizes(1, 2, 40, 50, gen)
+    block_map = (torch.rand(1, 2, 3, 40, generator=gen) < 0.7).to(DEVICE)
+    out = SA.block_sparse_attention(q, k, v, q_sizes, k_sizes, block_map, backend="triton")
+    assert rel_err(out, R.block_sparse_attention_ref(q, k, v, q_sizes, k_sizes, block_map)) < TOL[torch.float32] * 2
+
+
 def test_block_sparse_all_blocks_is_dense_attention():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 41, 64, generator=gen).to(DEVICE) for _ in range(3))

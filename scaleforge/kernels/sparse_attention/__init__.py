@@ -171,20 +171,13 @@ def _prefix(q, s_len, length):
 
 def sparse_decode_attention(q, k, v, mask, *, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
     """Decode attention of q (B, Hq, D) over the cached k, v (B, Hkv, S, D) tokens that mask (B, Hq, S)
-    selects; GQA when Hq > Hkv. The Triton path gathers only the selected rows. -> (B, Hq, D)."""
+    selects; GQA when Hq > Hkv. The Triton path reads only the selected rows. -> (B, Hq, D)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve(backend) == "torch":
         return ref.sparse_decode_ref(q, k, v, mask, scale)
     check_triton_device(q, k, v)
-    s = mask.shape[-1]
-    # selected token indices first: each selected token's rank is its slot; the others go to a spill slot
-    rank = mask.to(torch.int32).cumsum(-1) - 1
-    slot = torch.where(mask, rank, s).to(torch.int64)
-    idx = torch.zeros(*mask.shape[:2], s + 1, dtype=torch.int32, device=mask.device)
-    idx.scatter_(2, slot, torch.arange(s, dtype=torch.int32, device=mask.device).expand_as(slot).contiguous())
-    cnt = mask.sum(-1, dtype=torch.int32)
-    return _op.sparse_decode_op(q.contiguous(), k.contiguous(), v.contiguous(), idx[..., :s].contiguous(), cnt,
-                                scale)  # fmt: skip
+    mask = mask.to(torch.bool).expand(q.shape[0], q.shape[1], k.shape[2]).contiguous()
+    return _op.sparse_decode_op(q.contiguous(), k.contiguous(), v.contiguous(), mask, scale)
 
 
 from scaleforge.kernels.sparse_attention.svg2 import SVG2Config, SVG2State, svg2_attention  # noqa: E402

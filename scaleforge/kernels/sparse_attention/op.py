@@ -18,15 +18,15 @@ from scaleforge.kernels.sparse_attention.triton_kernels import (
 )
 
 
-def _attention_blocks(d: int, sk: int, ck: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). Key tiles never span two key clusters, so a tile much wider than the
-    mean key cluster (Sk / Ck: 33 tokens for SVG2's 1000 clusters at Wan's 32,760) is mostly masked: BLOCK_N
-    is 32 there, 64 for larger clusters. Small tiles in the interpreter (fewer masked lanes to emulate)."""
+def _attention_blocks(d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Key tiles are full (they span key clusters), so the tiles of
+    dense flash attention on H100 serve: 128 x 64 with 8 warps at D = 128, 4 warps below; 3 stages of
+    software pipelining. Small tiles in the interpreter (fewer lanes to emulate)."""
     if triton_interpreting():
-        return 16, 16, 1
+        return 16, 16, 1, 1
     if d > 128:
-        return 32, 32, 4
-    return 64, (32 if sk < 48 * ck else 64), 4
+        return 64, 32, 4, 2
+    return 128, 64, (8 if d > 64 else 4), 3
 
 
 def _offsets(sizes: torch.Tensor) -> torch.Tensor:
@@ -52,25 +52,45 @@ def _query_tiles(q_sizes: torch.Tensor, s: int, block_m: int) -> tuple[torch.Ten
     return torch.where(valid, clc, -1).to(torch.int32), start.to(torch.int32), t_max
 
 
+def _key_tables(k_sizes: torch.Tensor, block_map: torch.Tensor, block_n: int, sk: int):
+    """The selected key clusters of each query cluster laid end to end (a virtual key sequence; empty clusters
+    left out so each selected one holds >= 1 key), as (B*H*Cq, ·) int32 tables: KCUM (Ck + 1) the virtual
+    start of the i-th selected cluster (its last entry the total, repeated past the selected ones); KDELTA
+    (Ck) key position minus virtual position inside it; KTILE_C0 (cdiv(Sk, BLOCK_N)) the selected cluster of
+    each key tile's first lane. Torch ops on shapes only: no host sync."""
+    b, h, cq, ck = block_map.shape
+    sizes = k_sizes.to(torch.int32)[:, :, None, :]
+    sel = block_map & (sizes > 0)
+    # the selected clusters first, in cluster order (a stable sort of the map)
+    kidx = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True)
+    kcnt = sel.sum(-1, keepdim=True)
+    rank = torch.arange(ck, device=block_map.device)
+    sel_sizes = torch.where(rank < kcnt, sizes.expand(b, h, cq, ck).gather(-1, kidx), 0)
+    cum = torch.nn.functional.pad(sel_sizes.cumsum(-1, dtype=torch.int32), (1, 0)).reshape(-1, ck + 1)
+    k_off = _offsets(k_sizes)[:, :, None, :ck].expand(b, h, cq, ck)
+    delta = (k_off.gather(-1, kidx).reshape(-1, ck) - cum[:, :ck]).to(torch.int32)
+    tile_v = torch.arange(0, sk, block_n, device=block_map.device, dtype=torch.int32)
+    c0 = torch.searchsorted(cum, tile_v.expand(cum.shape[0], -1).contiguous(), right=True) - 1
+    return cum.contiguous(), delta.contiguous(), c0.clamp(0, ck - 1).to(torch.int32).contiguous()
+
+
 @kernel_op("scaleforge::block_sparse_attention")
 def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sizes: torch.Tensor,
                               k_sizes: torch.Tensor, block_map: torch.Tensor, causal: bool,
                               scale: float) -> torch.Tensor:  # fmt: skip
     b, h, sq, d = q.shape
     cq, ck = block_map.shape[-2:]
-    block_m, block_n, warps = _attention_blocks(d, k.shape[2], ck)
+    block_m, block_n, warps, stages = _attention_blocks(d)
     tile_cl, tile_start, t_max = _query_tiles(q_sizes, sq, block_m)
-    # the selected key clusters of each query cluster first, in cluster order (a stable sort of the map)
-    kidx = torch.argsort(block_map.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-    kcnt = block_map.sum(-1, dtype=torch.int32)
+    kcum, kdelta, ktile_c0 = _key_tables(k_sizes, block_map, block_n, k.shape[2])
     out = _backend.new_output(q.shape, q.dtype, q.device)
     torch.library.wrap_triton(_block_sparse_fwd_kernel)[(t_max, b * h)](
-        q, k, v, out, tile_cl, tile_start, _offsets(q_sizes), _offsets(k_sizes), kidx, kcnt,
+        q, k, v, out, tile_cl, tile_start, _offsets(q_sizes), kcum, kdelta, ktile_c0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        h, d, cq, ck, t_max, scale,
+        h, d, cq, ck, t_max, ktile_c0.shape[1], scale,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(d), PREC=dot_precision(),
-        num_warps=warps,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
@@ -97,7 +117,8 @@ def topp_threshold_op(w: torch.Tensor, p: float, n_min: int) -> torch.Tensor:
     r, n = w.shape
     thr = _backend.new_output((r,), torch.float32, w.device)
     torch.library.wrap_triton(_topp_threshold_kernel)[(r,)](
-        w, thr, n, p, n_min, ITERS=40, BLOCK=min(next_pow2(n), 4096), num_warps=4,
+        w, thr, n, p, n_min, PASSES=10, WAYS=16, HAS_MIN=n_min > 0, BLOCK=min(next_pow2(n), 2048),
+        num_warps=16,
     )  # fmt: skip
     return thr
 
@@ -117,23 +138,25 @@ def int4_scores_op(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, l
 
 
 @kernel_op("scaleforge::sparse_decode")
-def sparse_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, cnt: torch.Tensor,
+def sparse_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> torch.Tensor:  # fmt: skip
-    """q (B, Hq, D); k, v (B, Hkv, S, D) contiguous; idx (B, Hq, S) int32 selected token indices first, cnt
-    (B, Hq) their number -> (B, Hq, D) in q's dtype."""
+    """q (B, Hq, D); k, v (B, Hkv, S, D) contiguous; mask (B, Hq, S) bool, the tokens each q head attends to
+    -> (B, Hq, D) in q's dtype."""
     b, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     block_n = 16 if triton_interpreting() else 64
-    splits = max(1, min(64, cdiv(s, 1024)))
+    splits = max(1, min(64, cdiv(s, 512)))  # ~1,800 programs at 28 heads and >= 32k tokens
     chunk = cdiv(cdiv(s, splits), block_n) * block_n
+    splits = cdiv(s, chunk)
     po = _backend.new_output((b * hq, splits, d), torch.float32, q.device)
     pm = _backend.new_output((b * hq, splits), torch.float32, q.device)
     pl = _backend.new_output((b * hq, splits), torch.float32, q.device)
     torch.library.wrap_triton(_sparse_decode_kernel)[(splits, b * hq)](
-        q, k, v, idx, cnt, po, pm, pl, hq, hkv, s, d, splits, chunk, scale, BLOCK_N=block_n, BLOCK_D=next_pow2(d),
+        q, k, v, mask.view(torch.uint8), po, pm, pl, hq, hkv, s, d, splits, chunk, scale,
+        BLOCK_N=block_n, BLOCK_D=next_pow2(d),
     )  # fmt: skip
     m = pm.amax(-1, keepdim=True)
-    wgt = torch.exp(pm - torch.where(torch.isinf(m), 0.0, m)).nan_to_num(0.0)  # splits with no token: weight 0
+    wgt = torch.exp2(pm - torch.where(torch.isinf(m), 0.0, m)).nan_to_num(0.0)  # splits with no token: weight 0
     num = (po * wgt[..., None]).sum(1)
     den = (pl * wgt).sum(1)
     out = num / torch.where(den > 0, den, 1.0)[:, None]

@@ -12,17 +12,23 @@ from scaleforge.kernels._triton_utils import dot_f32acc
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, TILE_CL, TILE_START, Q_OFF, K_OFF, KIDX, KCNT,
+    Q, K, V, O, TILE_CL, TILE_START, Q_OFF, KCUM, KDELTA, KTILE_C0,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-    H, D, CQ, CK, T, scale,
+    H, D, CQ, CK, T, NKT, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr,
 ):  # fmt: skip
     # One program per (query tile, batch*head). A query tile is BLOCK_M rows of one query cluster (the tile
-    # table maps program -> cluster and first row; -1 marks unused programs of the upper-bound grid); it
-    # walks the key clusters the block map selects for that cluster, BLOCK_N keys at a time, with the
-    # online softmax of flash attention. Rows that see no key give 0.
-    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    # table maps program -> cluster and first row; -1 marks unused programs of the upper-bound grid). The key
+    # clusters the block map selects for that cluster, laid end to end, form one virtual key sequence of
+    # KCUM[CK] tokens; it is walked in full BLOCK_N tiles with the online softmax of flash attention, so a
+    # tile spans several small clusters instead of being padded to each cluster's end (SVG2's clusters
+    # average ~33 keys). Lane v of a tile belongs to selected cluster c = max{i: KCUM[i] <= v}, found from the
+    # tile's first cluster (KTILE_C0, built on the host) by counting the next BLOCK_N cluster starts (a
+    # selected cluster holds >= 1 key, so no tile crosses more); its key is v + KDELTA[c]. One flat loop with
+    # loads that do not depend on the previous iteration, so Triton software-pipelines it.
+    # Rows that see no key give 0. Softmax in base 2 (the scale folded with log2 e).
+    qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Inductor passes Python floats as fp64
     t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -41,32 +47,36 @@ def _block_sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n = tl.where(valid, tl.load(KCNT + bh * CQ + cl), 0)
+    row = bh * CQ + cl
+    cum = KCUM + row * (CK + 1)
+    n_keys = tl.where(valid, tl.load(cum + CK), 0)
     kbase = K + b * skb + h * skh
     vbase = V + b * svb + h * svh
-    for i in range(n):
-        kc = tl.load(KIDX + (bh * CQ + cl) * CK + i)
-        ks = tl.load(K_OFF + bh * (CK + 1) + kc)
-        ke = tl.load(K_OFF + bh * (CK + 1) + kc + 1)
-        for j in range(ks, ke, BLOCK_N):
-            cols = j + tl.arange(0, BLOCK_N)
-            cmask = cols < ke
-            kt = tl.load(kbase + cols[None, :].to(tl.int64) * sks + dcols[:, None],
-                         mask=cmask[None, :] & dmask[:, None], other=0.0)  # fmt: skip
-            s = dot_f32acc(q, kt, PREC) * scale
-            keep = cmask[None, :] & rmask[:, None]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(vbase + cols[:, None].to(tl.int64) * svs + dcols[None, :],
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
-            acc = acc * alpha[:, None] + dot_f32acc(p.to(vt.dtype), vt, PREC)
-            m_i = m_new
+    lanes = tl.arange(0, BLOCK_N)
+    for it in range(0, tl.cdiv(n_keys, BLOCK_N)):
+        vs = it * BLOCK_N + lanes
+        vmask = vs < n_keys
+        c0 = tl.load(KTILE_C0 + row * NKT + it)
+        nxt = c0 + 1 + lanes  # the next BLOCK_N cluster starts
+        starts = tl.load(cum + nxt, mask=nxt <= CK, other=2147483647)
+        c = c0 + tl.sum((starts[None, :] <= vs[:, None]).to(tl.int32), axis=1)
+        cols = vs + tl.load(KDELTA + row * CK + c, mask=vmask, other=0)
+        kt = tl.load(kbase + cols[None, :].to(tl.int64) * sks + dcols[:, None],
+                     mask=vmask[None, :] & dmask[:, None], other=0.0)  # fmt: skip
+        s = dot_f32acc(q, kt, PREC) * qk_scale
+        keep = vmask[None, :] & rmask[:, None]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(vbase + cols[:, None].to(tl.int64) * svs + dcols[None, :],
+                     mask=vmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+        acc = acc * alpha[:, None] + dot_f32acc(p.to(vt.dtype), vt, PREC)
+        m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     op = O + b * sob + h * soh + rows[:, None].to(tl.int64) * sos + dcols[None, :]
     tl.store(op, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -103,11 +113,14 @@ def _kmeans_assign_kernel(X, C, CN, LABELS, S, NC, D, BLOCK_S: tl.constexpr, BLO
 
 
 @triton.jit
-def _topp_threshold_kernel(W, THR, N, p, n_min, ITERS: tl.constexpr, BLOCK: tl.constexpr):
-    # One program per row of probabilities (Twilight's sort-free top-p): binary search for the largest tau
-    # with sum(w >= tau) >= p; keeping w >= tau keeps the mass >= p (invariant: the lower bound always
-    # satisfies it). With n_min > 0 the threshold is also lowered to the n_min-th largest value (a second
-    # search on counts), so at least n_min entries are kept. Rows longer than BLOCK are walked in tiles.
+def _topp_threshold_kernel(W, THR, N, p, n_min, PASSES: tl.constexpr, WAYS: tl.constexpr, HAS_MIN: tl.constexpr,
+                           BLOCK: tl.constexpr):  # fmt: skip
+    # One program per row of probabilities (Twilight's sort-free top-p): search for the largest tau with
+    # sum(w >= tau) >= p; keeping w >= tau keeps the mass >= p (invariant: the lower bound always satisfies
+    # it). Each pass over the row tests WAYS evenly spaced candidates at once and keeps the sub-interval of
+    # the largest that satisfies, so PASSES passes narrow the interval by WAYS**PASSES (as many bisection
+    # steps, in a fraction of the passes over memory). With HAS_MIN the threshold is also lowered to the
+    # n_min-th largest value (a second search on counts), so at least n_min entries are kept.
     p = tl.cast(p, tl.float32)  # Inductor passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
     base = W + row * N
@@ -116,28 +129,32 @@ def _topp_threshold_kernel(W, THR, N, p, n_min, ITERS: tl.constexpr, BLOCK: tl.c
     for j in range(0, N, BLOCK):
         cols = j + tl.arange(0, BLOCK)
         wmax = tl.maximum(wmax, tl.max(tl.load(base + cols, mask=cols < N, other=0.0)))
+    ways = tl.arange(0, WAYS)
+    frac = ways.to(tl.float32) / WAYS
     lo = zero
     hi = wmax
     lo_n = zero
     hi_n = wmax
-    for _ in range(ITERS):
-        mid = (lo + hi) * 0.5
-        mid_n = (lo_n + hi_n) * 0.5
-        mass = zero
-        count = tl.sum(tl.zeros([BLOCK], dtype=tl.int32))
+    for _ in range(PASSES):
+        cand = lo + (hi - lo) * frac
+        cand_n = lo_n + (hi_n - lo_n) * frac
+        mass = tl.zeros([WAYS], dtype=tl.float32)
+        count = tl.zeros([WAYS], dtype=tl.int32)
         for j in range(0, N, BLOCK):
             cols = j + tl.arange(0, BLOCK)
             w = tl.load(base + cols, mask=cols < N, other=-1.0)
-            mass += tl.sum(tl.where(w >= mid, w, 0.0))
-            count += tl.sum((w >= mid_n).to(tl.int32))
-        up = mass >= p
-        lo = tl.where(up, mid, lo)
-        hi = tl.where(up, hi, mid)
-        up_n = count >= n_min
-        lo_n = tl.where(up_n, mid_n, lo_n)
-        hi_n = tl.where(up_n, hi_n, mid_n)
+            mass += tl.sum(tl.where(w[:, None] >= cand[None, :], w[:, None], 0.0), axis=0)
+            if HAS_MIN:
+                count += tl.sum((w[:, None] >= cand_n[None, :]).to(tl.int32), axis=0)
+        k = tl.max(tl.where(mass >= p, ways, 0))  # candidate 0 is lo, which satisfies
+        hi = tl.where(k + 1 < WAYS, tl.sum(tl.where(ways == k + 1, cand, 0.0)), hi)
+        lo = tl.sum(tl.where(ways == k, cand, 0.0))
+        if HAS_MIN:
+            k_n = tl.max(tl.where(count >= n_min, ways, 0))
+            hi_n = tl.where(k_n + 1 < WAYS, tl.sum(tl.where(ways == k_n + 1, cand_n, 0.0)), hi_n)
+            lo_n = tl.sum(tl.where(ways == k_n, cand_n, 0.0))
     thr = lo
-    if n_min > 0:
+    if HAS_MIN:
         thr = tl.minimum(lo, lo_n)
     tl.store(THR + row, thr)
 
@@ -173,11 +190,13 @@ def _int4_scores_kernel(Q, KP, KS, KZ, OUT, HQ, HKV, S, D, LEN, scale, BLOCK_S: 
 
 
 @triton.jit
-def _sparse_decode_kernel(Q, K, V, IDX, CNT, PO, PM, PL, HQ, HKV, S, D, SPLITS, CHUNK, scale,
+def _sparse_decode_kernel(Q, K, V, MASK, PO, PM, PL, HQ, HKV, S, D, SPLITS, CHUNK, scale,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    # One program per (split, batch*q head): the online softmax over its chunk of the selected token indices
-    # (gathered rows of the q head's kv head); partial (acc, max, sum) combined afterwards (flash decoding).
-    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
+    # One program per (split, batch*q head): the online softmax over its CHUNK of cache positions, reading
+    # the K / V rows (of the q head's kv head) only where the token mask selects them (masked lanes issue no
+    # memory traffic), so the kernel needs no compacted index list and every split has work; partial
+    # (acc, max, sum) combined afterwards (flash decoding). A tile with no selected token is skipped.
+    scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # base-2 softmax; Inductor passes fp64 floats
     sp = tl.program_id(0)
     bhq = tl.program_id(1).to(tl.int64)
     b = bhq // HQ
@@ -186,29 +205,27 @@ def _sparse_decode_kernel(Q, K, V, IDX, CNT, PO, PM, PL, HQ, HKV, S, D, SPLITS, 
     dcols = tl.arange(0, BLOCK_D)
     dmask = dcols < D
     q = tl.load(Q + bhq * D + dcols, mask=dmask, other=0.0).to(tl.float32)
-    n = tl.load(CNT + bhq)
     start = sp * CHUNK
-    end = tl.minimum(start + CHUNK, n)
+    end = tl.minimum(start + CHUNK, S)
     l_i = tl.max(tl.zeros([BLOCK_N], dtype=tl.float32))  # fp32 scalars (loop-carried values need a type)
     m_i = l_i + float("-inf")
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for j in range(start, end, BLOCK_N):
         offs = j + tl.arange(0, BLOCK_N)
-        nmask = offs < end
-        idx = tl.load(IDX + bhq * S + offs, mask=nmask, other=0).to(tl.int64)
-        kk = tl.load(K + (kv * S + idx[:, None]) * D + dcols[None, :], mask=nmask[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
-        s = tl.sum(kk * q[None, :], axis=1) * scale
-        s = tl.where(nmask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe)
-        vv = tl.load(V + (kv * S + idx[:, None]) * D + dcols[None, :], mask=nmask[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
-        acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
-        l_i = l_i * alpha + tl.sum(p)
-        m_i = m_new
+        nmask = (tl.load(MASK + bhq * S + offs, mask=offs < end, other=0) != 0)
+        if tl.max(nmask.to(tl.int32)) > 0:
+            rows = (kv * S + offs[:, None].to(tl.int64)) * D + dcols[None, :]
+            kk = tl.load(K + rows, mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            s = tl.sum(kk * q[None, :], axis=1) * scale
+            s = tl.where(nmask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe)
+            vv = tl.load(V + rows, mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+            l_i = l_i * alpha + tl.sum(p)
+            m_i = m_new
     out = bhq * SPLITS + sp
     tl.store(PO + out * D + dcols, acc, mask=dmask)
     tl.store(PM + out, m_i)

@@ -24,7 +24,18 @@ class TwilightDecode:
             raise ValueError(f"twilight skip_layers must be >= 0, got {skip_layers}")
         self.top_p, self.skip_layers, self.track_true_mass, self.backend = top_p, skip_layers, track_true_mass, backend
         self._codes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.stats = {"min_est_mass": float("inf"), "min_true_mass": float("inf"), "kept": 0, "total": 0}
+        # running statistics kept as device tensors: reading them per layer would sync the host every call
+        self._min_est: torch.Tensor | None = None
+        self._min_true: torch.Tensor | None = None
+        self._kept: torch.Tensor | None = None
+        self._total = 0
+
+    @property
+    def stats(self) -> dict:
+        """The statistics so far as Python numbers (one host sync, when read)."""
+        num = lambda t, empty: empty if t is None else t.item()  # noqa: E731
+        return {"min_est_mass": num(self._min_est, float("inf")), "min_true_mass": num(self._min_true, float("inf")),
+                "kept": num(self._kept, 0), "total": self._total}
 
     def _int4(self, layer: int, k: torch.Tensor):
         from scaleforge.kernels.sparse_attention import quantize_int4
@@ -54,11 +65,12 @@ class TwilightDecode:
 
     @torch.no_grad()
     def _record(self, q1, k, mask, w_est):
-        st = self.stats
-        st["min_est_mass"] = min(st["min_est_mass"], float((w_est * mask).sum(-1).min()))
-        st["kept"] += int(mask.sum())
-        st["total"] += mask.numel()
+        low = lambda run, x: x if run is None else torch.minimum(run, x)  # noqa: E731
+        self._min_est = low(self._min_est, (w_est * mask).sum(-1).min())
+        kept = mask.sum()
+        self._kept = kept if self._kept is None else self._kept + kept
+        self._total += mask.numel()
         if self.track_true_mass:
             kf = k.float().repeat_interleave(q1.shape[1] // k.shape[1], dim=1)
             w = torch.softmax(torch.einsum("bhd,bhsd->bhs", q1.float(), kf) * q1.shape[-1] ** -0.5, -1)
-            st["min_true_mass"] = min(st["min_true_mass"], float((w * mask).sum(-1).min()))
+            self._min_true = low(self._min_true, (w * mask).sum(-1).min())
