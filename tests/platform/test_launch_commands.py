@@ -129,6 +129,7 @@ def test_first_failing_rank_cause_comes_first(tmp_path):
     assert r.returncode == 1
     ours = r.stderr[r.stderr.index("\nerror: worker rank"):].strip().splitlines()
     assert ours[0].startswith("error: worker rank ") and "failed first (exit code 1): TrainingError:" in ours[0]
+    assert "no checkpoint was written before it" in ours[0]  # not "the last good checkpoint is kept"
     assert ours[1].endswith("traceback:") and ours[-1].startswith("error: worker rank ")
     assert "TrainingError" in ours[-1]
 
