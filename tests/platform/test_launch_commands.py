@@ -134,11 +134,12 @@ def test_first_failing_rank_cause_comes_first(tmp_path):
     assert "TrainingError" in ours[-1]
 
 
-def _start(tmp_path, name):
+def _start(tmp_path, name, *extra):
     out = open(tmp_path / f"{name}.out", "w")
     err = open(tmp_path / f"{name}.err", "w")
     p = subprocess.Popen([str(BIN / "launch"), "--config", "lm_tiny.yaml", "--nproc", "2", f"run.name={name}",
-                          "trainer.max_steps=100000", "checkpoint.interval=0", "trainer.log_interval=1", *QUIET],
+                          "trainer.max_steps=100000", "checkpoint.interval=0", "trainer.log_interval=1", *QUIET,
+                          *extra],
                          stdout=out, stderr=err, cwd=tmp_path, env=_env(PYTHONUNBUFFERED="1"))
     deadline = time.time() + 180
     while "step 2/" not in (tmp_path / f"{name}.out").read_text():
@@ -169,12 +170,17 @@ def test_signal_writes_a_checkpoint_and_exits_with_one_line(tmp_path, sig, rc):
 @pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(tmp_path):
     name = f"abort{os.getpid()}"
-    p = _start(tmp_path, name)
+    # 16 micro-batches per rank and step: the workers are still finishing their step when the second Ctrl-C
+    # comes (after a finished stop the launcher is already on its way out)
+    p = _start(tmp_path, name, "trainer.global_batch_size=128")
     p.send_signal(signal.SIGINT)
-    time.sleep(0.5)
+    time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     out, err = _finish(p, tmp_path, name)
     assert p.returncode == 130 and "aborted: workers killed without a checkpoint" in err, err[-3000:]
+    from scaleforge.platform.checkpoint import find_latest
+
+    assert find_latest(tmp_path / "runs" / name / "checkpoints") is None
     time.sleep(1)
     workers = subprocess.run(["pgrep", "-f", f"runs/{name}/config.yaml"], capture_output=True, text=True)
     assert workers.stdout.split() == []  # no worker left running
