@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==$(TORCH_CPU_VERSION)
 	$(VPY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(VPY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(VPY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,deepspeed]"
 	touch $@
 
 setup: $(VENV)/.installed

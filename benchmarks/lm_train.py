@@ -2,8 +2,10 @@
 and the dry-run memory estimate beside the measured peak.
 
     python benchmarks/lm_train.py --config lm_1b.yaml --nproc 1 2 --compile off on --steps 30
+    python benchmarks/lm_train.py --config lm_1b.yaml --engine fsdp2 zero2 zero3   # the two engines
 
-Each configuration is a real `launch` run (FSDP2, bf16, synthetic tokens); figures are medians over
+Each configuration is a real `launch` run (FSDP2 or DeepSpeed ZeRO-1/2/3 by ``--engine``, bf16,
+synthetic tokens), one after another on the same machine; figures are medians over
 the steps after warm-up (compile and allocator warm-up excluded). MFU uses the recipe's FLOPs formula
 (6*N*S + 12*L*H*d_head*S^2 per sample) against 989 TFLOP/s (H100/H200 BF16 dense).
 """
@@ -30,22 +32,27 @@ def estimate_gib(config: str, nproc: int, overrides: list[str]) -> float:
     return make_plan(cfg, derive_layout(cfg, nproc), recipe).memory["total"]
 
 
-def run_one(config: str, nproc: int, compile_: bool, steps: int, warmup: int, mbs: int, extra: list[str]) -> dict:
+ENGINES = {"fsdp2": ["parallel.engine=fsdp2"],
+           **{f"zero{k}": ["parallel.engine=deepspeed", f"parallel.deepspeed.zero_stage={k}"] for k in (1, 2, 3)}}
+
+
+def run_one(config: str, nproc: int, compile_: bool, steps: int, warmup: int, mbs: int, extra: list[str],
+            engine: str = "fsdp2") -> dict:
     out = Path(tempfile.mkdtemp(prefix="sf_bench_"))
     overrides = [f"trainer.max_steps={steps}", f"trainer.micro_batch_size={mbs}",
                  f"trainer.global_batch_size={mbs * nproc}", f"parallel.compile={str(compile_).lower()}",
                  "metrics.wandb.mode=disabled", "metrics.plot=false", "metrics.progress_bar=false",
                  "checkpoint.interval=0", "checkpoint.save_final=false", f"run.output_dir={out}",
-                 "run.name=bench", *extra]
+                 "run.name=bench", *ENGINES[engine], *extra]
     cmd = [sys.executable, "-m", "scaleforge.launch.cli", "--config", config, "--nproc", str(nproc),
            "--resume", "none", *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        return {"nproc": nproc, "compile": compile_, "error": (r.stderr or r.stdout)[-2000:]}
+        return {"nproc": nproc, "compile": compile_, "engine": engine, "error": (r.stderr or r.stdout)[-2000:]}
     recs = [json.loads(l) for l in (out / "bench" / "metrics.jsonl").read_text().splitlines() if l.strip()]
     steady = recs[warmup:]
     res = {
-        "nproc": nproc, "compile": compile_, "steps": len(recs),
+        "nproc": nproc, "compile": compile_, "engine": engine, "steps": len(recs),
         "tokens_per_s_per_device": statistics.median(r["tokens_per_s_per_device"] for r in steady),
         "step_time_s": statistics.median(r["step_time_s"] for r in steady),
         "sync_wait_s": statistics.median(r.get("sync_wait_s", float("nan")) for r in steady),
@@ -67,6 +74,7 @@ def main() -> None:
     ap.add_argument("--config", default="lm_1b.yaml")
     ap.add_argument("--nproc", type=int, nargs="+", default=[1])
     ap.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    ap.add_argument("--engine", nargs="+", default=["fsdp2"], choices=sorted(ENGINES))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--micro-batch", type=int, default=4)
@@ -74,22 +82,21 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     results = []
-    print("| GPUs | compile | tokens/s/GPU | MFU | step (s) | step min / p90 (s) | host wait at sync (ms) | "
+    print("| engine | GPUs | compile | tokens/s/GPU | MFU | step (s) | step min / p90 (s) | host wait at sync (ms) | "
           "peak mem (GiB) | dry-run estimate (GiB) | est./peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for n in args.nproc:
-        for c in args.compile:
-            r = run_one(args.config, n, c == "on", args.steps, args.warmup, args.micro_batch, args.overrides)
-            results.append(r)
-            if "error" in r:
-                print(f"| {n} | {c} | failed: {r['error'][-300:]!r} |", flush=True)
-                continue
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            ratio = r["estimate_gib"] / r["mem_peak_gib"] if r["mem_peak_gib"] else float("nan")
-            print(f"| {n} | {c} | {r['tokens_per_s_per_device']:,.0f} | {mfu} | {r['step_time_s']:.3f} | "
-                  f"{r['step_time_min_s']:.3f} / {r['step_time_p90_s']:.3f} | "
-                  f"{1e3 * r['sync_wait_s']:.1f} | {r['mem_peak_gib']:.1f} | {r['estimate_gib']:.1f} | "
-                  f"{ratio:.2f} |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for e, n, c in ((e, n, c) for e in args.engine for n in args.nproc for c in args.compile):
+        r = run_one(args.config, n, c == "on", args.steps, args.warmup, args.micro_batch, args.overrides, e)
+        results.append(r)
+        if "error" in r:
+            print(f"| {e} | {n} | {c} | failed: {r['error'][-300:]!r} |", flush=True)
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        ratio = r["estimate_gib"] / r["mem_peak_gib"] if r["mem_peak_gib"] else float("nan")
+        print(f"| {e} | {n} | {c} | {r['tokens_per_s_per_device']:,.0f} | {mfu} | {r['step_time_s']:.3f} | "
+              f"{r['step_time_min_s']:.3f} / {r['step_time_p90_s']:.3f} | "
+              f"{1e3 * r['sync_wait_s']:.1f} | {r['mem_peak_gib']:.1f} | {r['estimate_gib']:.1f} | "
+              f"{ratio:.2f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -105,6 +105,13 @@ def resolve_job(args):
         nnodes = args.nnodes or 1
     if cfg.cluster.procs_per_node < 1:
         _fail(f"cluster.procs_per_node: must be >= 1, got {cfg.cluster.procs_per_node}")
+    if cfg.parallel.engine == "deepspeed":
+        from scaleforge.platform.config import ConfigError
+        from scaleforge.platform.deepspeed_engine import unsupported
+
+        why = unsupported(cfg)
+        if why:
+            raise ConfigError(f"parallel.engine=deepspeed: {why[0]}")
     layout = derive_layout(cfg, nnodes * cfg.cluster.procs_per_node)
     if layout.tp > 1:
         _check_tensor_parallel(cfg, layout)
@@ -166,7 +173,7 @@ def launch_main(argv: list[str] | None = None) -> int:
         cfg, layout, nnodes = resolve_job(args)
         from scaleforge.launch import preflight
         from scaleforge.platform.config import to_yaml
-        from scaleforge.platform.trainer import run_dir_of
+        from scaleforge.platform.trainer import RESUME_ENV, run_dir_of
 
         preflight.check_job(cfg)
         if args.print_config:
@@ -181,6 +188,8 @@ def launch_main(argv: list[str] | None = None) -> int:
             _print_plan(cfg, layout)
         # everything else that can be wrong, for every kind of launch, before anything is written
         resume_from = preflight.check_resume(cfg, run_dir)
+        # this launch's workers take the checkpoint resolved and verified here, without verifying again
+        os.environ[RESUME_ENV] = str(resume_from) if resume_from is not None else "none"
         preflight.check_sources(cfg, layout)
         if resume_from is not None:
             step = preflight.saved_step(resume_from)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from scaleforge.platform.checkpoint import CheckpointError, resolve_resume
+from scaleforge.platform.checkpoint import CheckpointError, read_trainer_state, resolve_resume
 from scaleforge.platform.config import ConfigError, JobConfig, Layout
 
 
@@ -61,6 +61,8 @@ def check_resume(cfg: JobConfig, run_dir: Path) -> Path | None:
     if saved_recipe is not None and saved_recipe != cfg.model.recipe:
         raise CheckpointError(f"--resume: {ckpt} is a {saved_recipe!r} checkpoint, the config's recipe is "
                               f"{cfg.model.recipe!r}; {hint}")
+    if read_trainer_state(ckpt)["format"] != "dcp":  # DeepSpeed's own files: the engine checks them on load
+        return ckpt
     shapes = _saved_shapes(ckpt)
     problems = _model_mismatch(cfg, shapes)
     if problems:

@@ -8,17 +8,23 @@ Layout of ``<run_dir>/checkpoints/``::
         rank_state/rank_00000.pt   torch/CUDA/numpy/python RNG, data-loader state (one file per rank)
         trainer.json          step, world size, data-parallel size, schedule state
         config.yaml           the resolved config of the run that wrote it
-        COMPLETE              written last
+        COMPLETE              written last: JSON with every other file's size and SHA-256
     latest                    text file naming the newest complete checkpoint
 
 A save writes into ``step_XXXXXXXX.tmp`` and, once every rank has finished, rank 0 writes COMPLETE,
 renames the folder and then replaces ``latest`` atomically. A save interrupted at any point (SIGKILL,
 node failure) leaves at most a ``.tmp`` folder, which is never loaded and is removed by the next save.
+
+Integrity: COMPLETE records each file's size and SHA-256 (the ranks hash the files between them).
+``resolve_resume`` verifies a checkpoint before it is used: ``auto`` names a damaged file and falls back
+to the previous complete checkpoint that verifies; an explicit path to a damaged one is an error.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import random
 import re
 import shutil
@@ -89,7 +95,28 @@ def read_model_weights(ckpt: Path, target: dict[str, torch.Tensor], ema: bool = 
         else:
             dcp.load({"model": target}, checkpoint_id=str(ckpt), no_dist=no_dist)
         return target
+    if fmt == "deepspeed":
+        from scaleforge.platform.deepspeed_engine import read_full_weights
+
+        return _copy_full_into(target, read_full_weights(ckpt), ckpt)
     raise CheckpointError(f"{ckpt}: unknown checkpoint format {fmt!r} in trainer.json")
+
+
+def _copy_full_into(target: dict[str, torch.Tensor], full: dict[str, torch.Tensor], ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full tensors into ``target``'s plain tensors, or into this rank's shards of its DTensors."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    missing = sorted(set(target) - set(full))
+    if missing:
+        raise CheckpointError(f"{ckpt}: the checkpoint lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, t in target.items():
+            src = full[name].to(device=t.device, dtype=t.dtype)
+            if isinstance(t, DTensor):  # every rank read the full tensor: slice locally
+                t.to_local().copy_(distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None).to_local())
+            else:
+                t.copy_(src)
+    return target
 
 
 def list_complete(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -113,20 +140,23 @@ def find_latest(ckpt_root: Path) -> Path | None:
     return done[-1][1] if done else None
 
 
-def resolve_resume(spec: str, run_dir: Path) -> Path | None:
+def resolve_resume(spec: str, run_dir: Path, warn=None) -> Path | None:
     """``checkpoint.resume``: ``auto`` (latest in the run directory, if any), ``none``, or a path to a
-    checkpoint folder or to another run directory."""
+    checkpoint folder or to another run directory. Checkpoints are verified against the sizes and
+    checksums recorded when they were saved: ``auto`` (and a run directory) falls back from a damaged
+    checkpoint to the previous complete one, telling ``warn`` (default: stderr) which file is damaged;
+    an explicit checkpoint folder that is damaged is an error."""
     if spec == "none":
         return None
     if spec == "auto":
-        return find_latest(run_dir / "checkpoints")
+        return _newest_intact(run_dir / "checkpoints", warn)
     path = Path(spec)
     if path.is_file() and path.name == "latest":  # the pointer file names the checkpoint beside it
         path = path.parent
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if path.name == "checkpoints" or (path / "latest").exists():
-        found = find_latest(path)
+        found = _newest_intact(path, warn)
         if found is None:
             raise CheckpointError(f"--resume {spec}: no complete checkpoint under {path}")
         return found
@@ -138,7 +168,70 @@ def resolve_resume(spec: str, run_dir: Path) -> Path | None:
                                   f"it was interrupted while being written and cannot be used")
         raise CheckpointError(f"--resume {spec}: not a checkpoint; --resume takes a run directory, its "
                               f"checkpoints/ folder or checkpoints/latest, or a step_NNNNNNNN folder")
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"--resume {spec}: checkpoint is damaged: {problem}")
     return path
+
+
+def _newest_intact(ckpt_root: Path, warn=None) -> Path | None:
+    """The newest complete checkpoint that verifies (``latest`` first), or None when there is none."""
+    warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+    latest = find_latest(ckpt_root)
+    candidates = [latest] + [p for _, p in reversed(list_complete(ckpt_root)) if p != latest] if latest else []
+    damaged = []
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            if damaged:
+                warn(f"resuming from {path.name}, the newest intact checkpoint")
+            return path
+        damaged.append(path.name)
+        warn(f"checkpoint {path} is damaged ({problem}); trying the previous complete checkpoint")
+    if damaged:
+        raise CheckpointError(f"{ckpt_root}: every complete checkpoint is damaged ({', '.join(damaged)}); "
+                              f"resume from another run with --resume PATH or start over with --resume none")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Integrity: sizes and checksums recorded in COMPLETE
+# ---------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+
+
+def file_records(folder: Path, rank: int = 0, world_size: int = 1) -> dict[str, list]:
+    """{relative path: [bytes, sha256]} of this rank's share of the folder's files (every world_size-th)."""
+    return {rel: [(folder / rel).stat().st_size, _sha256(folder / rel)]
+            for rel in _checkpoint_files(folder)[rank::world_size]}
+
+
+def verify(folder: Path) -> str | None:
+    """None when every file recorded in COMPLETE is there with its size and checksum; otherwise what is
+    wrong, naming the file. Checkpoints whose COMPLETE records no files (older ones) are not checked."""
+    try:
+        files = json.loads((folder / COMPLETE).read_text()).get("files", {})
+    except (ValueError, AttributeError):
+        return None
+    for rel, (size, _) in files.items():  # sizes first: cheap, and what a truncated copy gets wrong
+        f = folder / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, {size} when it was saved"
+    for rel, (_, digest) in files.items():
+        if _sha256(folder / rel) != digest:
+            return f"{folder / rel} does not match the checksum recorded when it was saved"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,9 +312,12 @@ class CheckpointManager:
         dist.barrier()
         if p.step in faults.steps(faults.KILL_DURING_SAVE):
             faults.kill_self()
+        shares = [None] * self.world_size  # every rank hashes its share of the files
+        dist.all_gather_object(shares, file_records(p.tmp, self.rank, self.world_size))
         if self.rank == 0:
+            files = {k: v for share in shares for k, v in share.items()}
             with open(p.tmp / COMPLETE, "w") as f:
-                f.write(f"{time.time()}\n")
+                f.write(json.dumps({"completed_at": time.time(), "files": dict(sorted(files.items()))}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(p.tmp, p.final)
@@ -250,7 +346,13 @@ class CheckpointManager:
         if not is_complete(path):
             raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
         trainer_state = read_trainer_state(path)
-        fmt = trainer_state.get("format", "dcp")
+        fmt = trainer_state["format"]
+        if fmt == "deepspeed" and trainer_state["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"{path}: a DeepSpeed checkpoint of {trainer_state['world_size']} processes cannot be resumed with "
+                f"{self.world_size} (DeepSpeed's partitions are per rank); resume with --nproc/--nodes giving "
+                f"{trainer_state['world_size']} processes, or start a new run from its weights with "
+                f"model.init_from_run=<this run's directory> (NVILA) or export it and set model.init_from")
         if fmt != engine.checkpoint_format:
             raise CheckpointError(f"{path}: written by the {fmt!r} engine's checkpointing; this run's engine "
                                   f"writes {engine.checkpoint_format!r} (parallel.engine must match to resume; "

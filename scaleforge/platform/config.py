@@ -98,6 +98,16 @@ class TrainerConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """``parallel.engine=deepspeed``: DeepSpeed ZeRO (its config is derived from ours; see deepspeed_engine.py)."""
+
+    zero_stage: int = 3  # 1: optimizer states partitioned, 2: + gradients, 3: + parameters
+    offload_optimizer: bool = False  # optimizer states and the update on the CPU (ZeRO-Offload)
+    offload_param: bool = False  # parameters on the CPU between uses (ZeRO-3 only)
+    bucket_size: int = 500_000_000  # elements per reduce / all-gather bucket
+
+
+@dataclass
 class ParallelConfig:
     engine: str = "fsdp2"  # fsdp2 | deepspeed
     dp_shard: int = -1  # -1: world_size // dp_replicate
@@ -110,6 +120,7 @@ class ParallelConfig:
     fsdp_group_size: int = 1  # consecutive FSDP units of the recipe's plan sharded as one group
     fp8: str = "none"  # none | coat
     tp: int = 1  # tensor-parallel size (megatron-core layers + sequence parallelism; innermost mesh dimension)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass

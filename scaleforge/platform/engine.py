@@ -429,4 +429,8 @@ def _copy_full_init(model: nn.Module, recipe: Recipe, seed: int, tp=None, pretra
 def build_engine(cfg: JobConfig, layout: Layout, info: DistInfo, recipe: Recipe) -> Engine:
     if cfg.parallel.engine == "fsdp2":
         return FSDP2Engine(cfg, layout, info, recipe)
-    raise ConfigError(f"parallel.engine: {cfg.parallel.engine!r} is not available yet (fsdp2 is)")
+    if cfg.parallel.engine == "deepspeed":
+        from scaleforge.platform.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, layout, info, recipe)
+    raise ConfigError(f"parallel.engine: {cfg.parallel.engine!r} is not one of fsdp2, deepspeed")

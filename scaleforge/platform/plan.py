@@ -123,6 +123,8 @@ def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
         f"optimizer ({cfg.optim.name})": _optimizer_bytes(model, plan.frozen, cfg.optim.name, per_device) / shard / gib,
         "unsharded units": (compute_bytes * (root + 2 * largest) + compute_bytes * largest) / gib,
     }
+    if cfg.parallel.engine == "deepspeed":
+        mem = _deepspeed_memory(cfg, layout, total, trainable, largest)
     act = recipe.activation_bytes(layout.micro_batch_size, cfg.parallel.activation_checkpointing == "full",
                                   compiled=cfg.parallel.compile)
     if act is not None:
@@ -130,12 +132,41 @@ def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
         # activations per device are about 1/tp of tp = 1's (Korthikanti et al., 2022).
         mem["activations"] = act / layout.tp / gib
     mem["total"] = sum(mem.values())
-    if act is not None and layout.grad_accum == 1:
+    if act is not None and layout.grad_accum == 1 and "grads (fp32)" in mem:
         # Without accumulation, full activations and full gradients never coexist: the peak is at the
         # start of backward (every activation saved, almost no gradient yet); each block's backward
         # then frees its activations as it produces its gradients. The larger of the two counts.
         mem["total"] -= min(mem["activations"], mem["grads (fp32)"])
     extra = {k: v for k, v in recipe.describe(model).items()}
+    if cfg.parallel.engine == "deepspeed":
+        ds = cfg.parallel.deepspeed
+        extra["engine"] = (f"DeepSpeed ZeRO-{ds.zero_stage}" + (", optimizer offload" if ds.offload_optimizer else "")
+                           + (", parameter offload" if ds.offload_param else "")
+                           + "; model states by DeepSpeed's estimate_zero*_model_states_mem_needs")
     if act is None:
         extra["note"] = "the recipe gives no activation-memory model; activations are not in the estimate"
     return Plan(layout, total, trainable, components, mem, extra)
+
+
+def _deepspeed_memory(cfg: JobConfig, layout: Layout, total: int, trainable: int, largest_unit: int) -> dict[str, float]:
+    """Model-state memory per GPU by DeepSpeed's own rules (its ``estimate_zero2/3_model_states_mem_needs``;
+    ZeRO-1 by the same byte counts with the gradients not partitioned), trainable parameters as DeepSpeed
+    counts them, plus the frozen parameters' 16-bit copies (partitioned under ZeRO-3)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    ds, n, gib = cfg.parallel.deepspeed, layout.world_size, 2**30
+    frozen = total - trainable
+    if ds.zero_stage == 3:
+        _, states, _ = estimate_zero3_model_states_mem_needs(trainable, largest_unit, num_gpus_per_node=n,
+                                                          cpu_offload=ds.offload_optimizer,
+                                                          cpu_offload_params=ds.offload_param, zero_init=False)
+        frozen_bytes = 2 * frozen / n
+    elif ds.zero_stage == 2:
+        _, states = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=n,
+                                                          cpu_offload=ds.offload_optimizer)
+        frozen_bytes = 2 * frozen
+    else:  # 16-bit parameters and gradients in full, fp32 master weights, gradients and Adam states partitioned
+        states = 2 * trainable + (2 * trainable if ds.offload_optimizer else 2 * trainable + 16 * trainable / n)
+        frozen_bytes = 2 * frozen
+    return {f"model states (ZeRO-{ds.zero_stage})": states / gib, "frozen params (16-bit)": frozen_bytes / gib}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ from scaleforge.platform.metrics import MetricsLogger, device_peak_flops, trunca
 from scaleforge.platform.recipe import DataContext, Recipe
 
 PREEMPT_FILE = "PREEMPT"
+#: set by ``launch`` for its workers: the checkpoint it resolved and verified (a path, or "none")
+RESUME_ENV = "SCALEFORGE_RESUME_FROM"
 DONE_FILE = "DONE"  # written when max_steps is reached: a Slurm job never requeues a finished run
 
 
@@ -147,7 +150,7 @@ def _resume(cfg: JobConfig, run_dir: Path, ckpt: CheckpointManager, engine: Engi
             layout) -> tuple[int, str | None]:
     """(step, message): the checkpoint ``checkpoint.resume`` names restored into the engine, the
     schedule, the data loader and the RNG streams; (0, None) for a fresh start."""
-    resume_path = resolve_resume(cfg.checkpoint.resume, run_dir)
+    resume_path = _resume_path(cfg, run_dir, info)
     if resume_path is None:
         return 0, None
     trainer_state, rank_states = ckpt.load(resume_path, engine)
@@ -186,6 +189,19 @@ def _load_schedule(engine: Engine, saved: dict[str, Any]) -> None:
         else:
             group["lr"] = lr
     sched._last_lr = lrs
+
+
+def _resume_path(cfg: JobConfig, run_dir: Path, info) -> Path | None:
+    """The checkpoint to resume from: the one the launcher resolved and verified (``RESUME_ENV``), else
+    rank 0 resolves and verifies ``checkpoint.resume`` and tells the others (one verification, one
+    choice for every rank)."""
+    chosen = os.environ.get(RESUME_ENV)
+    if chosen is not None:
+        return None if chosen == "none" else Path(chosen)
+    found = [resolve_resume(cfg.checkpoint.resume, run_dir) if info.is_main else None]
+    if info.world_size > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 class _StopRequests:

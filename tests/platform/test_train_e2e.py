@@ -69,6 +69,24 @@ def test_resume_after_sigkill_is_bit_identical(reference, tmp_path, run_env):
     assert losses(run) == losses(reference)  # bit-identical floats, every step once
 
 
+def test_damaged_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, run_env):
+    """A complete checkpoint whose shard was later truncated: --resume PATH to it is a one-line error naming
+    the file; --resume auto names it and resumes from the previous complete checkpoint, bit-identically."""
+    launch(run_env, tmp_path, "d", "trainer.exit_after_steps=8")  # checkpoints of steps 4 and 8
+    run = tmp_path / "d"
+    step8 = run / "checkpoints" / "step_00000008"
+    shard = sorted(step8.glob("*.distcp"))[0]
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:size // 2])
+    r = launch(run_env, tmp_path, "d", "--resume", str(step8), check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: --resume {step8}: checkpoint is damaged: {shard} has "
+                                             f"{size // 2} bytes, {size} when it was saved"]
+    r = launch(run_env, tmp_path, "d")
+    assert str(shard) in r.stderr and "resumed from" in r.stdout and "at step 4" in r.stdout
+    assert losses(run) == losses(reference)
+
+
 def test_interrupted_save_is_never_used(reference, tmp_path, run_env):
     r = launch(run_env, tmp_path, "i", env={"SCALEFORGE_FAULT_KILL_DURING_SAVE": "8"}, check=False)
     assert r.returncode != 0

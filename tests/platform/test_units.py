@@ -82,6 +82,44 @@ def test_find_latest_skips_incomplete_and_stale_pointer(tmp_path):
     assert resolve_resume("none", run) is None
 
 
+def _recorded_ckpt(root: Path, step: int) -> Path:
+    """A complete checkpoint whose COMPLETE records its files' sizes and checksums, as a save writes it."""
+    from scaleforge.platform.checkpoint import file_records
+
+    p = root / f"step_{step:08d}"
+    (p / "rank_state").mkdir(parents=True)
+    (p / "trainer.json").write_text("{}")
+    (p / "__0_0.distcp").write_bytes(bytes(range(256)) * 64)
+    (p / "rank_state" / "rank_00000.pt").write_bytes(b"rng" * 10)
+    (p / COMPLETE).write_text(json.dumps({"completed_at": 0.0, "files": file_records(p)}))
+    return p
+
+
+def test_damaged_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
+    from scaleforge.platform.checkpoint import resolve_resume, verify
+
+    root = tmp_path / "checkpoints"
+    _recorded_ckpt(root, 4)
+    newest = _recorded_ckpt(root, 8)
+    (root / "latest").write_text("step_00000008\n")
+    assert verify(newest) is None and resolve_resume("auto", tmp_path) == newest
+    shard = newest / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated, as a failed copy leaves it
+    assert verify(newest) == f"{shard} has 1000 bytes, 16384 when it was saved"
+    warnings = []
+    assert resolve_resume("auto", tmp_path, warn=warnings.append) == root / "step_00000004"
+    assert str(shard) in warnings[0] and "step_00000004" in warnings[1]
+    with pytest.raises(CheckpointError, match=r"^--resume .*step_00000008: checkpoint is damaged: .*__0_0.distcp has "
+                                              r"1000 bytes, 16384 when it was saved$"):
+        resolve_resume(str(newest), tmp_path)
+    # same size, other bytes: the checksum catches it; with no intact checkpoint left, auto is an error
+    old = root / "step_00000004" / "rank_state" / "rank_00000.pt"
+    old.write_bytes(b"RNG" * 10)
+    assert "does not match the checksum" in verify(root / "step_00000004")
+    with pytest.raises(CheckpointError, match="every complete checkpoint is damaged"):
+        resolve_resume("auto", tmp_path, warn=warnings.append)
+
+
 def test_retention_keeps_last_k_and_every_m(tmp_path):
     mgr = CheckpointManager.__new__(CheckpointManager)
     mgr.root, mgr.cfg = tmp_path, SimpleNamespace(keep_last=2, keep_every=10)
