@@ -167,3 +167,22 @@ def test_zero3_text_only_micro_batch_on_one_rank_does_not_hang(ds_env, tmp_path)
                "trainer.micro_batch_size=1", "model.synthetic.image_prob=0.3", "trainer.collective_timeout_s=120",
                timeout=400)
     assert [rec["step"] for rec in records(tmp_path / "t")] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size_is_a_clear_error(runs, ds_env, tmp_path):
+    """DeepSpeed's partitions are per rank: resuming a 2-process ZeRO checkpoint with 1 process stops with a
+    message that says what to do, and writes nothing into the run."""
+    import shutil
+
+    run = tmp_path / "lm_zero2"
+    shutil.copytree(runs("lm", "zero2"), run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    config, overrides = RECIPES["lm"]
+    r = subprocess.run([str(BIN / "launch"), "--config", config, "--nproc", "1", f"run.output_dir={tmp_path}",
+                        "run.name=lm_zero2", *COMMON, *overrides, *ZERO["zero2"], "trainer.max_steps=25"],
+                       capture_output=True, text=True, env=ds_env, timeout=300)
+    assert r.returncode != 0
+    assert "a DeepSpeed checkpoint of 2 processes cannot be resumed with 1" in r.stderr
+    assert "giving 2 processes" in r.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
