@@ -168,6 +168,10 @@ def test_twilight_select_and_sparse_decode_match_reference(dtype):
     out = SA.sparse_decode_attention(q, k, v, mask, backend="triton")
     ref = R.sparse_decode_ref(q.float(), k.float(), v.float(), mask)
     assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype] * 2
+    none = mask.clone()
+    none[0, 1] = False  # a head with no selected token gives 0, the others are unchanged
+    out_none = SA.sparse_decode_attention(q, k, v, none, backend="triton")
+    assert not out_none[0, 1].any() and torch.equal(out_none[1], out[1])
     full = torch.ones(b, hq, s, dtype=torch.bool, device=DEVICE)
     dense = F.scaled_dot_product_attention(q.float()[:, :, None], k.float(), v.float(), enable_gqa=True)[:, :, 0]
     assert rel_err(SA.sparse_decode_attention(q, k, v, full, backend="triton"), dense) < TOL[dtype] * 2

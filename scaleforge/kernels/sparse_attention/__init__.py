@@ -162,7 +162,8 @@ def twilight_select(q, packed, scale, lo, p: float, length: int | None = None, *
         scores = _op.int4_scores_op(q.contiguous(), packed.contiguous(), scale.float().contiguous(),
                                     lo.float().contiguous(), length, q.shape[-1] ** -0.5)  # fmt: skip
         w = torch.softmax(scores, dim=-1)
-    return topp_mask(w, p, backend=backend) & _prefix(q, s_len, length), w
+    mask = topp_mask(w, p, backend=backend)
+    return (mask if length == s_len else mask & _prefix(q, s_len, length)), w
 
 
 def _prefix(q, s_len, length):

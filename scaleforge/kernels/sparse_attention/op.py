@@ -11,6 +11,7 @@ from scaleforge.kernels._backend import triton_interpreting
 from scaleforge.kernels._triton_utils import cdiv, dot_precision, kernel_op, next_pow2
 from scaleforge.kernels.sparse_attention.triton_kernels import (
     _block_sparse_fwd_kernel,
+    _decode_combine_kernel,
     _int4_scores_kernel,
     _kmeans_assign_kernel,
     _sparse_decode_kernel,
@@ -61,10 +62,13 @@ def _key_tables(k_sizes: torch.Tensor, block_map: torch.Tensor, block_n: int, sk
     b, h, cq, ck = block_map.shape
     sizes = k_sizes.to(torch.int32)[:, :, None, :]
     sel = block_map & (sizes > 0)
-    # the selected clusters first, in cluster order (a stable sort of the map)
-    kidx = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True)
-    kcnt = sel.sum(-1, keepdim=True)
+    # the selected clusters first, in cluster order: each one's rank among them is its slot (no sort); the
+    # others go to a spill slot, dropped
     rank = torch.arange(ck, device=block_map.device)
+    slot = torch.where(sel, sel.cumsum(-1) - 1, ck)
+    kidx = torch.zeros(b, h, cq, ck + 1, dtype=torch.int64, device=block_map.device)
+    kidx = kidx.scatter_(-1, slot, rank.expand(b, h, cq, ck).contiguous())[..., :ck]
+    kcnt = sel.sum(-1, keepdim=True)
     sel_sizes = torch.where(rank < kcnt, sizes.expand(b, h, cq, ck).gather(-1, kidx), 0)
     cum = torch.nn.functional.pad(sel_sizes.cumsum(-1, dtype=torch.int32), (1, 0)).reshape(-1, ck + 1)
     k_off = _offsets(k_sizes)[:, :, None, :ck].expand(b, h, cq, ck)
@@ -131,8 +135,9 @@ def int4_scores_op(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, l
     hkv, s = packed.shape[1], packed.shape[2]
     out = _backend.new_output((b, hq, s), torch.float32, q.device)
     block_s = 32 if triton_interpreting() else 128
-    torch.library.wrap_triton(_int4_scores_kernel)[(cdiv(s, block_s), b * hq)](
-        q, packed, scale, lo, out, hq, hkv, s, d, length, softmax_scale, BLOCK_S=block_s, HALF_D=next_pow2(d // 2),
+    torch.library.wrap_triton(_int4_scores_kernel)[(cdiv(s, block_s), b * hkv)](
+        q, packed, scale, lo, out, hq, hkv, s, d, length, softmax_scale, GROUP=hq // hkv, BLOCK_S=block_s,
+        HALF_D=next_pow2(d // 2),
     )  # fmt: skip
     return out
 
@@ -145,9 +150,9 @@ def sparse_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     b, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     block_n = 16 if triton_interpreting() else 64
-    splits = max(1, min(64, cdiv(s, 512)))  # ~1,800 programs at 28 heads and >= 32k tokens
+    # a power of 2 (the combine holds all splits in one tile); ~1,800 programs at 28 heads and >= 32k tokens
+    splits = min(64, max(2, next_pow2(cdiv(s, 512))))
     chunk = cdiv(cdiv(s, splits), block_n) * block_n
-    splits = cdiv(s, chunk)
     po = _backend.new_output((b * hq, splits, d), torch.float32, q.device)
     pm = _backend.new_output((b * hq, splits), torch.float32, q.device)
     pl = _backend.new_output((b * hq, splits), torch.float32, q.device)
@@ -155,9 +160,7 @@ def sparse_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q, k, v, mask.view(torch.uint8), po, pm, pl, hq, hkv, s, d, splits, chunk, scale,
         BLOCK_N=block_n, BLOCK_D=next_pow2(d),
     )  # fmt: skip
-    m = pm.amax(-1, keepdim=True)
-    wgt = torch.exp2(pm - torch.where(torch.isinf(m), 0.0, m)).nan_to_num(0.0)  # splits with no token: weight 0
-    num = (po * wgt[..., None]).sum(1)
-    den = (pl * wgt).sum(1)
-    out = num / torch.where(den > 0, den, 1.0)[:, None]
-    return out.reshape(b, hq, d).to(q.dtype)
+    out = _backend.new_output((b, hq, d), q.dtype, q.device)
+    torch.library.wrap_triton(_decode_combine_kernel)[(b * hq,)](po, pm, pl, out, d, SPLITS=splits,
+                                                                 BLOCK_D=next_pow2(d))  # fmt: skip
+    return out

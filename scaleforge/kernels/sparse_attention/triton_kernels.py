@@ -160,33 +160,35 @@ def _topp_threshold_kernel(W, THR, N, p, n_min, PASSES: tl.constexpr, WAYS: tl.c
 
 
 @triton.jit
-def _int4_scores_kernel(Q, KP, KS, KZ, OUT, HQ, HKV, S, D, LEN, scale, BLOCK_S: tl.constexpr,
+def _int4_scores_kernel(Q, KP, KS, KZ, OUT, HQ, HKV, S, D, LEN, scale, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
                         HALF_D: tl.constexpr):  # fmt: skip
-    # One program per (key tile, batch*q head): q·k̃ with k̃ = code·scale + min dequantized from the packed
-    # INT4 keys (two codes per byte, low nibble first) of the q head's kv head; keys past LEN score -inf.
+    # One program per (key tile, batch*kv head), for all GROUP q heads of that kv head (GQA), so the packed
+    # keys are read once instead of once per q head: q·k̃ with k̃ = code·scale + min dequantized from the
+    # packed INT4 keys (two codes per byte, low nibble first); keys past LEN score -inf.
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64
     pid = tl.program_id(0)
-    bhq = tl.program_id(1).to(tl.int64)
-    b = bhq // HQ
-    hk = (bhq % HQ) // (HQ // HKV)
-    kv = b * HKV + hk
+    kv = tl.program_id(1).to(tl.int64)
+    b = kv // HKV
+    hk = kv % HKV
     rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     rmask = rows < LEN
     j = tl.arange(0, HALF_D)
     jmask = j < D // 2
-    q_even = tl.load(Q + bhq * D + 2 * j, mask=jmask, other=0.0).to(tl.float32)
-    q_odd = tl.load(Q + bhq * D + 2 * j + 1, mask=jmask, other=0.0).to(tl.float32)
     packed = tl.load(KP + (kv * S + rows[:, None]) * (D // 2) + j[None, :], mask=rmask[:, None] & jmask[None, :],
                      other=0).to(tl.int32)  # fmt: skip
     lo_code = (packed & 15).to(tl.float32)
     hi_code = (packed >> 4).to(tl.float32)
     ks = tl.load(KS + kv * S + rows, mask=rmask, other=0.0)
     kz = tl.load(KZ + kv * S + rows, mask=rmask, other=0.0)
-    # q·(code·s + z) = s·(q·code) + z·Σq
-    qc = tl.sum(lo_code * q_even[None, :] + hi_code * q_odd[None, :], axis=1)
-    qsum = tl.sum(q_even) + tl.sum(q_odd)
-    s = (ks * qc + kz * qsum) * scale
-    tl.store(OUT + bhq * S + rows, tl.where(rmask, s, float("-inf")), mask=rows < S)
+    for g in tl.static_range(GROUP):
+        bhq = b * HQ + hk * GROUP + g
+        q_even = tl.load(Q + bhq * D + 2 * j, mask=jmask, other=0.0).to(tl.float32)
+        q_odd = tl.load(Q + bhq * D + 2 * j + 1, mask=jmask, other=0.0).to(tl.float32)
+        # q·(code·s + z) = s·(q·code) + z·Σq
+        qc = tl.sum(lo_code * q_even[None, :] + hi_code * q_odd[None, :], axis=1)
+        qsum = tl.sum(q_even) + tl.sum(q_odd)
+        s = (ks * qc + kz * qsum) * scale
+        tl.store(OUT + bhq * S + rows, tl.where(rmask, s, float("-inf")), mask=rows < S)
 
 
 @triton.jit
@@ -230,3 +232,21 @@ def _sparse_decode_kernel(Q, K, V, MASK, PO, PM, PL, HQ, HKV, S, D, SPLITS, CHUN
     tl.store(PO + out * D + dcols, acc, mask=dmask)
     tl.store(PM + out, m_i)
     tl.store(PL + out, l_i)
+
+
+@triton.jit
+def _decode_combine_kernel(PO, PM, PL, OUT, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per batch*q head: the flash-decoding combine of the splits' partial (acc, max, sum) in base 2;
+    # splits that saw no token (max -inf) weigh 0, and a row with no token at all gives 0.
+    r = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, SPLITS)
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    pm = tl.load(PM + r * SPLITS + sp)
+    pl = tl.load(PL + r * SPLITS + sp)
+    m = tl.max(pm)
+    wgt = tl.where(pm == float("-inf"), 0.0, tl.exp2(pm - tl.where(m == float("-inf"), 0.0, m)))
+    po = tl.load(PO + (r * SPLITS + sp[:, None]) * D + dcols[None, :], mask=dmask[None, :], other=0.0)
+    num = tl.sum(po * wgt[:, None], axis=0)
+    den = tl.sum(pl * wgt)
+    tl.store(OUT + r * D + dcols, (num / tl.where(den > 0, den, 1.0)).to(OUT.dtype.element_ty), mask=dmask)
