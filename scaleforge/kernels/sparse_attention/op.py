@@ -94,7 +94,7 @@ def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h, d, cq, ck, t_max, ktile_c0.shape[1], scale,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(d), PREC=dot_precision(),
-        num_warps=warps, num_stages=stages,
+        STAGES=stages, num_warps=warps,
     )  # fmt: skip
     return out
 

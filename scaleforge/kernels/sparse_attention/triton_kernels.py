@@ -16,7 +16,7 @@ def _block_sparse_fwd_kernel(
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
     H, D, CQ, CK, T, NKT, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     # One program per (query tile, batch*head). A query tile is BLOCK_M rows of one query cluster (the tile
     # table maps program -> cluster and first row; -1 marks unused programs of the upper-bound grid). The key
@@ -26,7 +26,7 @@ def _block_sparse_fwd_kernel(
     # average ~33 keys). Lane v of a tile belongs to selected cluster c = max{i: KCUM[i] <= v}, found from the
     # tile's first cluster (KTILE_C0, built on the host) by counting the next BLOCK_N cluster starts (a
     # selected cluster holds >= 1 key, so no tile crosses more); its key is v + KDELTA[c]. One flat loop with
-    # loads that do not depend on the previous iteration, so Triton software-pipelines it.
+    # loads that do not depend on the previous iteration, software-pipelined over STAGES iterations.
     # Rows that see no key give 0. Softmax in base 2 (the scale folded with log2 e).
     qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Inductor passes Python floats as fp64
     t = tl.program_id(0)
@@ -53,7 +53,7 @@ def _block_sparse_fwd_kernel(
     kbase = K + b * skb + h * skh
     vbase = V + b * svb + h * svh
     lanes = tl.arange(0, BLOCK_N)
-    for it in range(0, tl.cdiv(n_keys, BLOCK_N)):
+    for it in tl.range(0, tl.cdiv(n_keys, BLOCK_N), num_stages=STAGES):
         vs = it * BLOCK_N + lanes
         vmask = vs < n_keys
         c0 = tl.load(KTILE_C0 + row * NKT + it)
