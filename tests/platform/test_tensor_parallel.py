@@ -10,12 +10,15 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BIN, REPO
 from scaleforge.platform.config import ConfigError, JobConfig, derive_layout
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 
 
 def _launch(run_env, *args: str) -> subprocess.CompletedProcess:
