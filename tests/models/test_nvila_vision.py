@@ -1,5 +1,5 @@
 """NVILA vision side: SigLIP parity vs transformers, Dynamic-S2 geometry and token counts, STC,
-projectors, temporal pooling (reference /work/shared/reference/nvila.md sections 2-5)."""
+projectors, temporal pooling (as the NVILA paper describes them)."""
 import math
 
 import pytest

@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  rope_theta=10000.0, max_seq_len=2048, norm_eps=1e-6, qkv_bias=True,
                  tied_embeddings=False, seq_len=128),
     # ~1.03B parameters (0.92B non-embedding incl. the output projection), seq 2048: the Llama-style
-    # counterpart of the 0.94B GPT-style model of /work/shared/reference/platforms.md section 3
+    # counterpart of the 0.94B GPT-style naive FSDP2 yardstick (benchmarks/peers/naive_fsdp2.py)
     # (dim 2048, 16 layers). FLOPs/token by our formula: 6*0.925e9 + 12*16*2048*2048 = 6.35 GFLOP,
     # vs ~6.4 GFLOP implied by that measurement.
     "1b": dict(vocab_size=50304, dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, ffn_hidden=5632,

@@ -1,6 +1,6 @@
 """The ``llm`` recipe: a dense Llama / Qwen2-style decoder trained on token sequences.
 
-FLOPs per sample (torchtitan convention, /work/shared/reference/platforms.md section 2)::
+FLOPs per sample (torchtitan convention)::
 
     flops_per_sample = 6 * N * S + 12 * L * H * d_head * S^2
 
