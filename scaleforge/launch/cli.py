@@ -291,6 +291,13 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _supported(config_cls, options: dict) -> dict:
+    """The options ``config_cls`` (a dataclass) has: torch added the agent's ``shutdown_timeout`` and
+    ``signals_to_handle`` after 2.11, the CUDA build clusters run; there the agent keeps its own defaults."""
+    fields = getattr(config_cls, "__dataclass_fields__", {})
+    return {k: v for k, v in options.items() if k in fields}
+
+
 def _run_elastic(cfg, run_dir: Path, nnodes: int, node_rank: int, master: str | None) -> int:
     """Start the workers through torch.distributed's elastic agent (what torchrun runs)."""
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -318,13 +325,13 @@ def _run_elastic(cfg, run_dir: Path, nnodes: int, node_rank: int, master: str | 
         # torchrun would set 1; a small CPU job wants the cores split between its workers instead
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.cluster.procs_per_node))
     # a stopped worker gets as long to write its checkpoint as a preempted Slurm job has
+    shutdown = dict(shutdown_timeout=max(30, cfg.cluster.preempt_grace_s),
+                    # the agent turns these into a shutdown that forwards the signal to the workers; SIGINT
+                    # stays with _Interrupts, which forwards SIGTERM instead
+                    signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
     lc = LaunchConfig(min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=cfg.cluster.procs_per_node,
                       run_id=run_id, rdzv_backend=backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs,
-                      max_restarts=0, monitor_interval=0.2, start_method="spawn",
-                      shutdown_timeout=max(30, cfg.cluster.preempt_grace_s),
-                      # the agent turns these into a shutdown that forwards the signal to the workers; SIGINT
-                      # stays with _Interrupts, which forwards SIGTERM instead
-                      signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
+                      max_restarts=0, monitor_interval=0.2, start_method="spawn", **_supported(LaunchConfig, shutdown))
     if backend == "static":
         host, port = master.rsplit(":", 1)
         lc.master_addr, lc.master_port = host, int(port)

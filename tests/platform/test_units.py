@@ -351,3 +351,21 @@ def test_statistics_are_read_once_per_step(tmp_path, monkeypatch):
         assert reads == [1, 2, 3, 4, 5], (name, reads)
         assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
         assert all(r["step_time_s"] > 0 for r in recs)
+
+
+def test_launch_config_options_are_passed_only_where_torch_has_them():
+    """torch 2.11 (the GPU clusters' build) has no LaunchConfig.shutdown_timeout: passing it failed every launch."""
+    from dataclasses import dataclass
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from scaleforge.launch.cli import _supported
+
+    @dataclass
+    class OlderLaunchConfig:
+        nproc_per_node: int = 1
+
+    options = dict(shutdown_timeout=60, signals_to_handle="SIGTERM")
+    assert _supported(OlderLaunchConfig, options) == {}
+    kept = _supported(LaunchConfig, options)
+    assert set(kept) == set(options) & set(LaunchConfig.__dataclass_fields__) and kept.get("shutdown_timeout", 60) == 60
