@@ -2,7 +2,6 @@
 with a falling loss, ``scaleforge export --format hf`` writes the ps3-torch layout that
 ``scaleforge.models.ps3.from_pretrained`` loads; the 2-rank loss (negatives gathered across ranks)
 equals the single-process loss on the same global batch; the 4K plan prints memory per GPU."""
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from scaleforge.platform.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -25,8 +26,7 @@ def _launch(nproc, *args, timeout=300):
 
 
 def _losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
 @pytest.mark.slow
@@ -74,8 +74,7 @@ def test_4k_slurm_dry_run_plan(tmp_path):
 
 
 def _losses_by_step(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """parallel.fp8=coat end to end through `launch --nproc 2` (gloo, CPU, torch reference kernels): the tiny LM,
 NVILA and SANA train within 2% of their BF16 runs' losses; the FP8 optimizer states resume bit for bit (also
 after SIGKILL) and reshard 2 -> 1; unsupported combinations fail in the launcher, naming the key."""
-import json
 import os
 import shutil
 import subprocess
@@ -9,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from scaleforge.platform.metrics import read_metrics
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -28,8 +29,7 @@ def launch(env, out, config, name, *extra, nproc=2, fault=None, check=True):
 
 
 def losses(run_dir):
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return {r["step"]: r["loss"] for r in recs}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
 
 
 @pytest.fixture(scope="module")

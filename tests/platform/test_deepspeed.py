@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from scaleforge.platform.metrics import read_metrics
+
 pytest.importorskip("deepspeed")
 BIN = Path(sys.executable).parent
 STEPS = 20
@@ -47,7 +49,7 @@ def launch(env, out, recipe, engine, name, *extra, check=True, fault=None, timeo
 
 
 def records(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return read_metrics(run_dir)
 
 
 def losses(run_dir):
