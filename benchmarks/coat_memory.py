@@ -19,7 +19,11 @@ DC-AE f32c32, 300 caption tokens; flow-matching MSE against random targets). "to
 
 Breakdown columns (GiB): weights = fp32 master shards; optimizer = its state tensors; grads = fp32 gradient
 shards after backward; activations = allocated memory added by the forward (saved activations plus the
-gathered bf16 weights of the last block, which is not resharded). peak_* = the timed steps' peak.
+gathered bf16 weights of the last block, which is not resharded); saved = the distinct storages autograd keeps
+for backward (saved-tensor hooks, parameters excluded); peak_fwd / peak_bwd / peak_opt = the peak allocated
+memory of each phase of the measured step (where the step's peak is). peak_alloc / peak_reserved = the timed
+steps' peak. The LM's loss is its head's summed cross-entropy (``model(ids, labels=...)``): with
+``--kernels triton`` (the GPU default) the fused linear + cross-entropy, in every mode.
 """
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ SANA_KEEP = ("patch_embed", "t_embedder", "t_block", "caption_projection", "proj
 GIB = 2**30
 
 
-def _model(name: str, layers: int | None, seq: int, device) -> torch.nn.Module:
+def _model(name: str, layers: int | None, seq: int, device, kernels: str = "torch") -> torch.nn.Module:
     arch = dict(MODELS[name])
     torch.manual_seed(0)
     if name.startswith("sana"):
@@ -58,15 +62,16 @@ def _model(name: str, layers: int | None, seq: int, device) -> torch.nn.Module:
         if layers:
             arch["n_layers"] = layers
         cfg = LLMModelConfig(preset=None, rope_theta=10000.0, max_seq_len=max(seq, 2048), norm_eps=1e-5,
-                             qkv_bias=False, tied_embeddings=False, seq_len=seq, **arch).resolved()
+                             qkv_bias=False, tied_embeddings=False, seq_len=seq, kernels=kernels, **arch).resolved()
         with torch.device(device):
             model = Transformer(cfg)
     model.init_weights()
     return model
 
 
-def build(name: str, layers: int | None, seq: int, mode: str, device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = _model(name, layers, seq, device)
+def build(name: str, layers: int | None, seq: int, mode: str, device,
+          kernels: str = "torch") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = _model(name, layers, seq, device, kernels)
     keep = SANA_KEEP if name.startswith("sana") else LM_KEEP
     if mode == "coat":
         coat.convert_to_coat(model, keep)
@@ -97,8 +102,9 @@ def _loss(model, batch) -> torch.Tensor:
     if isinstance(batch, dict):  # SANA: velocity target for noised latents
         out = model(batch["latents"], batch["t"], batch["text"])
         return torch.nn.functional.mse_loss(out.float(), batch["target"])
-    logits = model(batch[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    # the LM head's loss path: fused linear + cross-entropy with model.kernels=triton (chunks of logits), the
+    # full-logits fp32 reference otherwise; the same in every mode
+    return model(batch[:, :-1], labels=batch[:, 1:]) / batch[:, 1:].numel()
 
 
 def make_batch(model, micro: int, seq: int, device, g) -> torch.Tensor | dict:
@@ -112,18 +118,39 @@ def make_batch(model, micro: int, seq: int, device, g) -> torch.Tensor | dict:
 
 
 def step(model, opt, batch, marks: dict | None = None) -> float:
+    """One training step; with ``marks`` also the breakdown: activations (allocated memory the forward adds),
+    saved (the distinct storages autograd keeps for backward, parameters excluded), grads, and the peak of each
+    phase (forward, backward, optimizer step) to show where the step's peak is."""
     dev = next(model.parameters()).device
-    mem = torch.cuda.memory_allocated if dev.type == "cuda" else (lambda: 0)
+    cuda = dev.type == "cuda"
+    mem = torch.cuda.memory_allocated if cuda else (lambda: 0)
+
+    def phase(name):
+        if marks is not None and cuda:
+            marks[f"peak_{name}"] = torch.cuda.max_memory_allocated() / GIB
+            torch.cuda.reset_peak_memory_stats()
+
+    if marks is not None and cuda:
+        torch.cuda.reset_peak_memory_stats()
     before = mem()
-    loss = _loss(model, batch)
     if marks is not None:
+        from scaleforge.platform.memory import saved_tensor_bytes
+
+        out = []
+        marks["saved"] = saved_tensor_bytes(lambda: out.append(_loss(model, batch)), model) / GIB
+        loss = out[0]
         marks["activations"] = (mem() - before) / GIB
+    else:
+        loss = _loss(model, batch)
+    phase("fwd")
     loss.backward()
+    phase("bwd")
     if marks is not None:
         marks["grads"] = sum(g.numel() * g.element_size() for g in (getattr(p.grad, "_local_tensor", p.grad)
                                                                      for p in model.parameters())) / GIB
     opt.step()
     opt.zero_grad(set_to_none=True)
+    phase("opt")
     return loss.item()
 
 
@@ -137,12 +164,12 @@ def measure(args, mode: str, micro: int, device) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model, opt = build(args.model, args.layers, args.seq, mode, device)
+    model, opt = build(args.model, args.layers, args.seq, mode, device, args.kernels)
     weights = sum(t.numel() * t.element_size() for p in model.parameters()
                   for t in [getattr(p, "_local_tensor", p)]) / GIB
     g = torch.Generator(device=device).manual_seed(1)
     ids = make_batch(model, micro, args.seq, device, g)
-    marks: dict = {}
+    marks: dict = {f"peak_{k}": float("nan") for k in ("fwd", "bwd", "opt")}
     step(model, opt, ids)  # states exist after the first step
     step(model, opt, ids, marks)
     if cuda:
@@ -165,7 +192,7 @@ def measure(args, mode: str, micro: int, device) -> dict:
 def loss_curve(args, mode: str, device) -> list[float]:
     if args.model.startswith("sana"):
         raise SystemExit("--loss-steps: the loss curve is for the LM models")
-    model, opt = build(args.model, args.layers, args.seq, mode, device)
+    model, opt = build(args.model, args.layers, args.seq, mode, device, args.kernels)
     g = torch.Generator(device=device).manual_seed(2)
     # a learnable synthetic language: each row repeats a random 64-token phrase
     losses = []
@@ -187,6 +214,9 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=int, default=0, help="> 0: also train BF16 and COAT this many steps")
     ap.add_argument("--loss-micro", type=int, default=2)
     ap.add_argument("--loss-csv", default=None)
+    ap.add_argument("--kernels", default=None, choices=("torch", "triton"),
+                    help="the LM's model.kernels in every mode (default: triton on GPU: fused RMSNorm, SwiGLU, "
+                         "linear + cross-entropy for BF16; the same head for COAT)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, torch reference kernels")
     args = ap.parse_args()
     if args.smoke:
@@ -194,6 +224,8 @@ def main() -> None:
         args.seq, args.micro, args.steps, args.modes = 64, "1,2", 1, "bf16,coat"
         args.loss_steps = min(args.loss_steps, 3)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.kernels is None:
+        args.kernels = "triton" if device.type == "cuda" else "torch"
     if device.type == "cuda":
         torch.cuda.set_device(0)
     from scaleforge.platform.dist import _free_port
@@ -201,9 +233,9 @@ def main() -> None:
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
                                          init_method=f"tcp://127.0.0.1:{_free_port()}")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {args.model} layers={args.layers or 'preset'} seq={args.seq} on {name}")
+    print(f"# {args.model} layers={args.layers or 'preset'} seq={args.seq} kernels={args.kernels} on {name}")
     cols = ("mode", "micro", "peak_alloc", "peak_reserved", "weights", "optimizer", "grads", "activations",
-            "tokens_per_s")
+            "saved", "peak_fwd", "peak_bwd", "peak_opt", "tokens_per_s")
     print(" | ".join(f"{c:>13}" for c in cols))
     for mode in args.modes.split(","):
         for micro in map(int, args.micro.split(",")):

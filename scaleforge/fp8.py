@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleforge.kernels import dequantize_fp8, fp8_linear, layer_norm, quantize_fp8, rms_norm
+from scaleforge.kernels.fp8_linear import quantize_fp8_input
 
 GROUP = 16  # COAT's 1 x 16 groups for the inputs of non-linear layers
 AMAX_ATTR = "coat_amax"  # max|y| left on a tensor by its producer, read by FP8Linear
+CODES_ATTR = "coat_fp8_codes"  # the tensor's FP8Input, shared by the FP8Linears that read it
+KEPT_ATTR = "coat_kept_for_backward"  # saved by another op anyway: FP8Linear keeps it, not its codes
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -43,11 +46,28 @@ class FP8Block(nn.Module):
 
 
 class FP8Linear(nn.Linear):
-    """``nn.Linear`` through ``kernels.fp8_linear`` (same parameters and names; the class is swapped in place)."""
+    """``nn.Linear`` through ``kernels.fp8_linear`` (same parameters and names; the class is swapped in place).
+
+    x's FP8 codes are left on x (``CODES_ATTR``), so the next FP8Linear of the same x (k and v after q, up after
+    gate) reuses them: one quantization and one saved copy per input, not one per linear. An x marked by
+    :func:`kept_for_backward` is saved as itself and quantized again in backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         amax = getattr(x, AMAX_ATTR, None)
-        return fp8_linear(x, self.weight, self.bias, x_amax=amax)
+        if getattr(x, KEPT_ATTR, False):
+            return fp8_linear(x, self.weight, self.bias, x_amax=amax, save_x="input")
+        codes = getattr(x, CODES_ATTR, None)
+        if codes is None:
+            codes = quantize_fp8_input(x, x_amax=amax)
+            setattr(x, CODES_ATTR, codes)  # lives as long as x: freed with x after the block's forward
+        return fp8_linear(x, self.weight, self.bias, x_fp8=codes)
+
+
+def kept_for_backward(x: torch.Tensor) -> torch.Tensor:
+    """Mark x as a tensor another op already saves for backward in its own precision (the attention output,
+    which SDPA's fused kernels keep), so an FP8Linear reading it saves x itself instead of 1 B/element of codes."""
+    setattr(x, KEPT_ATTR, True)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ along its other dim in another, so each of x, w and g is needed in both layouts:
   wgrad    dw = g_qᵀ (N,M) · x_q        g_qᵀ (N,M16) row-major; x_q column-major = x_qᵀ (K,M16) row-major
 One quantize kernel per tensor reads a bf16 tile once and writes its FP8 codes in both layouts (COAT's
 fused quantize+transpose), the transposed copy with M zero-padded to a multiple of 16 for the wgrad
-contraction. The forward saves only x_qᵀ, w_qᵀ and the fp32 scales (1 byte/element, never re-quantized).
+contraction. x is quantized by its own op (``fp8_quantize_input``), so linears that read the same x share its
+codes (``x_fp8``). The forward saves x_qᵀ and its scale (1 byte/element) -- or, with ``save_x="input"``, x
+itself when another op keeps it anyway -- and the weight as given: backward quantizes the weight again (the
+same codes) instead of keeping an FP8 copy of every layer's weight from forward to backward.
 Per-tensor scale ``(amax + 1e-10) / fp8_max``: fp8.py's amax pass (the one the per-tensor ``quantize_fp8``
 uses) leaves max|x| on the device, and every program of the quantize pass turns it into the scale itself, so
 the scale never leaves the device and no extra kernel runs. HBM traffic per tensor: 2 B/elem (amax) + 2 + 1
@@ -20,15 +23,17 @@ Reference: ``reference/fp8_linear.py`` (the same quantization with fp32 GEMMs).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from scaleforge.kernels import _backend
 from scaleforge.kernels._backend import HAS_TRITON, check_triton_device, resolve
 from scaleforge.kernels.fp8 import _checked_amax, quantize_fp8
-from scaleforge.kernels.reference.fp8 import fp8_max
+from scaleforge.kernels.reference.fp8 import fp8_max, quantize_fp8_ref
 from scaleforge.kernels.reference.fp8_linear import fp8_linear_ref
 
-__all__ = ["fp8_linear"]
+__all__ = ["FP8Input", "fp8_linear", "quantize_fp8_input"]
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -112,40 +117,58 @@ def _quantize_transpose(
     return q, qt, scale
 
 
+class FP8Input(NamedTuple):
+    """x's per-tensor E4M3 codes as :func:`fp8_linear` uses them (:func:`quantize_fp8_input`): ``q`` (M, K)
+    row-major for the forward GEMM, ``qt`` (K, M16) transposed and zero-padded for the weight gradient (None
+    on the torch reference, whose GEMMs take any layout), ``scale`` fp32 0-d. Linears that read the same x
+    (q, k and v; gate and up) share one: one quantization and one saved copy instead of one per linear."""
+
+    q: torch.Tensor
+    qt: torch.Tensor | None
+    scale: torch.Tensor
+
+
+@torch.library.custom_op("scaleforge::fp8_quantize_input", mutates_args=())
+def _fp8_quantize_input(x: torch.Tensor, x_amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with direct_launch():  # an opaque custom op always runs on real tensors: plain kernel launches
+        return _quantize_transpose(x, E4M3, x_amax)
+
+
+@_fp8_quantize_input.register_fake
+def _(x, x_amax):
+    m, k = x.shape
+    return x.new_empty((m, k), dtype=E4M3), x.new_empty((k, _pad16(m)), dtype=E4M3), x.new_empty((), dtype=torch.float32)
+
+
 @torch.library.custom_op("scaleforge::fp8_linear_fwd", mutates_args=())
 def _fp8_linear_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x_amax: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(y, x_qᵀ, s_x, w_qᵀ, s_w)``: the transposed codes are what the backward GEMMs need."""
-    with direct_launch():  # an opaque custom op always runs on real tensors: plain kernel launches
-        xq, xt, sx = _quantize_transpose(x, E4M3, x_amax)
-        wq, wt, sw = _quantize_transpose(weight, E4M3)
-    out = torch._scaled_mm(
+    x: torch.Tensor, xq: torch.Tensor, xt: torch.Tensor | None, sx: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor | None, x_amax: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x_q · w_qᵀ`` from x's codes; x (its gradient's owner), xt and x_amax are there for the backward: it
+    gets xt and sx, or x itself (``xt=None``: x is kept by another op anyway) and re-quantizes it."""
+    with direct_launch():
+        wq, _, sw = _quantize_transpose(weight, E4M3)
+    return torch._scaled_mm(
         xq, wq.t(), scale_a=sx, scale_b=sw, bias=None if bias is None else bias.to(torch.bfloat16),
         out_dtype=torch.bfloat16,
     )  # fmt: skip
-    return out, xt, sx, wt, sw
 
 
 @_fp8_linear_fwd.register_fake
-def _(x, weight, bias, x_amax):
-    m, k = x.shape
-    n = weight.shape[0]
-    scalar = x.new_empty((), dtype=torch.float32)
-    return (
-        x.new_empty((m, n), dtype=torch.bfloat16),
-        x.new_empty((k, _pad16(m)), dtype=E4M3),
-        scalar,
-        weight.new_empty((k, n), dtype=E4M3),
-        scalar.clone(),
-    )
+def _(x, xq, xt, sx, weight, bias, x_amax):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
 
 
 @torch.library.custom_op("scaleforge::fp8_linear_bwd", mutates_args=())
 def _fp8_linear_bwd(
-    grad: torch.Tensor, xt: torch.Tensor, sx: torch.Tensor, wt: torch.Tensor, sw: torch.Tensor
+    grad: torch.Tensor, xt: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight is quantized again here rather than saved as codes: under FSDP2 it is the gathered bf16
+    parameter, which FSDP frees after forward and gathers again for backward, so no FP8 copy of every
+    layer's weight stays alive from forward to backward (1 B per parameter); the codes are the forward's."""
     with direct_launch():
+        _, wt, sw = _quantize_transpose(weight, E4M3)
         gq, gt, sg = _quantize_transpose(grad, E5M2)
     dx = torch._scaled_mm(gq, wt.t(), scale_a=sg, scale_b=sw, out_dtype=torch.bfloat16)
     # the zero-padded columns M..M16 of gᵀ and xᵀ add nothing to the contraction over M
@@ -154,27 +177,44 @@ def _fp8_linear_bwd(
 
 
 @_fp8_linear_bwd.register_fake
-def _(grad, xt, sx, wt, sw):
-    k, n = wt.shape
+def _(grad, xt, sx, weight):
+    n, k = weight.shape
     return grad.new_empty((grad.shape[0], k), dtype=torch.bfloat16), grad.new_empty((n, k), dtype=torch.bfloat16)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
-    _, xt, sx, wt, sw = output
-    ctx.save_for_backward(xt, sx, wt, sw)
+    x, _, xt, sx, weight, bias, x_amax = inputs
+    ctx.keep_x = xt is None
+    ctx.save_for_backward(x if ctx.keep_x else xt, x_amax if ctx.keep_x else sx, weight)
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
 
 
 def _backward(ctx, grad, *_):
-    xt, sx, wt, sw = ctx.saved_tensors
-    dx, dw = _fp8_linear_bwd(grad, xt, sx, wt, sw)
+    xs, s, weight = ctx.saved_tensors
+    if ctx.keep_x:
+        _, xt, sx = _fp8_quantize_input(xs, s)
+    else:
+        xt, sx = xs, s
+    dx, dw = _fp8_linear_bwd(grad, xt, sx, weight)
     # fp32 accumulation without materializing an fp32 copy of grad
     db = grad.sum(0, dtype=torch.float32).to(ctx.dtypes[2]) if ctx.dtypes[2] is not None else None
-    return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), db, None
+    return dx.to(ctx.dtypes[0]), None, None, None, dw.to(ctx.dtypes[1]), db, None
 
 
 _fp8_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def quantize_fp8_input(x: torch.Tensor, *, x_amax: torch.Tensor | None = None, backend: str | None = None) -> FP8Input:
+    """x's per-tensor E4M3 codes for :func:`fp8_linear` (``x_fp8=``), to share them between linears that read
+    the same x; ``x_amax`` as in :func:`fp8_linear`."""
+    if x_amax is not None:
+        x_amax = _checked_amax(x_amax, x, "quantize_fp8_input: x_amax")
+    x = x.detach()
+    if resolve(backend) == "torch":
+        q, s = quantize_fp8_ref(x, "tensor", dtype=E4M3, amax=x_amax)
+        return FP8Input(q, None, s)
+    check_triton_device(x)
+    return FP8Input(*_fp8_quantize_input(x.reshape(-1, x.shape[-1]), x_amax))
 
 
 def fp8_linear(
@@ -183,6 +223,8 @@ def fp8_linear(
     bias: torch.Tensor | None = None,
     *,
     x_amax: torch.Tensor | None = None,
+    x_fp8: FP8Input | None = None,
+    save_x: str = "fp8",
     output_group_size: int | None = None,
     backend: str | None = None,
 ):
@@ -192,24 +234,38 @@ def fp8_linear(
     ``layer_norm(..., return_amax=True)``): x's scale then comes from it and x's amax pass is skipped
     (COAT's producer-fused scaling, coat.md §3); codes saturate should it be smaller than max|x|.
 
+    ``x_fp8``: x's codes from :func:`quantize_fp8_input` (same backend), shared with other linears of x.
+
+    ``save_x``: what backward keeps of x: ``"fp8"`` its codes (1 B per element), ``"input"`` x itself,
+    quantized again in backward (for an x that another op saves anyway, e.g. the attention output that
+    SDPA keeps: then x costs no bytes here). The weight is kept as given, not as codes (see
+    ``_fp8_linear_bwd``).
+
     With ``output_group_size=G`` also returns the output quantized per 1×G group for the next op:
     ``(y, (y_q, y_scale))`` (COAT's FP8 precision flow; the quantization is a separate kernel here)."""
     if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} need x[..., K], weight[N, K]")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"fp8_linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    if save_x not in ("fp8", "input"):
+        raise ValueError(f"fp8_linear: save_x={save_x!r}; choose 'fp8' or 'input'")
     if x_amax is not None:
         x_amax = _checked_amax(x_amax, x, "fp8_linear: x_amax")
     name = resolve(backend)
+    if x_fp8 is None:
+        x_fp8 = quantize_fp8_input(x, x_amax=x_amax, backend=name)
+    elif (x_fp8.qt is None) != (name == "torch"):
+        raise ValueError(f"fp8_linear: x_fp8 was quantized for the other backend than {name!r}")
     if name == "torch":
-        y = fp8_linear_ref(x, weight, bias, x_amax)
+        y = fp8_linear_ref(x, weight, bias, x_amax, x_fp8=(x_fp8.q, x_fp8.scale), save_x=save_x)
     else:
         check_triton_device(x, weight)
         n, k = weight.shape
         if k % 16 or n % 16:
             raise ValueError(f"fp8_linear: torch._scaled_mm needs in/out features divisible by 16, got K={k}, N={n}")
-        x2 = x.reshape(-1, k)
-        y = _fp8_linear_fwd(x2, weight, bias, x_amax)[0].view(*x.shape[:-1], n)
+        xt = x_fp8.qt if save_x == "fp8" else None
+        y = _fp8_linear_fwd(x.reshape(-1, k), x_fp8.q, xt, x_fp8.scale, weight, bias, x_amax)
+        y = y.view(*x.shape[:-1], n)
     if output_group_size is None:
         return y
     return y, quantize_fp8(y.detach(), "group", output_group_size, backend=name)

@@ -106,35 +106,73 @@ def test_backward_takes_a_non_contiguous_grad():
         assert rel_err(a, c) < 1e-2
 
 
-@needs_triton
-def test_forward_saves_only_the_transposed_fp8_operands():
-    """Backward must not re-quantize: it gets x_qᵀ (K, M16) and w_qᵀ (K, N) in FP8 plus two fp32 scalars."""
-    x = torch.randn(33, 64, device=DEVICE, requires_grad=True)
-    w = torch.randn(32, 64, device=DEVICE, requires_grad=True)
+def _saved(fn):
     saved = []
 
     def pack(t):
-        saved.append((tuple(t.shape), t.dtype))
+        saved.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fp8_linear(x, w, backend="triton")
-    assert sorted(saved, key=str) == sorted(
-        [((64, 48), E4M3), ((64, 32), E4M3), ((), torch.float32), ((), torch.float32)], key=str
-    )
+        out = fn()
+    return out, saved
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_forward_saves_x_codes_and_the_weight_itself(backend):
+    """Backward gets x's FP8 codes (x_qᵀ (K, M16) on the triton path) and scale, and the weight as given (the
+    gathered parameter under FSDP2, freed after forward): no FP8 weight copy stays alive until backward."""
+    x = torch.randn(33, 64, device=DEVICE, requires_grad=True)
+    w = torch.randn(32, 64, device=DEVICE, requires_grad=True)
+    _, saved = _saved(lambda: fp8_linear(x, w, backend=backend))
+    xcodes = (64, 48) if backend == "triton" else (33, 64)
+    assert sorted(((tuple(t.shape), t.dtype) for t in saved), key=str) == sorted(
+        [(xcodes, E4M3), ((), torch.float32), ((32, 64), torch.float32)], key=str)
+    assert any(t is w for t in saved)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_shared_input_codes_and_kept_input_give_the_same_gradients(backend):
+    """Linears of one x sharing its codes (x_fp8) save one storage between them; save_x="input" keeps x itself
+    and quantizes it again in backward. Both give exactly the outputs and gradients of the plain call."""
+    from scaleforge.kernels.fp8_linear import quantize_fp8_input
+
+    x = _fp8_exact((2, 20, 64), E4M3, 448, grad=True)
+    ws = [_fp8_exact((n, 64), E4M3, 448, grad=True) for n in (32, 48)]
+    g = [_fp8_exact((2, 20, n), E5M2, 57344).to(torch.bfloat16) for n in (32, 48)]
+    plain = [fp8_linear(x, w, backend=backend) for w in ws]
+    codes = quantize_fp8_input(x, backend=backend)
+    shared, saved = _saved(lambda: [fp8_linear(x, w, x_fp8=codes, backend=backend) for w in ws])
+    fp8_storages = {t.untyped_storage().data_ptr() for t in saved if t.dtype == E4M3}
+    assert len(fp8_storages) == 1
+    kept, saved = _saved(lambda: [fp8_linear(x, w, save_x="input", backend=backend) for w in ws])
+    assert not any(t.dtype == E4M3 for t in saved)
+    assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
+    want = torch.autograd.grad(plain, [x, *ws], g)
+    for outs in (shared, kept):
+        assert all(torch.equal(a, b) for a, b in zip(outs, plain))
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(outs, [x, *ws], g), want))
+    other = quantize_fp8_input(x, backend="torch" if backend == "triton" else "triton")
+    with pytest.raises(ValueError, match="other backend"):
+        fp8_linear(x, ws[0], x_fp8=other, backend=backend)
 
 
 @needs_triton
 def test_custom_ops_fake_tensors_match_the_kernels():
     """torch.compile traces the ops through their fake implementations (the padded x_qᵀ shape included)."""
     x, w, b = torch.randn(33, 64, device=DEVICE), torch.randn(32, 64, device=DEVICE), torch.randn(32, device=DEVICE)
-    fwd, bwd = torch.ops.scaleforge.fp8_linear_fwd.default, torch.ops.scaleforge.fp8_linear_bwd.default
-    torch.library.opcheck(fwd, (x, w, b, None), test_utils=("test_faketensor",))  # test_schema cannot compare FP8
+    ops = torch.ops.scaleforge
+    quant, fwd, bwd = ops.fp8_quantize_input.default, ops.fp8_linear_fwd.default, ops.fp8_linear_bwd.default
     amax = x.abs().amax().reshape(())
-    torch.library.opcheck(fwd, (x, w, b, amax), test_utils=("test_faketensor",))
-    saved = fwd(x, w, b, None)[1:]
+    for a in (None, amax):
+        torch.library.opcheck(quant, (x, a), test_utils=("test_faketensor",))  # test_schema cannot compare FP8
+    xq, xt, sx = quant(x, None)
+    torch.library.opcheck(fwd, (x, xq, xt, sx, w, b, None), test_utils=("test_faketensor",))
+    torch.library.opcheck(fwd, (x, xq, None, sx, w, None, amax), test_utils=("test_faketensor",))
     g = torch.randn(33, 32, device=DEVICE, dtype=torch.bfloat16)
-    torch.library.opcheck(bwd, (g, *saved), test_utils=("test_faketensor",))
+    torch.library.opcheck(bwd, (g, xt, sx, w), test_utils=("test_faketensor",))
 
 
 @needs_triton

@@ -54,6 +54,24 @@ def test_close_to_adamw_and_exact_for_1d():
     assert st["exp_avg_q"].dtype == torch.float8_e4m3fn and st["exp_avg_q"].shape == (37, 384)
 
 
+def test_row_chunks_give_the_whole_parameter_update(monkeypatch):
+    """The update runs on bounded row chunks (its fp32 temporaries stay small for an embedding-sized
+    parameter); groups follow rows, so chunks of 4 rows give the one-pass update (up to the last bit of
+    CPU pow, whose vectorized and scalar tail paths differ by an ulp depending on a group's position)."""
+    import scaleforge.platform.optim.adamw_fp8 as mod
+
+    whole_p, chunked_p = _params(3), _params(3)
+    whole = AdamWFP8(whole_p, **KW)
+    _run(whole, whole_p, 3)
+    monkeypatch.setattr(mod, "CHUNK_ELEMENTS", 4 * 300)  # 4 rows of the (37, 300) parameter, 1 of (1, 129)
+    chunked = AdamWFP8(chunked_p, **KW)
+    _run(chunked, chunked_p, 3)
+    for a, b in zip(whole_p, chunked_p):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+    for k, v in whole.state[whole_p[0]].items():
+        assert torch.allclose(v.float(), chunked.state[chunked_p[0]][k].float(), rtol=1e-6, atol=0), k
+
+
 def test_state_bytes_are_the_real_bytes_and_the_plans():
     params = _params(1)
     opt = AdamWFP8(params, **KW)

@@ -41,7 +41,7 @@ def env():
 def lm_coat(tmp_path_factory, env):
     out = tmp_path_factory.mktemp("coat")
     r = launch(env, out, "lm_tiny.yaml", "ref", *COAT, "trainer.max_steps=6", "checkpoint.interval=3")
-    assert "parallel.fp8=coat: 14 fp8_linears, 1 high_precision_linears, 7 fp8_blocks" in r.stdout
+    assert "parallel.fp8=coat: 14 fp8_linears, 1 high_precision_linears, 9 fp8_blocks" in r.stdout
     return out / "ref"
 
 

@@ -356,7 +356,10 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-class Attention(nn.Module):
+class Attention(coat.FP8Block):
+    """Grouped-query attention with RoPE. COAT mode: the attention output, which SDPA's fused kernels save
+    for their backward, is what ``wo`` keeps too (no FP8 copy of it; COAT does the same)."""
+
     def __init__(self, cfg: LLMModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -383,7 +386,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, enable_gqa=gqa)
-        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        o = out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim)
+        if self.fp8 and o.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            coat.kept_for_backward(o)  # a view of SDPA's output, not a copy
+        return self.wo(o)
 
 
 class FeedForward(coat.FP8Block):

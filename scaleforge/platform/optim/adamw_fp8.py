@@ -90,18 +90,18 @@ class AdamWFP8(torch.optim.Optimizer):
                 st[f"{m}_{k}"] = _like_param(p, torch.full((rows, groups), fill, device=dev), groups)
         return st
 
-    def _decode(self, st: dict, m: str, rows: int, cols: int) -> torch.Tensor:
-        q = _local(st[f"{m}_q"])
-        state = FP8State(q.reshape(-1), *(_local(st[f"{m}_{k}"]).reshape(-1) for k in META), q.shape)
+    def _decode(self, st: dict, m: str, rows: slice, cols: int) -> torch.Tensor:
+        q = _local(st[f"{m}_q"])[rows]
+        state = FP8State(q.reshape(-1), *(_local(st[f"{m}_{k}"])[rows].reshape(-1) for k in META), q.shape)
         return dequantize_fp8_state(state, backend=self.backend)[:, :cols]
 
-    def _encode(self, st: dict, m: str, x: torch.Tensor) -> None:
-        q = _local(st[f"{m}_q"])
+    def _encode(self, st: dict, m: str, rows: slice, x: torch.Tensor) -> None:
+        q = _local(st[f"{m}_q"])[rows]
         padded = torch.nn.functional.pad(x, (0, q.shape[1] - x.shape[1]))
         enc = quantize_fp8_state(padded, GROUP, self.state_dtype, self.expand_min, backend=self.backend)
         q.copy_(enc.q.view(q.shape))
         for k, v in zip(META, (enc.scale, enc.expand, enc.sqrt_minmax)):
-            dst = _local(st[f"{m}_{k}"])
+            dst = _local(st[f"{m}_{k}"])[rows]
             dst.copy_(v.view(dst.shape))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -139,25 +139,34 @@ class AdamWFP8(torch.optim.Optimizer):
         pl, g = _local(p), _local(p.grad)
         if pl.numel() == 0:
             return
-        quant = _quantized(p.shape)
-        if quant:
-            rows, cols = pl.shape[0], pl.numel() // pl.shape[0]
-            m, v = (self._decode(st, k, rows, cols) for k in MOMENTS)
-            g = g.reshape(rows, cols)
-            target = pl.view(rows, cols)
-        else:
-            m, v = _local(st["exp_avg"]), _local(st["exp_avg_sq"])
-            target = pl
-        # torch's AdamW (single-tensor path), in fp32
-        target.mul_(1 - lr * wd)
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        step_size = lr / (1 - b1**step)
-        denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
-        target.addcdiv_(m, denom, value=-step_size)
-        if quant:
-            self._encode(st, "exp_avg", m)
-            self._encode(st, "exp_avg_sq", v)
+        hp = dict(lr=lr, wd=wd, eps=eps, b1=b1, b2=b2, step=step)
+        if not _quantized(p.shape):
+            _adamw(pl, g, _local(st["exp_avg"]), _local(st["exp_avg_sq"]), **hp)
+            return
+        rows, cols = pl.shape[0], pl.numel() // pl.shape[0]
+        target, g = pl.view(rows, cols), g.reshape(rows, cols)
+        # a bounded number of rows at a time: the decoded fp32 moments and the update's temporaries then take
+        # a few times CHUNK_ELEMENTS x 4 bytes whatever the parameter's size (an embedding's would take GBs)
+        step_rows = max(1, CHUNK_ELEMENTS // cols)
+        for r0 in range(0, rows, step_rows):
+            r = slice(r0, min(rows, r0 + step_rows))
+            m, v = (self._decode(st, k, r, cols) for k in MOMENTS)
+            _adamw(target[r], g[r], m, v, **hp)
+            self._encode(st, "exp_avg", r, m)
+            self._encode(st, "exp_avg_sq", r, v)
+
+
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _adamw(target, g, m, v, *, lr, wd, eps, b1, b2, step) -> None:
+    """torch's AdamW (single-tensor path) in fp32, in place on target, m and v."""
+    target.mul_(1 - lr * wd)
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    step_size = lr / (1 - b1**step)
+    denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
+    target.addcdiv_(m, denom, value=-step_size)
 
 
 @register_optimizer("adamw_fp8", state_bytes=state_bytes)
