@@ -28,7 +28,7 @@ from scaleforge.kernels.fp8_linear import quantize_fp8_input
 
 GROUP = 16  # COAT's 1 x 16 groups for the inputs of non-linear layers
 AMAX_ATTR = "coat_amax"  # max|y| left on a tensor by its producer, read by FP8Linear
-CODES_ATTR = "coat_fp8_codes"  # the tensor's FP8Input, shared by the FP8Linears that read it
+CODES_ATTR = "coat_fp8_codes"  # (FP8Input, x._version) of a tensor, shared by the FP8Linears that read it
 KEPT_ATTR = "coat_kept_for_backward"  # saved by another op anyway: FP8Linear keeps it, not its codes
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -56,10 +56,10 @@ class FP8Linear(nn.Linear):
         amax = getattr(x, AMAX_ATTR, None)
         if getattr(x, KEPT_ATTR, False):
             return fp8_linear(x, self.weight, self.bias, x_amax=amax, save_x="input")
-        codes = getattr(x, CODES_ATTR, None)
-        if codes is None:
+        codes, version = getattr(x, CODES_ATTR, (None, None))
+        if codes is None or version != x._version:  # an in-place change of x since: quantize again
             codes = quantize_fp8_input(x, x_amax=amax)
-            setattr(x, CODES_ATTR, codes)  # lives as long as x: freed with x after the block's forward
+            setattr(x, CODES_ATTR, (codes, x._version))  # lives as long as x: freed with x after the forward
         return fp8_linear(x, self.weight, self.bias, x_fp8=codes)
 
 

@@ -96,6 +96,23 @@ def test_fp8_linear_block():
     assert 0 < _rel(xa.grad, xb.grad) < 0.15 and 0 < _rel(fp8.weight.grad, lin.weight.grad) < 0.15
 
 
+def test_fp8_linears_of_one_input_share_its_codes_until_it_changes():
+    """Two FP8Linears reading one x quantize it once and save one FP8 copy; after an in-place change of x the
+    next one quantizes the new values (the codes carry x's version)."""
+    a, b = nn.Linear(48, 32).to(BF16), nn.Linear(48, 16).to(BF16)
+    coat.convert_to_coat(a)
+    coat.convert_to_coat(b)
+    x = _rand(4, 48).requires_grad_()
+    h = x * 1  # a non-leaf, as a norm's output is
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        a(h), b(h)
+    assert len({t.untyped_storage().data_ptr() for t in saved if t.dtype == torch.float8_e4m3fn}) == 1
+    with torch.no_grad():
+        h.mul_(2)
+    assert torch.equal(b(h), b(x.detach() * 2))
+
+
 def test_convert_keeps_named_and_ineligible_linears():
     class M(coat.FP8Block):
         def __init__(self):
