@@ -43,14 +43,16 @@ def block_sparse_attention_ref(q, k, v, q_sizes, k_sizes, block_map, causal: boo
 
 
 def kmeans_ref(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations on x (B, H, S, D) from the centroids init (B, H, C, D) -> (labels (B, H, S) int64,
-    centroids (B, H, C, D) fp32). Assignment: argmin ‖x - c‖² (lowest index on ties); an empty cluster keeps
-    its centroid."""
+    """``iters`` Lloyd rounds on x (B, H, S, D) from the centroids init (B, H, C, D) -> (labels (B, H, S) int64
+    of the last assignment, centroids (B, H, C, D) fp32: the means of those clusters; with iters 0 the
+    assignment to init). Assignment: argmin ‖x - c‖² (lowest index on ties); an empty cluster keeps its
+    centroid."""
     xf, c = x.float(), init.float().clone()
     labels = assign_ref(xf, c)
-    for _ in range(iters):
+    for i in range(iters):
         c = update_ref(xf, labels, c)
-        labels = assign_ref(xf, c)
+        if i + 1 < iters:
+            labels = assign_ref(xf, c)
     return labels, c
 
 

@@ -73,10 +73,12 @@ def block_sparse_attention(q, k, v, q_sizes, k_sizes, block_map, *, causal: bool
 
 def kmeans(x: torch.Tensor, num_clusters: int, *, init: torch.Tensor | None = None, iters: int = 50,
            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Batched k-means per (batch, head) on x (B, H, S, D): ``iters`` Lloyd iterations from ``init``
-    (B, H, C, D) centroids (a warm start, e.g. the previous denoising step's) or, without it, from C evenly
-    spaced tokens. -> (labels (B, H, S) int64, centroids (B, H, C, D) fp32); labels are the assignment to the
-    returned centroids. Assignment in Triton (argmin over centroid tiles), update by scatter-add in torch."""
+    """Batched k-means per (batch, head) on x (B, H, S, D): ``iters`` Lloyd rounds (assign, then update) from
+    ``init`` (B, H, C, D) centroids (a warm start, e.g. the previous denoising step's) or, without it, from C
+    evenly spaced tokens. -> (labels (B, H, S) int64 of the last assignment, centroids (B, H, C, D) fp32: the
+    means of those clusters, an empty one keeping its centroid; with iters 0, the assignment to ``init``).
+    Ending on the update gives the budget the exact means of the clusters it weighs, at one assignment per
+    round (flash-kmeans' convention). Assignment in Triton (argmin over centroid tiles), update by scatter-add."""
     b, h, s, d = x.shape
     if init is None:
         c = min(num_clusters, s)
@@ -90,9 +92,10 @@ def kmeans(x: torch.Tensor, num_clusters: int, *, init: torch.Tensor | None = No
     xf = xc.float()  # the update's sums in fp32, converted once
     c = init.float()
     labels = _op.kmeans_assign_op(xc, c).long()
-    for _ in range(iters):
+    for i in range(iters):
         c = ref.update_ref(xf, labels, c)
-        labels = _op.kmeans_assign_op(xc, c).long()
+        if i + 1 < iters:
+            labels = _op.kmeans_assign_op(xc, c).long()
     return labels, c
 
 

@@ -4,7 +4,10 @@ from tensor shapes only, so no launch needs a host sync and torch.compile traces
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import triton
 
 from scaleforge.kernels import _backend
 from scaleforge.kernels._backend import triton_interpreting
@@ -19,15 +22,37 @@ from scaleforge.kernels.sparse_attention.triton_kernels import (
 )
 
 
-def _attention_blocks(d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Key tiles are full (they span key clusters), so the tiles of
-    dense flash attention on H100 serve: 128 x 64 with 8 warps at D = 128, 4 warps below; 3 stages of
-    software pipelining. Small tiles in the interpreter (fewer lanes to emulate)."""
-    if triton_interpreting():
-        return 16, 16, 1, 1
-    if d > 128:
-        return 64, 32, 4, 2
-    return 128, 64, (8 if d > 64 else 4), 3
+class BlockSparseConfig(NamedTuple):
+    """A launch configuration of the block-sparse forward: query / key tile rows, warps, pipeline depth of the
+    key loop, and how a key lane finds its cluster (a bitmap of cluster starts with a prefix sum, or
+    BLOCK_N² compares against the next cluster starts)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    lookup_bits: bool
+
+
+# The GPU configurations the autotuner times (per head dim, causal flag, query tile and lookup); BLOCK_M and
+# the lookup are fixed on the host because the query-tile table and the bitmap are built for them.
+_FWD_TUNE = [
+    triton.Config({"BLOCK_N": n, "STAGES": st}, num_warps=w)
+    for n, w, st in ((64, 4, 3), (64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 4, 3))
+]
+_block_sparse_fwd_tuned = triton.autotune(_FWD_TUNE, key=["BLOCK_D", "CAUSAL", "BLOCK_M", "LOOKUP_BITS"])(
+    _block_sparse_fwd_kernel)
+
+
+def _query_block(d: int) -> tuple[int, bool]:
+    """(BLOCK_M, lookup_bits) on GPU: 128-row query tiles (the tile of dense flash attention on H100) up to
+    head dim 128, 64 above (registers)."""
+    return (128 if d <= 128 else 64), True
+
+
+def _interpreter_config() -> BlockSparseConfig:
+    """Small tiles in the interpreter (fewer lanes to emulate; it cannot autotune)."""
+    return BlockSparseConfig(16, 16, 1, 1, True)
 
 
 def _offsets(sizes: torch.Tensor) -> torch.Tensor:
@@ -53,66 +78,111 @@ def _query_tiles(q_sizes: torch.Tensor, s: int, block_m: int) -> tuple[torch.Ten
     return torch.where(valid, clc, -1).to(torch.int32), start.to(torch.int32), t_max
 
 
-def _key_tables(k_sizes: torch.Tensor, block_map: torch.Tensor, block_n: int, sk: int):
+def _key_tables(k_sizes: torch.Tensor, block_map: torch.Tensor, sk: int, bits: bool):
     """The selected key clusters of each query cluster laid end to end (a virtual key sequence; empty clusters
     left out so each selected one holds >= 1 key), as (B*H*Cq, ·) int32 tables: KCUM (Ck + 1) the virtual
     start of the i-th selected cluster (its last entry the total, repeated past the selected ones); KDELTA
-    (Ck) key position minus virtual position inside it; KTILE_C0 (cdiv(Sk, BLOCK_N)) the selected cluster of
-    each key tile's first lane. Torch ops on shapes only: no host sync."""
+    (Ck) key position minus virtual position inside it; KTILE_C0 (cdiv(Sk, 16)) the selected cluster of
+    every 16th virtual position; with ``bits``, BITS (cdiv(Sk, 32)) the bitmap of virtual positions where a
+    selected cluster starts (else a placeholder). Torch ops on shapes only: no host sync."""
     b, h, cq, ck = block_map.shape
+    dev = block_map.device
     sizes = k_sizes.to(torch.int32)[:, :, None, :]
     sel = block_map & (sizes > 0)
     # the selected clusters first, in cluster order: each one's rank among them is its slot (no sort); the
     # others go to a spill slot, dropped
-    rank = torch.arange(ck, device=block_map.device)
+    rank = torch.arange(ck, device=dev)
     slot = torch.where(sel, sel.cumsum(-1) - 1, ck)
-    kidx = torch.zeros(b, h, cq, ck + 1, dtype=torch.int64, device=block_map.device)
+    kidx = torch.zeros(b, h, cq, ck + 1, dtype=torch.int64, device=dev)
     kidx = kidx.scatter_(-1, slot, rank.expand(b, h, cq, ck).contiguous())[..., :ck]
     kcnt = sel.sum(-1, keepdim=True)
     sel_sizes = torch.where(rank < kcnt, sizes.expand(b, h, cq, ck).gather(-1, kidx), 0)
     cum = torch.nn.functional.pad(sel_sizes.cumsum(-1, dtype=torch.int32), (1, 0)).reshape(-1, ck + 1)
     k_off = _offsets(k_sizes)[:, :, None, :ck].expand(b, h, cq, ck)
     delta = (k_off.gather(-1, kidx).reshape(-1, ck) - cum[:, :ck]).to(torch.int32)
-    tile_v = torch.arange(0, sk, block_n, device=block_map.device, dtype=torch.int32)
-    c0 = torch.searchsorted(cum, tile_v.expand(cum.shape[0], -1).contiguous(), right=True) - 1
-    return cum.contiguous(), delta.contiguous(), c0.clamp(0, ck - 1).to(torch.int32).contiguous()
+    v16 = torch.arange(0, sk, 16, device=dev, dtype=torch.int32)
+    c0 = torch.searchsorted(cum, v16.expand(cum.shape[0], -1).contiguous(), right=True) - 1
+    c0 = c0.clamp(0, ck - 1).to(torch.int32).contiguous()
+    if not bits:
+        return cum.contiguous(), delta.contiguous(), c0, torch.zeros(1, dtype=torch.int32, device=dev)
+    starts = cum[:, :ck].to(torch.int64)
+    words = torch.zeros(cum.shape[0], cdiv(sk, 32) + 1, dtype=torch.int64, device=dev)  # + a spill word
+    used = (rank < kcnt.reshape(-1, 1)) & (starts < sk)
+    bit = torch.where(used, torch.ones_like(starts) << (starts % 32), 0)
+    words.scatter_add_(1, torch.where(used, starts // 32, words.shape[1] - 1), bit)  # distinct bits: add = or
+    words = torch.where(words >= 2**31, words - 2**32, words)[:, :-1].to(torch.int32)  # bit 31: the sign bit
+    return cum.contiguous(), delta.contiguous(), c0, words.contiguous()
+
+
+def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scale: float,
+                        config: BlockSparseConfig | None = None) -> torch.Tensor:  # fmt: skip
+    """The forward launch: with ``config`` None the interpreter's fixed configuration, or on GPU the host's
+    BLOCK_M and lookup with the autotuned rest; an explicit ``config`` runs the plain kernel with it
+    (benchmarks/kernels/sparse_attention_sweep.py times each)."""
+    b, h, sq, d = q.shape
+    cq, ck = block_map.shape[-2:]
+    if config is None and triton_interpreting():
+        config = _interpreter_config()
+    block_m, bits = (config.block_m, config.lookup_bits) if config is not None else _query_block(d)
+    tile_cl, tile_start, t_max = _query_tiles(q_sizes, sq, block_m)
+    kcum, kdelta, ktile_c0, words = _key_tables(k_sizes, block_map, k.shape[2], bits)
+    out = _backend.new_output(q.shape, q.dtype, q.device)
+    idx64 = max(t.shape[2] * t.stride(2) for t in (q, k, v, out)) >= 2**31
+    args = (q, k, v, out, tile_cl, tile_start, _offsets(q_sizes), kcum, kdelta, ktile_c0, words,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            h, d, cq, ck, t_max, ktile_c0.shape[1], words.shape[-1], scale)  # fmt: skip
+    common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_D=next_pow2(d), PREC=dot_precision(), LOOKUP_BITS=bits,
+                  IDX64=idx64)  # fmt: skip
+    if config is None:
+        torch.library.wrap_triton(_block_sparse_fwd_tuned)[(t_max, b * h)](*args, **common)
+    else:
+        torch.library.wrap_triton(_block_sparse_fwd_kernel)[(t_max, b * h)](
+            *args, **common, BLOCK_N=config.block_n, STAGES=config.num_stages, num_warps=config.num_warps)
+    return out
 
 
 @kernel_op("scaleforge::block_sparse_attention")
 def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sizes: torch.Tensor,
                               k_sizes: torch.Tensor, block_map: torch.Tensor, causal: bool,
                               scale: float) -> torch.Tensor:  # fmt: skip
-    b, h, sq, d = q.shape
-    cq, ck = block_map.shape[-2:]
-    block_m, block_n, warps, stages = _attention_blocks(d)
-    tile_cl, tile_start, t_max = _query_tiles(q_sizes, sq, block_m)
-    kcum, kdelta, ktile_c0 = _key_tables(k_sizes, block_map, block_n, k.shape[2])
-    out = _backend.new_output(q.shape, q.dtype, q.device)
-    torch.library.wrap_triton(_block_sparse_fwd_kernel)[(t_max, b * h)](
-        q, k, v, out, tile_cl, tile_start, _offsets(q_sizes), kcum, kdelta, ktile_c0,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        h, d, cq, ck, t_max, ktile_c0.shape[1], scale,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(d), PREC=dot_precision(),
-        STAGES=stages, num_warps=warps,
+    return launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal, scale)
+
+
+class KMeansConfig(NamedTuple):
+    """A launch configuration of the k-means assignment: tokens and centroids per tile, warps, pipeline depth
+    of the centroid loop."""
+
+    block_s: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+
+
+def _kmeans_config(d: int) -> KMeansConfig:
+    if triton_interpreting():
+        return KMeansConfig(16, 16, 1, 1)
+    return KMeansConfig(64, 64, 4, 2)
+
+
+def launch_kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig | None = None) -> torch.Tensor:
+    b, h, s, d = x.shape
+    nc = centroids.shape[2]
+    cfg = _kmeans_config(d) if config is None else config
+    c = centroids.to(x.dtype).contiguous()
+    cn = c.float().square().sum(-1).contiguous()
+    labels = torch.full((b, h, s), -1, dtype=torch.int32, device=x.device)  # -1: an unwritten label shows
+    torch.library.wrap_triton(_kmeans_assign_kernel)[(cdiv(s, cfg.block_s), b * h)](
+        x, c, cn, labels, s, nc, d, BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, BLOCK_D=next_pow2(d),
+        PREC=dot_precision(), STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return out
+    return labels
 
 
 @kernel_op("scaleforge::kmeans_assign")
 def kmeans_assign_op(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """x (B, H, S, D), centroids (B, H, C, D) -> labels (B, H, S) int32."""
-    b, h, s, d = x.shape
-    nc = centroids.shape[2]
-    c = centroids.to(x.dtype).contiguous()
-    cn = c.float().square().sum(-1).contiguous()
-    labels = torch.full((b, h, s), -1, dtype=torch.int32, device=x.device)  # -1: an unwritten label shows
-    block_s = 16 if triton_interpreting() else 64
-    block_c = 16 if triton_interpreting() else 64
-    torch.library.wrap_triton(_kmeans_assign_kernel)[(cdiv(s, block_s), b * h)](
-        x, c, cn, labels, s, nc, d, BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=next_pow2(d), PREC=dot_precision(),
-    )  # fmt: skip
-    return labels
+    return launch_kmeans_assign(x, centroids)
 
 
 @kernel_op("scaleforge::topp_threshold")

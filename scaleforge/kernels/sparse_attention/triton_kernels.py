@@ -11,23 +11,49 @@ from scaleforge.kernels._triton_utils import dot_f32acc
 
 
 @triton.jit
+def _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, v0, lanes, vmask, CK, NKT, NW,
+               BLOCK_N: tl.constexpr, LOOKUP_BITS: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    # Key positions of the BLOCK_N lanes of the virtual key tile starting at v0 (a multiple of 16): lane v
+    # belongs to selected cluster c = max{i: KCUM[i] <= v}, its key is v + KDELTA[c]. The tile's first
+    # cluster comes from KTILE_C0 (one entry per 16 virtual positions). LOOKUP_BITS: the clusters starting
+    # inside the tile are read from a bitmap of cluster starts and counted by a prefix sum over the lanes
+    # (BLOCK_N work); otherwise each lane counts the next BLOCK_N cluster starts <= v (BLOCK_N² compares;
+    # a selected cluster holds >= 1 key, so no tile crosses more). MASKED: lanes past vmask hold no key.
+    vs = v0 + lanes
+    c0 = tl.load(KTILE_C0 + row * NKT + v0 // 16)
+    if LOOKUP_BITS:
+        if MASKED:
+            word = tl.load(BITS + row * NW + vs // 32, mask=vmask, other=0)
+        else:
+            word = tl.load(BITS + row * NW + vs // 32)
+        start = ((word >> (vs % 32)) & 1) * (lanes > 0)
+        c = c0 + tl.cumsum(start, axis=0)
+    else:
+        nxt = c0 + 1 + lanes
+        starts = tl.load(cum + nxt, mask=nxt <= CK, other=2147483647)
+        c = c0 + tl.sum((starts[None, :] <= vs[:, None]).to(tl.int32), axis=1)
+    if MASKED:
+        return vs + tl.load(KDELTA + row * CK + c, mask=vmask, other=0)
+    return vs + tl.load(KDELTA + row * CK + c)
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, TILE_CL, TILE_START, Q_OFF, KCUM, KDELTA, KTILE_C0,
+    Q, K, V, O, TILE_CL, TILE_START, Q_OFF, KCUM, KDELTA, KTILE_C0, BITS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-    H, D, CQ, CK, T, NKT, scale,
+    H, D, CQ, CK, T, NKT, NW, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, STAGES: tl.constexpr,
+    PREC: tl.constexpr, STAGES: tl.constexpr, LOOKUP_BITS: tl.constexpr, IDX64: tl.constexpr,
 ):  # fmt: skip
     # One program per (query tile, batch*head). A query tile is BLOCK_M rows of one query cluster (the tile
     # table maps program -> cluster and first row; -1 marks unused programs of the upper-bound grid). The key
     # clusters the block map selects for that cluster, laid end to end, form one virtual key sequence of
     # KCUM[CK] tokens; it is walked in full BLOCK_N tiles with the online softmax of flash attention, so a
     # tile spans several small clusters instead of being padded to each cluster's end (SVG2's clusters
-    # average ~33 keys). Lane v of a tile belongs to selected cluster c = max{i: KCUM[i] <= v}, found from the
-    # tile's first cluster (KTILE_C0, built on the host) by counting the next BLOCK_N cluster starts (a
-    # selected cluster holds >= 1 key, so no tile crosses more); its key is v + KDELTA[c]. One flat loop with
-    # loads that do not depend on the previous iteration, software-pipelined over STAGES iterations.
-    # Rows that see no key give 0. Softmax in base 2 (the scale folded with log2 e).
+    # average ~33 keys). The full tiles of a non-causal call need no masking (every lane is a key, every row
+    # sees it): only the last, partial tile and causal tiles are masked. Loads do not depend on the previous
+    # iteration, so each loop is software-pipelined over STAGES iterations. Rows that see no key give 0.
+    # Softmax in base 2 (the scale folded with log2 e), normalized once at the end.
     qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Inductor passes Python floats as fp64
     t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -42,8 +68,10 @@ def _block_sparse_fwd_kernel(
     rmask = rows < q_end
     dcols = tl.arange(0, BLOCK_D)
     dmask = dcols < D
-    qp = Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs + dcols[None, :]
-    q = tl.load(qp, mask=rmask[:, None] & dmask[None, :], other=0.0)
+    # per-element offsets in int32 unless a tensor is too large for them (IDX64); the bases are int64
+    rows_o = rows.to(tl.int64) if IDX64 else rows
+    q = tl.load(Q + b * sqb + h * sqh + rows_o[:, None] * sqs + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
+                other=0.0)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -53,18 +81,28 @@ def _block_sparse_fwd_kernel(
     kbase = K + b * skb + h * skh
     vbase = V + b * svb + h * svh
     lanes = tl.arange(0, BLOCK_N)
-    for it in tl.range(0, tl.cdiv(n_keys, BLOCK_N), num_stages=STAGES):
-        vs = it * BLOCK_N + lanes
-        vmask = vs < n_keys
-        c0 = tl.load(KTILE_C0 + row * NKT + it)
-        nxt = c0 + 1 + lanes  # the next BLOCK_N cluster starts
-        starts = tl.load(cum + nxt, mask=nxt <= CK, other=2147483647)
-        c = c0 + tl.sum((starts[None, :] <= vs[:, None]).to(tl.int32), axis=1)
-        cols = vs + tl.load(KDELTA + row * CK + c, mask=vmask, other=0)
-        kt = tl.load(kbase + cols[None, :].to(tl.int64) * sks + dcols[:, None],
-                     mask=vmask[None, :] & dmask[:, None], other=0.0)  # fmt: skip
-        s = dot_f32acc(q, kt, PREC) * qk_scale
-        keep = vmask[None, :] & rmask[:, None]
+    n_full = 0 if CAUSAL else n_keys // BLOCK_N
+    for it in tl.range(0, n_full, num_stages=STAGES):
+        cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, lanes < BLOCK_N, CK, NKT, NW,
+                          BLOCK_N, LOOKUP_BITS, False)  # fmt: skip
+        cols_o = cols.to(tl.int64) if IDX64 else cols
+        k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=dmask[None, :], other=0.0)
+        s = dot_f32acc(q, tl.trans(k), PREC) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :], mask=dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + dot_f32acc(p.to(v.dtype), v, PREC)
+        m_i = m_new
+    for it in tl.range(n_full, tl.cdiv(n_keys, BLOCK_N), num_stages=STAGES):
+        vmask = it * BLOCK_N + lanes < n_keys
+        cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, vmask, CK, NKT, NW, BLOCK_N,
+                          LOOKUP_BITS, True)  # fmt: skip
+        cols_o = cols.to(tl.int64) if IDX64 else cols
+        k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=vmask[:, None] & dmask[None, :], other=0.0)
+        s = dot_f32acc(q, tl.trans(k), PREC) * qk_scale
+        keep = vmask[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -73,20 +111,20 @@ def _block_sparse_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(vbase + cols[:, None].to(tl.int64) * svs + dcols[None, :],
-                     mask=vmask[:, None] & dmask[None, :], other=0.0)  # fmt: skip
-        acc = acc * alpha[:, None] + dot_f32acc(p.to(vt.dtype), vt, PREC)
+        v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :], mask=vmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + dot_f32acc(p.to(v.dtype), v, PREC)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    op = O + b * sob + h * soh + rows[:, None].to(tl.int64) * sos + dcols[None, :]
+    op = O + b * sob + h * soh + rows_o[:, None] * sos + dcols[None, :]
     tl.store(op, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
 def _kmeans_assign_kernel(X, C, CN, LABELS, S, NC, D, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     # One program per (token tile, batch*head): argmin over centroids of ‖c‖² - 2 x·c (‖x‖² is the same for
-    # every centroid), with a running minimum over centroid tiles; ties go to the lowest index.
+    # every centroid), with a running minimum over centroid tiles (software-pipelined over STAGES); ties go to
+    # the lowest index.
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -96,7 +134,7 @@ def _kmeans_assign_kernel(X, C, CN, LABELS, S, NC, D, BLOCK_S: tl.constexpr, BLO
     x = tl.load(X + (bh * S + rows[:, None]) * D + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     best = tl.full([BLOCK_S], float("inf"), dtype=tl.float32)
     arg = tl.zeros([BLOCK_S], dtype=tl.int32)
-    for c0 in range(0, NC, BLOCK_C):
+    for c0 in tl.range(0, NC, BLOCK_C, num_stages=STAGES):
         cid = c0 + tl.arange(0, BLOCK_C)
         cmask = cid < NC
         ct = tl.load(C + (bh * NC + cid[None, :]) * D + dcols[:, None], mask=cmask[None, :] & dmask[:, None],
