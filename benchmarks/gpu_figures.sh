@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the GPU figures of docs/benchmarks.md on a 2-GPU node (run from the repo root with the
-# package importable, e.g. PYTHONPATH=$PWD). Logs go to ${OUT:-gpu_logs}/. Sections: kernels lm lm-variants lm-profile host-overhead sana nvila.
+# package importable, e.g. PYTHONPATH=$PWD). Logs go to ${OUT:-gpu_logs}/. Sections: kernels lm lm-variants lm-profile host-overhead sana nvila
+# vs-liger peers sana-1gpu (the last three on one GPU).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -28,6 +29,19 @@ for section in "$@"; do
         echo "== SANA 1.6B, 1024px (32x32 latents), $n GPU(s), through launch"
         python3 benchmarks/sana_train.py --nproc $n --micro-batch 8 --steps 12 --warmup 4 --kernels torch triton --ac none --compile off on
       done 2>&1 | tee "$OUT/sana.log" ;;
+    vs-liger) python3 benchmarks/kernels/vs_liger.py --only ${LIGER_FAMILIES:-rms_norm,layer_norm,swiglu,flce} 2>&1 \
+          | tee "$OUT/vs_liger.log" ;;
+    peers)  # ours against the naive FSDP2 script (and torchtitan, row 11, where installed) on one GPU: PEER_ROWS of compare.py
+      python3 benchmarks/peers/compare.py --nproc 1 --steps ${STEPS:-20} --warmup ${WARMUP:-8} --timeout 170 \
+          --only ${PEER_ROWS:-3,4,6,8} --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.log" ;;
+    sana-1gpu)  # SANA-1.6B at 1024 px through launch, compiled, no AC: as configured (CAME-8bit + EMA), then AdamW without
+      # EMA (the optimizer's share of the step), then eager (compile's share)
+      for extra in "" "optim.name=adamw optim.betas=[0.9,0.999] optim.ema_decay=0" "--compile off"; do
+        echo "== $extra"
+        # shellcheck disable=SC2086  # extra: space-separated words
+        timeout 240 python3 benchmarks/sana_train.py $extra --nproc 1 --micro-batch 8 --steps ${STEPS:-10} --warmup 4 \
+            --kernels triton --ac none
+      done 2>&1 | tee "$OUT/sana_1gpu.log" ;;
     nvila) torchrun --nproc-per-node 2 benchmarks/nvila_step.py --steps 4 --warmup 2 2>&1 | tee "$OUT/nvila.log" ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac

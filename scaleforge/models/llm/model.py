@@ -197,10 +197,31 @@ def fused_kernels_on(kernels: str, x: torch.Tensor) -> bool:
     return x.is_cuda or triton_interpreting()
 
 
+def fused_elementwise_on(kernels: str, x: torch.Tensor) -> bool:
+    """``fused_kernels_on`` for the element-wise kernels of a block (norms, SwiGLU), except inside
+    ``torch.compile``: there Inductor generates the fused kernel from the torch code and also fuses it with its
+    neighbours (the residual add, the casts), while a custom kernel is opaque to it; its standalone RMSNorm was
+    also faster than ours and Liger-Kernel's (docs/benchmarks.md, "Our LLM kernels against Liger-Kernel")."""
+    return fused_kernels_on(kernels, x) and not torch.compiler.is_compiling()
+
+
+@functools.lru_cache(maxsize=1)
+def liger_rms_norm():
+    """Liger-Kernel's RMSNorm function, or None where it is not installed (it is optional: the ``gpu`` extra)."""
+    try:
+        from liger_kernel.transformers.functional import liger_rms_norm as fn
+    except ImportError:
+        return None
+    return fn
+
+
 class RMSNorm(coat.FP8Block):
     """``weight * x / sqrt(mean(x^2) + eps)``, normalized in fp32 and cast back before the weight
-    (the order HF's Llama/Qwen2 RMSNorm uses, so bf16 outputs match too). With ``kernels="triton"`` on GPU
-    one fused kernel (``scaleforge.kernels.rms_norm``, which applies the weight in fp32 before the cast). COAT mode: the norm kernel with its input
+    (the order HF's Llama/Qwen2 RMSNorm uses, so bf16 outputs match too). ``kernels="triton"``: eager on CUDA
+    Liger-Kernel's RMSNorm (same order, "llama" casting; faster than ours at the LLM's widths:
+    ``benchmarks/kernels/vs_liger.py``), ours (``scaleforge.kernels.rms_norm``, weight applied in fp32 before the
+    cast) where Liger is not installed or on the Triton CPU interpreter (Liger's kernels do not run there), the
+    torch code inside ``torch.compile`` (``fused_elementwise_on``). COAT mode: the norm kernel with its input
     saved in FP8 (scaleforge.fp8)."""
 
     def __init__(self, dim: int, eps: float, kernels: str = "torch"):
@@ -211,7 +232,10 @@ class RMSNorm(coat.FP8Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
             return coat.norm(x, self.weight, eps=self.eps)
-        if fused_kernels_on(self.kernels, x):
+        if fused_elementwise_on(self.kernels, x):
+            if x.is_cuda and liger_rms_norm() is not None:
+                # not in place: the incoming gradient may be a view another node reads
+                return liger_rms_norm()(x, self.weight, self.eps, casting_mode="llama", in_place=False)
             from scaleforge.kernels import rms_norm
 
             return rms_norm(x, self.weight, self.eps, backend="triton")
@@ -394,8 +418,9 @@ class Attention(coat.FP8Block):
 
 class FeedForward(coat.FP8Block):
     """SwiGLU: w2(silu(w1 x) * w3 x) (HF: gate_proj = w1, up_proj = w3, down_proj = w2); the gate is one fused
-    kernel (``scaleforge.kernels.swiglu``) with ``kernels="triton"`` on GPU. COAT mode: the SwiGLU
-    product's inputs are saved in FP8."""
+    kernel (``scaleforge.kernels.swiglu``; it ties Liger-Kernel's and Inductor's in time) with
+    ``kernels="triton"`` on GPU, eager (inside ``torch.compile`` Inductor fuses the torch code,
+    ``fused_elementwise_on``). COAT mode: the SwiGLU product's inputs are saved in FP8."""
 
     def __init__(self, dim: int, hidden: int, kernels: str = "torch"):
         super().__init__()
@@ -407,7 +432,7 @@ class FeedForward(coat.FP8Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
             return self.w2(coat.glu(self.w1(x), self.w3(x), "silu"))
-        if fused_kernels_on(self.kernels, x):
+        if fused_elementwise_on(self.kernels, x):
             from scaleforge.kernels import swiglu
 
             return self.w2(swiglu(self.w1(x), self.w3(x), backend="triton"))

@@ -135,16 +135,17 @@ class SiglipMLP(coat.FP8Block):
 
 class SiglipLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters); one fused kernel (``scaleforge.kernels.layer_norm``) when ``kernels``
-    is ``"triton"`` on GPU."""
+    is ``"triton"`` on GPU, eager (inside ``torch.compile`` Inductor fuses ``nn.LayerNorm``'s code with its
+    neighbours: ``fused_elementwise_on``)."""
 
     def __init__(self, dim: int, eps: float, device=None, kernels: str = "torch"):
         super().__init__(dim, eps=eps, device=device)
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from scaleforge.models.llm.model import fused_kernels_on
+        from scaleforge.models.llm.model import fused_elementwise_on
 
-        if fused_kernels_on(self.kernels, x):
+        if fused_elementwise_on(self.kernels, x):
             from scaleforge.kernels import layer_norm
 
             return layer_norm(x, self.weight, self.bias, self.eps, backend="triton")

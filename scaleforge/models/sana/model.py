@@ -283,8 +283,10 @@ class MixFFN(coat.FP8Block):
 
 def _modulated_ln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
     """LayerNorm without affine, then adaLN modulation x_hat * (1 + scale) + shift. With
-    ``kernels == "triton"`` on GPU one fused kernel (scaleforge.kernels.layer_norm) does it in one pass."""
-    kern = _kernels() if kernels == "triton" and x.is_cuda else None
+    ``kernels == "triton"`` on GPU, eager, one fused kernel (scaleforge.kernels.layer_norm) does it in one pass;
+    inside ``torch.compile`` Inductor fuses the torch code (with the residual adds and casts around it, which
+    the opaque kernel would keep apart)."""
+    kern = _kernels() if kernels == "triton" and x.is_cuda and not torch.compiler.is_compiling() else None
     if kern is not None:
         return kern.layer_norm(x, None, None, eps=NORM_EPS, shift=shift, scale=scale, backend="triton")
     return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS) * (1 + scale) + shift
