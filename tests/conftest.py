@@ -19,6 +19,8 @@ def run_env():
     """Environment for launching jobs from tests: one thread per worker (2-core machines), no wandb."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    # DeepSpeed JIT-compiles its CPU communication op once; keep it where `make test` caches it
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     for k in list(env):
         if k.startswith("SCALEFORGE_FAULT_"):
             del env[k]

@@ -187,7 +187,7 @@ def launch_main(argv: list[str] | None = None) -> int:
                 print(slurm.render_sbatch(cfg, run_dir, run_dir / "config.yaml"))
             _print_plan(cfg, layout)
         # everything else that can be wrong, for every kind of launch, before anything is written
-        resume_from = preflight.check_resume(cfg, run_dir)
+        resume_from = preflight.check_resume(cfg, run_dir, layout.world_size)
         # this launch's workers take the checkpoint resolved and verified here, without verifying again
         os.environ[RESUME_ENV] = str(resume_from) if resume_from is not None else "none"
         preflight.check_sources(cfg, layout)

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import yaml
 
-from scaleforge.platform.checkpoint import CheckpointError, read_trainer_state, resolve_resume
+from scaleforge.platform.checkpoint import CheckpointError, read_trainer_state, resolve_resume, world_size_problem
 from scaleforge.platform.config import ConfigError, JobConfig, Layout
+from scaleforge.platform.engine import engine_class
 
 
 def check_job(cfg: JobConfig) -> None:
@@ -46,10 +47,11 @@ def check_sources(cfg: JobConfig, layout: Layout) -> None:
         probe_sources(cfg.data, layout.dp_size)
 
 
-def check_resume(cfg: JobConfig, run_dir: Path) -> Path | None:
+def check_resume(cfg: JobConfig, run_dir: Path, world_size: int) -> Path | None:
     """The checkpoint a launch would resume from (None: a fresh start), after checking that it fits the
-    config: same recipe, same model tensors (names and shapes), same optimizer, EMA state if the config
-    keeps one. A mismatch is one line naming what differs and what to do."""
+    config and the job: same recipe, same model tensors (names and shapes), same optimizer, EMA state if
+    the config keeps one, the engine's checkpoint layout, and the saving world size where the engine cannot
+    reshard (DeepSpeed). A mismatch is one line naming what differs and what to do."""
     ckpt = resolve_resume(cfg.checkpoint.resume, run_dir)
     if ckpt is None:
         return None
@@ -61,7 +63,16 @@ def check_resume(cfg: JobConfig, run_dir: Path) -> Path | None:
     if saved_recipe is not None and saved_recipe != cfg.model.recipe:
         raise CheckpointError(f"--resume: {ckpt} is a {saved_recipe!r} checkpoint, the config's recipe is "
                               f"{cfg.model.recipe!r}; {hint}")
-    if read_trainer_state(ckpt)["format"] != "dcp":  # DeepSpeed's own files: the engine checks them on load
+    trainer_state = read_trainer_state(ckpt)
+    fmt, engine_fmt = trainer_state["format"], engine_class(cfg.parallel.engine).checkpoint_format
+    if fmt != engine_fmt:
+        raise CheckpointError(f"--resume: {ckpt} was written by the {fmt!r} checkpointing of another engine; "
+                              f"parallel.engine={cfg.parallel.engine} writes {engine_fmt!r} (parallel.engine must "
+                              f"match to resume; start a new run from the exported weights instead)")
+    problem = world_size_problem(ckpt, trainer_state, world_size)
+    if problem:
+        raise CheckpointError(f"--resume: {problem}")
+    if fmt != "dcp":  # DeepSpeed's own files: its loader checks names and shapes
         return ckpt
     shapes = _saved_shapes(ckpt)
     problems = _model_mismatch(cfg, shapes)

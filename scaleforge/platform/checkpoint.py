@@ -103,20 +103,29 @@ def read_model_weights(ckpt: Path, target: dict[str, torch.Tensor], ema: bool = 
 
 
 def _copy_full_into(target: dict[str, torch.Tensor], full: dict[str, torch.Tensor], ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full tensors into ``target``'s plain tensors, or into this rank's shards of its DTensors."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Full tensors into ``target``'s tensors, through the engine's copy (plain or sharded storage)."""
+    from scaleforge.platform.engine import copy_full_tensor
 
     missing = sorted(set(target) - set(full))
     if missing:
         raise CheckpointError(f"{ckpt}: the checkpoint lacks {len(missing)} of the model's tensors, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, t in target.items():
-            src = full[name].to(device=t.device, dtype=t.dtype)
-            if isinstance(t, DTensor):  # every rank read the full tensor: slice locally
-                t.to_local().copy_(distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None).to_local())
-            else:
-                t.copy_(src)
+    for name, t in target.items():
+        copy_full_tensor(t, full[name])
     return target
+
+
+def world_size_problem(path: Path, trainer_state: dict[str, Any], world_size: int) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed by ``world_size`` processes (None: it can). DCP
+    reshards to any world size; DeepSpeed's ZeRO partitions are per rank. DeepSpeed's universal checkpoint
+    (its offline ``ds_to_universal`` conversion, then ``load_universal``) is not read here, so the message
+    names the two ways that work."""
+    saved = int(trainer_state["world_size"])
+    if trainer_state["format"] != "deepspeed" or saved == world_size:
+        return None
+    return (f"{path}: a DeepSpeed checkpoint of {saved} processes cannot be resumed with {world_size} "
+            f"(DeepSpeed's ZeRO partitions are per rank); resume with --nproc/--nodes giving {saved} processes, "
+            f"or start a new run from its weights: model.init_from_run=<this run's directory> (NVILA), or "
+            f"`scaleforge export` and model.init_from=<the export>")
 
 
 def list_complete(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -347,12 +356,9 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE} marker)")
         trainer_state = read_trainer_state(path)
         fmt = trainer_state["format"]
-        if fmt == "deepspeed" and trainer_state["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"{path}: a DeepSpeed checkpoint of {trainer_state['world_size']} processes cannot be resumed with "
-                f"{self.world_size} (DeepSpeed's partitions are per rank); resume with --nproc/--nodes giving "
-                f"{trainer_state['world_size']} processes, or start a new run from its weights with "
-                f"model.init_from_run=<this run's directory> (NVILA) or export it and set model.init_from")
+        problem = world_size_problem(path, trainer_state, self.world_size)
+        if problem:
+            raise CheckpointError(problem)
         if fmt != engine.checkpoint_format:
             raise CheckpointError(f"{path}: written by the {fmt!r} engine's checkpointing; this run's engine "
                                   f"writes {engine.checkpoint_format!r} (parallel.engine must match to resume; "

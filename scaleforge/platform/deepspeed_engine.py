@@ -30,8 +30,9 @@ from torch import nn
 from scaleforge.platform.config import ConfigError, JobConfig, Layout
 from scaleforge.platform.dist import DistInfo
 from scaleforge.platform.engine import (Engine, apply_activation_checkpointing, apply_compile, apply_freeze,
-                                        build_optimizer_and_schedule, set_eval_modules)
-from scaleforge.platform.recipe import Recipe
+                                        build_optimizer_and_schedule, count_params, fsdp_groups,
+                                        set_eval_modules)
+from scaleforge.platform.recipe import ParallelPlan, Recipe
 
 #: optimizers whose update DeepSpeed's ZeRO optimizer can drive over its flat fp32 partitions
 SUPPORTED_OPTIMIZERS = ("adamw",)
@@ -116,6 +117,17 @@ class DeepSpeedEngine(Engine):
         set_eval_modules(self.model, self.plan)
         self.zero = self.ds.optimizer  # the ZeRO optimizer wrapping self.optimizer
         self._stepped = False
+        if info.rank == 0:
+            print(self.summary(), flush=True)
+
+    def summary(self) -> str:
+        """What DeepSpeed's engine was built with, read back from it (not from our config): the ZeRO stage,
+        where the optimizer states and the parameters live, and the checkpointed units."""
+        z = self.zero
+        optim = "cpu" if getattr(z, "offload_optimizer", False) or getattr(z, "cpu_offload", False) else "off"
+        params = "cpu" if getattr(z, "offload_param", False) else "off"
+        return (f"DeepSpeed ZeRO-{self.ds.zero_optimization_stage()}: optimizer offload {optim}, parameter offload "
+                f"{params}, activation checkpointing on {self.checkpointed_units} units")
 
     def _build(self, cfg: JobConfig, info: DistInfo, recipe: Recipe) -> nn.Module:
         """The full model on the device: seeded init (same on every rank), pretrained weights, freezing,
@@ -131,11 +143,48 @@ class DeepSpeedEngine(Engine):
         self.plan = recipe.parallel_plan(model)
         apply_freeze(model, self.plan)
         units = self.plan.checkpoint_units if self.plan.checkpoint_units is not None else self.plan.fsdp_units
-        if cfg.parallel.activation_checkpointing == "full":
+        self.checkpointed_units = len(units) if cfg.parallel.activation_checkpointing == "full" else 0
+        if self.checkpointed_units:
             apply_activation_checkpointing(units)
         if cfg.parallel.compile:
             apply_compile(units)
         return model.to(info.device)
+
+    # -- the dry-run plan ----------------------------------------------------------------------------
+    @classmethod
+    def model_state_memory(cls, cfg: JobConfig, layout: Layout, model: nn.Module, plan: ParallelPlan,
+                           per_device) -> dict[str, float]:
+        """Model-state memory per GPU by DeepSpeed's own rules (its ``estimate_zero2/3_model_states_mem_needs``;
+        ZeRO-1 by the same byte counts with the gradients not partitioned), trainable parameters as DeepSpeed
+        counts them, plus the frozen parameters' 16-bit copies (partitioned under ZeRO-3)."""
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        ds, n, gib = cfg.parallel.deepspeed, layout.world_size, 2**30
+        total, trainable = count_params(model, plan.frozen)
+        frozen = total - trainable
+        if ds.zero_stage == 3:
+            largest = max((sum(p.numel() for u in group for p in u.parameters())
+                           for group in fsdp_groups(plan.fsdp_units, cfg.parallel.fsdp_group_size)), default=0)
+            _, states, _ = estimate_zero3_model_states_mem_needs(trainable, largest, num_gpus_per_node=n,
+                                                                 cpu_offload=ds.offload_optimizer,
+                                                                 cpu_offload_params=ds.offload_param, zero_init=False)
+            frozen_bytes = 2 * frozen / n
+        elif ds.zero_stage == 2:
+            _, states = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=n,
+                                                              cpu_offload=ds.offload_optimizer)
+            frozen_bytes = 2 * frozen
+        else:  # 16-bit parameters and gradients in full, fp32 master weights, gradients and Adam states partitioned
+            states = 2 * trainable + (2 * trainable if ds.offload_optimizer else 2 * trainable + 16 * trainable / n)
+            frozen_bytes = 2 * frozen
+        return {f"model states (ZeRO-{ds.zero_stage})": states / gib, "frozen params (16-bit)": frozen_bytes / gib}
+
+    @classmethod
+    def plan_note(cls, cfg: JobConfig) -> str | None:
+        ds = cfg.parallel.deepspeed
+        return (f"DeepSpeed ZeRO-{ds.zero_stage}" + (", optimizer offload" if ds.offload_optimizer else "")
+                + (", parameter offload" if ds.offload_param else "")
+                + "; model states by DeepSpeed's estimate_zero*_model_states_mem_needs")
 
     # -- step pieces ------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, last_micro_batch: bool = True) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from scaleforge.platform.config import ConfigError, JobConfig, Layout
 from scaleforge.platform.dist import DistInfo
 from scaleforge.platform.ema import ShardedEMA
-from scaleforge.platform.optim import build_optimizer
+from scaleforge.platform.optim import build_optimizer, optimizer_state_bytes
 from scaleforge.platform.recipe import ParallelPlan, ParamGroupRule, Recipe
 from scaleforge.platform.schedule import build_lr_scheduler
 
@@ -93,6 +93,53 @@ class Engine(ABC):
     @abstractmethod
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded model state dict on CPU (rank 0 gets it; others may get an empty dict)."""
+
+    # -- the dry-run plan (no instance: the model is on the meta device, no process group) -----------
+    @classmethod
+    @abstractmethod
+    def model_state_memory(cls, cfg: JobConfig, layout: Layout, model: nn.Module, plan: ParallelPlan,
+                           per_device) -> dict[str, float]:
+        """GiB per device of the model states under this engine's rules ({part: GiB}); ``per_device(p)``
+        is the number of a parameter's elements a device holds before data-parallel sharding (1/tp of
+        the ones tensor parallelism splits)."""
+
+    @classmethod
+    def plan_note(cls, cfg: JobConfig) -> str | None:
+        """An ``engine`` line for the dry-run plan, or None."""
+        return None
+
+
+def copy_full_tensor(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full (unsharded) tensor ``full`` into ``dst``, whatever an engine made of that parameter or
+    buffer: FSDP2's DTensor shard (every rank holds the full tensor, so each slices its own: no
+    communication) or a plain tensor (DeepSpeed builds the full model before partitioning it; one
+    device). The one place the HF / diffusers loaders and the checkpoint reader reach the engine's storage."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        full = full.to(device=dst.device, dtype=dst.dtype)
+        if isinstance(dst, DTensor):
+            dst.to_local().copy_(distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None).to_local())
+        else:
+            dst.copy_(full)
+
+
+def count_params(module: nn.Module, frozen_prefixes: tuple[str, ...], prefix: str = "") -> tuple[int, int]:
+    """(parameters, trainable parameters) of ``module``; the plan's frozen prefixes are not trainable."""
+    total = trainable = 0
+    for name, p in module.named_parameters(prefix=prefix):
+        total += p.numel()
+        if p.requires_grad and not any(name == f or name.startswith(f + ".") for f in frozen_prefixes):
+            trainable += p.numel()
+    return total, trainable
+
+
+def optimizer_bytes(model: nn.Module, frozen_prefixes: tuple[str, ...], name: str, per_device) -> float:
+    """The optimizer's own count of its state bytes for every trainable parameter (e.g. adamw_fp8's codes
+    and per-group metadata, which depend on each parameter's shape), times the share a device holds along
+    the tensor-parallel dimension (``per_device(p) / numel``)."""
+    return sum(optimizer_state_bytes(name, p.shape) * per_device(p) / p.numel() for fqn, p in model.named_parameters()
+               if p.requires_grad and not any(fqn == f or fqn.startswith(f + ".") for f in frozen_prefixes))
 
 
 def clip_coefficient(grad_norm: float, max_norm: float) -> float:
@@ -294,6 +341,30 @@ class FSDP2Engine(Engine):
         if source:
             recipe.load_pretrained(model, source)
 
+    @classmethod
+    def model_state_memory(cls, cfg: JobConfig, layout: Layout, model: nn.Module, plan: ParallelPlan,
+                           per_device) -> dict[str, float]:
+        """FSDP2 with mixed precision (what ``torch.cuda.max_memory_allocated`` measures; CUDA context
+        and allocator fragmentation not included): fp32 parameters, gradients and optimizer state
+        (the optimizer's registry entry counts each trainable shape: AdamW 8 B per parameter, adamw_fp8
+        ~2.2) sharded over dp_shard; the compute-dtype parameters of the root (never resharded after
+        forward) plus two FSDP groups in flight (the current one and the prefetched one), and the
+        unsharded gradients of one group before its reduce-scatter."""
+        total, trainable = count_params(model, plan.frozen)
+        unit_sizes = [sum(per_device(p) for u in group for p in u.parameters())
+                      for group in fsdp_groups(plan.fsdp_units, cfg.parallel.fsdp_group_size)]
+        local_total = sum(per_device(p) for p in model.parameters())
+        local_trainable = local_total * (trainable / total) if total else 0
+        root, largest = local_total - sum(unit_sizes), max(unit_sizes, default=0)
+        compute_bytes = 2 if cfg.parallel.mixed_precision in ("bf16", "fp16") else 4
+        shard, gib = layout.dp_shard, 2**30
+        return {
+            "params (fp32)": 4 * local_total / shard / gib,
+            "grads (fp32)": 4 * local_trainable / shard / gib,
+            f"optimizer ({cfg.optim.name})": optimizer_bytes(model, plan.frozen, cfg.optim.name, per_device) / shard / gib,
+            "unsharded units": (compute_bytes * (root + 2 * largest) + compute_bytes * largest) / gib,
+        }
+
     # -- step pieces ------------------------------------------------------------------------------
     def trainable_params(self) -> Iterator[nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
@@ -405,8 +476,6 @@ warnings.filterwarnings("ignore", message="DTensor random operators may not have
 def _copy_full_init(model: nn.Module, recipe: Recipe, seed: int, tp=None, pretrained: str | None = None) -> None:
     """Initialize a full CPU copy of the model with ``seed`` (and load ``pretrained`` into it), then
     copy each rank's slice (its tp slice, when ``tp`` is given, then its data-parallel shard)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         full = recipe.build_model(torch.device("cpu"))
@@ -414,23 +483,23 @@ def _copy_full_init(model: nn.Module, recipe: Recipe, seed: int, tp=None, pretra
     if pretrained:
         recipe.load_pretrained(full, pretrained)
     source = full.state_dict()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            src = source[name].to(device=t.device, dtype=t.dtype)
-            if tp is not None:
-                src = tp.local_slice(name, src).contiguous()
-            if isinstance(t, DTensor):
-                # every rank holds the same full tensor: slice locally, no communication
-                t.to_local().copy_(distribute_tensor(src, t.device_mesh, t.placements, src_data_rank=None).to_local())
-            else:
-                t.copy_(src)
+    for name, t in model.state_dict().items():
+        src = source[name]
+        if tp is not None:
+            src = tp.local_slice(name, src.to(t.dtype)).contiguous()
+        copy_full_tensor(t, src)
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The ``Engine`` subclass of ``parallel.engine``."""
+    if name == "fsdp2":
+        return FSDP2Engine
+    if name == "deepspeed":
+        from scaleforge.platform.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine
+    raise ConfigError(f"parallel.engine: {name!r} is not one of fsdp2, deepspeed")
 
 
 def build_engine(cfg: JobConfig, layout: Layout, info: DistInfo, recipe: Recipe) -> Engine:
-    if cfg.parallel.engine == "fsdp2":
-        return FSDP2Engine(cfg, layout, info, recipe)
-    if cfg.parallel.engine == "deepspeed":
-        from scaleforge.platform.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, layout, info, recipe)
-    raise ConfigError(f"parallel.engine: {cfg.parallel.engine!r} is not one of fsdp2, deepspeed")
+    return engine_class(cfg.parallel.engine)(cfg, layout, info, recipe)

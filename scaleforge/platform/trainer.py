@@ -462,7 +462,7 @@ class _StepValues:
         if items <= 0:
             raise TrainingError(f"step {step}: the global batch has no loss items (every label masked?)")
         self.loss = loss_sum / items
-        # FSDP's reduce-scatter averages over the dp ranks; rescale to the global per-item mean.
+        # Both engines' gradient reductions average over the dp ranks; rescale to the global per-item mean.
         self.normalize = layout.dp_size / items
         self.grad_norm = math.sqrt(grad_sq) * self.normalize if math.isfinite(grad_sq) else float("nan")
         self.skipped = not (math.isfinite(self.loss) and math.isfinite(self.grad_norm))  # as _device_step_factor

@@ -1,7 +1,8 @@
 """The DeepSpeed ZeRO engine (parallel.engine=deepspeed) through ``launch --nproc 2`` on CPU: per-step
-losses against FSDP2 (lm_tiny, nvila_tiny, sana_tiny; ZeRO-2 and ZeRO-3), exact resume after SIGKILL and
-after a preemption signal, a skipped NaN step, export to HF from a ZeRO-3 run, the launcher's checks and
-the dry-run plan."""
+losses against FSDP2 (lm_tiny, nvila_tiny, sana_tiny; ZeRO-2 and ZeRO-3) with a skipped NaN step, offload
+and activation checkpointing, NVILA's text-only micro-batches under ZeRO-3, the launcher's checks (unsupported
+combinations, resuming at another world size) and the dry-run plan. Resume after SIGKILL and after
+preemption and export run for both engines in tests/platform/test_train_e2e.py."""
 import json
 import os
 import subprocess
@@ -52,10 +53,6 @@ def records(run_dir):
     return read_metrics(run_dir)
 
 
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in records(run_dir)}
-
-
 @pytest.fixture(scope="module")
 def runs(ds_env, tmp_path_factory):
     """{(recipe, engine): run dir} of the uninterrupted runs, made on first use."""
@@ -89,51 +86,39 @@ def test_per_step_losses_match_fsdp2(runs, recipe, engine):
 
 
 @pytest.mark.slow
-def test_zero2_resume_after_sigkill_is_bit_identical(runs, ds_env, tmp_path):
-    ref = losses(runs("lm", "zero2"))
-    r = launch(ds_env, tmp_path, "lm", "zero2", "k", check=False,
-               fault={"SCALEFORGE_FAULT_KILL_AFTER_CHECKPOINT": "10"})
-    assert r.returncode != 0
-    assert (tmp_path / "k" / "checkpoints" / "latest").read_text().strip() == "step_00000010"
-    r = launch(ds_env, tmp_path, "lm", "zero2", "k")
-    assert "resumed from" in r.stdout and "at step 10" in r.stdout
-    assert losses(tmp_path / "k") == ref  # bit-identical floats, every step once
+def test_zero3_offload_and_activation_checkpointing_are_honoured(runs, ds_env, tmp_path):
+    """Optimizer and parameter offload and activation checkpointing under ZeRO-3: DeepSpeed's engine reports
+    them on (read back from its ZeRO optimizer, not from our config), and the run trains the model of the
+    run without them (same losses up to fp32 rounding, the NaN step skipped, checkpoints saved)."""
+    r = launch(ds_env, tmp_path, "lm", "zero3", "o", "parallel.deepspeed.offload_optimizer=true",
+               "parallel.deepspeed.offload_param=true", "parallel.activation_checkpointing=full")
+    assert "DeepSpeed ZeRO-3: optimizer offload cpu, parameter offload cpu, activation checkpointing on 2 units" \
+        in r.stdout, r.stdout[-3000:]
+    ref, got = records(runs("lm", "zero3")), records(tmp_path / "o")
+    assert [g["skipped"] for g in got] == [a["skipped"] for a in ref]
+    for a, b in zip(ref, got):
+        if not a["skipped"]:
+            assert abs(b["loss"] - a["loss"]) / a["loss"] < 1e-6, (a["step"], a["loss"], b["loss"])
+    assert (tmp_path / "o" / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
 
 
-@pytest.mark.slow
-def test_zero3_preemption_signal_checkpoints_and_resumes_exactly(runs, ds_env, tmp_path):
-    ref = losses(runs("lm", "zero3"))
-    r = launch(ds_env, tmp_path, "lm", "zero3", "s", fault={"SCALEFORGE_FAULT_SIGTERM_STEPS": "6"})
-    assert "stop requested (SIGTERM)" in r.stdout
-    assert (tmp_path / "s" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
-    r = launch(ds_env, tmp_path, "lm", "zero3", "s")
-    assert "at step 6" in r.stdout
-    assert losses(tmp_path / "s") == ref
+def test_deepspeed_config_carries_ours():
+    """The DeepSpeed config derived from ours: batch triplet from the layout, offload devices, bf16 with
+    fp32 accumulation, DeepSpeed's clipping off (the loop applies ours)."""
+    from scaleforge.platform.config import JobConfig, ModelConfig, derive_layout
+    from scaleforge.platform.deepspeed_engine import ds_config
 
-
-@pytest.mark.slow
-def test_export_hf_from_zero3_run(runs, tmp_path):
-    """`scaleforge export` reads DeepSpeed's partitions into the same HF layout as from an FSDP2 run: it
-    loads in transformers, and its logits match our model on the exported weights and stay close to the
-    FSDP2 run's export (the two trained the same steps within rounding)."""
-    import torch
-    import transformers
-
-    from scaleforge.models.llm import from_pretrained
-
-    outs = {}
-    for engine in ("fsdp2", "zero3"):
-        outs[engine] = tmp_path / engine
-        r = subprocess.run([str(BIN / "scaleforge"), "export", "--run", str(runs("lm", engine)), "--format", "hf",
-                            "--out", str(outs[engine])], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-    ids = torch.randint(0, 256, (2, 17))
-    with torch.no_grad():
-        hf = transformers.AutoModelForCausalLM.from_pretrained(outs["zero3"], torch_dtype=torch.float32)
-        a, b = hf(ids).logits, from_pretrained(str(outs["zero3"]))(ids)
-        c = transformers.AutoModelForCausalLM.from_pretrained(outs["fsdp2"], torch_dtype=torch.float32)(ids).logits
-    assert (a - b).norm() / a.norm() < 1e-5
-    assert (a - c).norm() / c.norm() < 1e-2
+    cfg = JobConfig(model=ModelConfig(recipe="llm"))
+    cfg.parallel.engine, cfg.parallel.mixed_precision, cfg.parallel.reduce_dtype = "deepspeed", "bf16", "fp32"
+    cfg.parallel.deepspeed.zero_stage = 3
+    cfg.parallel.deepspeed.offload_optimizer = cfg.parallel.deepspeed.offload_param = True
+    cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size = 32, 2
+    ds = ds_config(cfg, derive_layout(cfg, 4))
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 2, 4)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert ds["bf16"] == {"enabled": True} and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["gradient_clipping"] == 0.0
 
 
 @pytest.mark.parametrize("override,message", [
@@ -142,11 +127,21 @@ def test_export_hf_from_zero3_run(runs, tmp_path):
     ("checkpoint.async_save=true", "checkpoint.async_save=true"),
     ("parallel.deepspeed.zero_stage=4", "zero_stage must be 1, 2 or 3"),
 ])
-def test_launcher_rejects_unsupported_combinations(ds_env, tmp_path, override, message):
-    r = launch(ds_env, tmp_path, "lm", "zero3", "x", override, check=False, timeout=120)
+def test_unsupported_combinations_are_named(override, message):
+    from scaleforge.models import recipe_config_class
+    from scaleforge.platform.config import load_config
+    from scaleforge.platform.deepspeed_engine import unsupported
+
+    cfg = load_config("lm_tiny.yaml", ["parallel.engine=deepspeed", override], recipe_config=recipe_config_class)
+    assert any(message in why for why in unsupported(cfg)), unsupported(cfg)
+
+
+def test_launcher_rejects_unsupported_combinations(ds_env, tmp_path):
+    """The launcher's verdict on the checks above, before any worker starts (each named in one line)."""
+    r = launch(ds_env, tmp_path, "lm", "zero2", "x", "parallel.deepspeed.offload_param=true", check=False, timeout=120)
     assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: parallel.engine=deepspeed: ") and message in lines[-1], r.stderr
+    assert r.stderr.strip().splitlines() == ["error: parallel.engine=deepspeed: parallel.deepspeed.offload_param "
+                                             "needs zero_stage=3"], r.stderr
     assert not (tmp_path / "x" / "config.yaml").exists()  # before any worker started
 
 
@@ -172,19 +167,29 @@ def test_zero3_text_only_micro_batch_on_one_rank_does_not_hang(ds_env, tmp_path)
 
 
 @pytest.mark.slow
-def test_resume_at_another_world_size_is_a_clear_error(runs, ds_env, tmp_path):
-    """DeepSpeed's partitions are per rank: resuming a 2-process ZeRO checkpoint with 1 process stops with a
-    message that says what to do, and writes nothing into the run."""
+def test_resume_at_another_world_size_or_engine_is_refused_by_the_launcher(runs, ds_env, tmp_path):
+    """DeepSpeed's partitions are per rank: the launcher refuses to resume a 2-process ZeRO checkpoint with 1
+    process (or with the FSDP2 engine) before any worker starts, in one line that says what to do, and
+    changes nothing in the run directory."""
     import shutil
 
     run = tmp_path / "lm_zero2"
     shutil.copytree(runs("lm", "zero2"), run)
-    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
     config, overrides = RECIPES["lm"]
-    r = subprocess.run([str(BIN / "launch"), "--config", config, "--nproc", "1", f"run.output_dir={tmp_path}",
-                        "run.name=lm_zero2", *COMMON, *overrides, *ZERO["zero2"], "trainer.max_steps=25"],
-                       capture_output=True, text=True, env=ds_env, timeout=300)
-    assert r.returncode != 0
-    assert "a DeepSpeed checkpoint of 2 processes cannot be resumed with 1" in r.stderr
-    assert "giving 2 processes" in r.stderr
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    cmd = [str(BIN / "launch"), "--config", config, f"run.output_dir={tmp_path}", "run.name=lm_zero2", *COMMON,
+           *overrides, "trainer.max_steps=25"]
+    ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
+    r = subprocess.run([*cmd, "--nproc", "1", *ZERO["zero2"]], capture_output=True, text=True, env=ds_env, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: --resume: {ckpt}: a DeepSpeed checkpoint of 2 processes cannot be resumed with 1 (DeepSpeed's "
+        f"ZeRO partitions are per rank); resume with --nproc/--nodes giving 2 processes, or start a new run from "
+        f"its weights: model.init_from_run=<this run's directory> (NVILA), or `scaleforge export` and "
+        f"model.init_from=<the export>"], r.stderr
+    assert "world size" not in r.stdout  # no worker started
+    r = subprocess.run([*cmd, "--nproc", "2"], capture_output=True, text=True, env=ds_env, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: --resume: {ckpt} was written by the 'deepspeed' "
+                                                        f"checkpointing of another engine"), r.stderr
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before

@@ -1,5 +1,12 @@
 """End-to-end runs of the tiny LM with 2 gloo processes: metrics, checkpoints, exact resume (also
-after SIGKILL), interrupted saves, resharding 2->1, NaN handling, preemption, two nodes, export."""
+after SIGKILL), interrupted saves, resharding 2->1, NaN handling, preemption, two nodes, export.
+
+The spine's engine-dependent tests run with both engines (``parallel.engine``): resume after SIGKILL
+(FSDP2, DeepSpeed ZeRO-2), preemption -> checkpoint -> resume (FSDP2, ZeRO-3) and export (FSDP2, ZeRO-3).
+DeepSpeed's NaN-step skip is checked by tests/platform/test_deepspeed.py's parity runs (a NaN step in
+each, skipped like FSDP2's); the rest (interrupted saves, damaged checkpoints, non-finite stop, the loop's
+two step paths) is engine-independent code."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +19,15 @@ import pytest
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 COMMON = ["trainer.max_steps=12", "checkpoint.interval=4", "metrics.wandb.mode=disabled", "metrics.plot=false"]
+_needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+ENGINES = {"fsdp2": [], "zero2": ["parallel.engine=deepspeed", "parallel.deepspeed.zero_stage=2"],
+           "zero3": ["parallel.engine=deepspeed", "parallel.deepspeed.zero_stage=3"]}
+
+
+def engines(*names):
+    """``engine`` parameters: the DeepSpeed ones skip where deepspeed is not installed."""
+    return pytest.mark.parametrize("engine", [pytest.param(n, marks=_needs_deepspeed) if n != "fsdp2" else n
+                                              for n in names])
 
 
 def launch(run_env, out, name, *extra, nproc=2, env=None, check=True, timeout=240):
@@ -29,13 +45,26 @@ def losses(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted 12-step run every resume is compared with."""
+def references(tmp_path_factory):
+    """references(engine): the uninterrupted 12-step run of that engine every resume is compared with,
+    made on first use."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     env = {k: v for k, v in env.items() if not k.startswith("SCALEFORGE_FAULT_")}
-    out = tmp_path_factory.mktemp("ref")
-    launch(env, out, "ref")
-    return out / "ref"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / ".torch_extensions"))
+    made = {}
+
+    def get(engine):
+        if engine not in made:
+            out = tmp_path_factory.mktemp(f"ref_{engine}")
+            launch(env, out, "ref", *ENGINES[engine])
+            made[engine] = out / "ref"
+        return made[engine]
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references("fsdp2")
 
 
 def test_run_leaves_metrics_checkpoints_config(reference):
@@ -60,13 +89,16 @@ def test_exact_resume_is_bit_identical(reference, tmp_path, run_env):
     assert losses(run) == losses(reference)  # bit-identical floats, every step once
 
 
-def test_resume_after_sigkill_is_bit_identical(reference, tmp_path, run_env):
-    r = launch(run_env, tmp_path, "k", env={"SCALEFORGE_FAULT_KILL_AFTER_CHECKPOINT": "8"}, check=False)
+@engines("fsdp2", "zero2")
+def test_resume_after_sigkill_is_bit_identical(references, engine, tmp_path, run_env):
+    r = launch(run_env, tmp_path, "k", *ENGINES[engine], env={"SCALEFORGE_FAULT_KILL_AFTER_CHECKPOINT": "8"},
+               check=False)
     assert r.returncode != 0
     run = tmp_path / "k"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
-    launch(run_env, tmp_path, "k")
-    assert losses(run) == losses(reference)  # bit-identical floats, every step once
+    r = launch(run_env, tmp_path, "k", *ENGINES[engine])
+    assert "resumed from" in r.stdout and "at step 8" in r.stdout
+    assert losses(run) == losses(references(engine))  # bit-identical floats, every step once
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, run_env):
@@ -99,11 +131,12 @@ def test_interrupted_save_is_never_used(reference, tmp_path, run_env):
     assert not (ckpts / "step_00000008.tmp").exists()
 
 
-def test_preempt_file_checkpoints_and_resumes_exactly(reference, tmp_path, run_env):
+@engines("fsdp2", "zero3")
+def test_preempt_file_checkpoints_and_resumes_exactly(references, engine, tmp_path, run_env):
     run = tmp_path / "p"
     run.mkdir(parents=True)
     cmd = [str(BIN / "launch"), "--config", "lm_tiny.yaml", "--nproc", "2", f"run.output_dir={tmp_path}",
-           "run.name=p", *COMMON, "checkpoint.interval=0"]
+           "run.name=p", *COMMON, "checkpoint.interval=0", *ENGINES[engine]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env)
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
@@ -114,8 +147,8 @@ def test_preempt_file_checkpoints_and_resumes_exactly(reference, tmp_path, run_e
     assert "stop requested (PREEMPT)" in out
     stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 1 <= stopped_at < 12
-    launch(run_env, tmp_path, "p", "checkpoint.interval=0")
-    assert losses(run) == losses(reference)
+    launch(run_env, tmp_path, "p", "checkpoint.interval=0", *ENGINES[engine])
+    assert losses(run) == losses(references(engine))
 
 
 def test_nan_step_is_skipped_and_too_many_stop(tmp_path, run_env):
@@ -187,12 +220,15 @@ def test_two_nodes_on_localhost(tmp_path, run_env):
     assert len(losses(tmp_path / "two")) == 4
 
 
-def test_export_hf_from_run_loads_in_transformers(reference, tmp_path):
+@engines("fsdp2", "zero3")
+def test_export_hf_from_run_loads_in_transformers(references, engine, tmp_path):
+    """`scaleforge export` writes the same HF layout from either engine's checkpoint (DeepSpeed's
+    partitions merged by its zero_to_fp32); transformers loads it and its logits are our model's."""
     import torch
     import transformers
 
     out = tmp_path / "hf"
-    r = subprocess.run([str(BIN / "scaleforge"), "export", "--run", str(reference), "--format", "hf",
+    r = subprocess.run([str(BIN / "scaleforge"), "export", "--run", str(references(engine)), "--format", "hf",
                         "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)

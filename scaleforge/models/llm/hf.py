@@ -295,7 +295,7 @@ def _model_keys(cfg: LLMModelConfig) -> list[str]:
 
 
 def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike, strict: bool = True) -> None:
-    """Copy the HF checkpoint's tensors into ``model`` (plain or FSDP2/DTensor-sharded parameters),
+    """Copy the HF checkpoint's tensors into ``model`` (whatever storage the engine gave its parameters),
     one tensor at a time. Every parameter must be covered and shapes must match; errors name the
     tensor and file."""
     ckpt = HFCheckpoint(hf_dir)
@@ -320,23 +320,13 @@ def load_hf_weights(model: Transformer, hf_dir: str | os.PathLike, strict: bool 
 
 
 def _copy_into(param: torch.Tensor, full: torch.Tensor, what: str) -> None:
+    """One full checkpoint tensor into a model tensor, through the engine's copy (plain or sharded storage)."""
+    from scaleforge.platform.engine import copy_full_tensor
+
     shape = tuple(getattr(param, "shape"))
     if tuple(full.shape) != shape:
         raise ValueError(f"{what}: shape {tuple(full.shape)} in checkpoint, {shape} in model")
-    try:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()
-    if isinstance(param, DTensor):
-        # Every rank reads the full tensor, so no communication is needed to shard it (src_data_rank=None).
-        full = full.to(device=param.device, dtype=param.dtype)
-        try:
-            sharded = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-        except TypeError:  # older torch without src_data_rank
-            sharded = distribute_tensor(full, param.device_mesh, param.placements)
-        param.to_local().copy_(sharded.to_local())
-    else:
-        param.copy_(full)
+    copy_full_tensor(param, full)
 
 
 def from_pretrained(hf_dir: str | os.PathLike, dtype: Optional[torch.dtype] = None,

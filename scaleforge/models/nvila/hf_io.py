@@ -110,7 +110,7 @@ def read_safetensors_dir(d: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def copy_into_module(module: nn.Module, tensors: Mapping[str, torch.Tensor], where: str,
                      ignore_missing: tuple[str, ...] = ()) -> None:
-    """Copy full tensors into a (plain or FSDP2/DTensor-sharded) module; strict on names and shapes."""
+    """Copy full tensors into a module (plain or sharded by the engine); strict on names and shapes."""
     from scaleforge.models.llm.hf import _copy_into
 
     params = dict(module.state_dict(keep_vars=True))

@@ -267,12 +267,10 @@ def load_run_checkpoint(model: nn.Module, run_dir: str) -> None:
     the checkpoint reader reshards). The optimizer is not restored: a new stage starts a new schedule."""
     from pathlib import Path
 
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
     from scaleforge.platform.checkpoint import find_latest, read_model_weights
 
     ckpt = find_latest(Path(run_dir) / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"model.init_from_run={run_dir}: no complete checkpoint under "
                                 f"{run_dir}/checkpoints (did the previous stage finish?)")
-    set_model_state_dict(model, read_model_weights(ckpt, get_model_state_dict(model)))
+    read_model_weights(ckpt, model.state_dict())  # in place: the state dict's tensors are the model's storage

@@ -113,16 +113,22 @@ def read_config(path: str, base: Optional[PS3Config] = None) -> tuple[PS3Config,
 
 
 def load_state(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: str) -> None:
-    """Copy a ps3-torch state dict into ``model`` (plain or FSDP2-sharded), strict on the vision keys."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Copy a ps3-torch state dict into ``model`` (plain or sharded by the engine), strict on the vision keys."""
+    from scaleforge.platform.engine import copy_full_tensor
 
-    own = set(model.state_dict())
+    targets = model.state_dict()
+    own = set(targets)
     unexpected = sorted(set(sd) - own)
     missing = sorted(k for k in own - set(sd) if k.startswith("vision_model.")
                      or (k.startswith("text_model.") and any(s.startswith("text_model.") for s in sd)))
     if unexpected or missing:
         raise ValueError(f"{path}: keys do not match the model (unexpected {unexpected[:3]}, missing {missing[:3]})")
-    set_model_state_dict(model, dict(sd), options=StateDictOptions(strict=False))
+    bad = [k for k, v in sd.items() if tuple(v.shape) != tuple(targets[k].shape)]
+    if bad:
+        raise ValueError(f"{path}: {bad[0]} has shape {tuple(sd[bad[0]].shape)} there, {tuple(targets[bad[0]].shape)} "
+                         f"in the model")
+    for k, v in sd.items():
+        copy_full_tensor(targets[k], v)
 
 
 def from_pretrained(path: str, base: Optional[PS3Config] = None):

@@ -457,7 +457,7 @@ def apply_text_dropout(model: nn.Module, text: torch.Tensor, mask: torch.Tensor,
 
 
 def _load_full_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> None:
-    """Load a full (unsharded, CPU) state dict into a possibly FSDP2-sharded model."""
+    """Load a full (unsharded, CPU) state dict into the model (plain or sharded by the engine)."""
     expected = set(model.state_dict().keys())
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected)
@@ -469,9 +469,7 @@ def _load_full_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], wher
         k = bad[0]
         raise ValueError(f"{where}: shape mismatch for {k}: checkpoint {tuple(sd[k].shape)} vs model "
                          f"{tuple(own[k].shape)} (check model.preset / depth / hidden_size)")
-    if any(hasattr(v, "device_mesh") for v in own.values()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from scaleforge.platform.engine import copy_full_tensor
 
-        set_model_state_dict(model, dict(sd), options=StateDictOptions(full_state_dict=True, strict=True))
-    else:
-        model.load_state_dict(dict(sd), strict=True)
+    for k, t in own.items():
+        copy_full_tensor(t, sd[k])
