@@ -405,9 +405,8 @@ class SanaRecipe(Recipe):
         if noise.shape != x0.shape:
             raise ValueError(f"flow noise {tuple(noise.shape)} does not match latents {tuple(x0.shape)}")
         sigmas = batch["sigmas"].to(device, torch.float32)
-        drop = batch["drop_text"].to(device)
-        if drop.any():
-            text, mask = apply_text_dropout(model, text, mask, drop)
+        # always through torch.where: branching on drop.any() would make the host wait for the device every step
+        text, mask = apply_text_dropout(model, text, mask, batch["drop_text"].to(device))
         xt = flow.add_noise(x0, noise, sigmas)
         pred = model(xt, sigmas * flow.NUM_TRAIN_TIMESTEPS, text, mask)
         per_sample = flow.flow_loss(pred, x0, noise)
