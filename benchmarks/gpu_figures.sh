@@ -35,16 +35,21 @@ for section in "$@"; do
       # on one GPU: PEER_ROWS of compare.py (row 0 always runs)
       python3 benchmarks/peers/compare.py --nproc 1 --steps ${STEPS:-20} --warmup ${WARMUP:-8} --timeout 170 \
           --only ${PEER_ROWS:-4,6,8,11} --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.log" ;;
-    sana-1gpu)  # SANA-1.6B at 1024 px through launch, compiled, no AC: as configured (CAME-8bit + EMA), then AdamW without
-      # EMA (the optimizer's share of the step), then (SANA_EAGER=1) eager (compile's share)
-      variants=("" "optim.name=adamw optim.betas=[0.9,0.999] optim.ema_decay=0")
+    sana-1gpu)  # SANA-1.6B at 1024 px through launch, compiled, no AC: as configured (CAME-8bit + EMA; two more steps
+      # profiled: timeline summary and operator tables), then AdamW without EMA (the optimizer's share of the step),
+      # then (SANA_EAGER=1) eager (compile's share)
+      rm -rf /tmp/sana_prof
+      variants=("--profile-to /tmp/sana_prof" "optim.name=adamw optim.betas=[0.9,0.999] optim.ema_decay=0")
       [ "${SANA_EAGER:-0}" = 1 ] && variants+=("--compile off")
       for extra in "${variants[@]}"; do
         echo "== $extra"
         # shellcheck disable=SC2086  # extra: space-separated words
         timeout 240 python3 benchmarks/sana_train.py $extra --nproc 1 --micro-batch 8 --steps ${STEPS:-10} --warmup 4 \
             --kernels triton --ac none
-      done 2>&1 | tee "$OUT/sana_1gpu.log" ;;
+      done 2>&1 | tee "$OUT/sana_1gpu.log"
+      p=/tmp/sana_prof/triton_none_on
+      python3 benchmarks/trace_summary.py $p/trace_rank0_*.json --steps 2 2>&1 | tee "$OUT/sana_timeline.md"
+      cp $p/top_ops.txt "$OUT/sana_top_ops.txt"; cp $p/top_ops_host.txt "$OUT/sana_top_ops_host.txt" ;;
     nvila) torchrun --nproc-per-node 2 benchmarks/nvila_step.py --steps 4 --warmup 2 2>&1 | tee "$OUT/nvila.log" ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac

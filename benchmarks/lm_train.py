@@ -37,8 +37,13 @@ ENGINES = {"fsdp2": ["parallel.engine=fsdp2"],
 
 
 def run_one(config: str, nproc: int, compile_: bool, steps: int, warmup: int, mbs: int, extra: list[str],
-            engine: str = "fsdp2") -> dict:
+            engine: str = "fsdp2", profile_to: str | None = None) -> dict:
+    """One launch run -> its figures. ``profile_to``: torch.profiler over two extra steps after the measured ones
+    (their times left out), whose trace and operator tables are copied into that folder."""
     out = Path(tempfile.mkdtemp(prefix="sf_bench_"))
+    if profile_to:
+        extra = [*extra, f"metrics.profile_start_step={steps + 1}", "metrics.profile_steps=2"]
+        steps += 2
     overrides = [f"trainer.max_steps={steps}", f"trainer.micro_batch_size={mbs}",
                  f"trainer.global_batch_size={mbs * nproc}", f"parallel.compile={str(compile_).lower()}",
                  "metrics.wandb.mode=disabled", "metrics.plot=false", "metrics.progress_bar=false",
@@ -50,7 +55,7 @@ def run_one(config: str, nproc: int, compile_: bool, steps: int, warmup: int, mb
     if r.returncode != 0:
         return {"nproc": nproc, "compile": compile_, "engine": engine, "error": (r.stderr or r.stdout)[-2000:]}
     recs = [json.loads(l) for l in (out / "bench" / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    steady = recs[warmup:]
+    steady = recs[warmup:len(recs) - 2] if profile_to else recs[warmup:]
     res = {
         "nproc": nproc, "compile": compile_, "engine": engine, "steps": len(recs),
         "tokens_per_s_per_device": statistics.median(r["tokens_per_s_per_device"] for r in steady),
@@ -65,6 +70,8 @@ def run_one(config: str, nproc: int, compile_: bool, steps: int, warmup: int, mb
         "estimate_gib": estimate_gib(config, nproc, overrides),
         "final_loss": recs[-1]["loss"],
     }
+    if profile_to:
+        shutil.copytree(out / "bench" / "profile", profile_to, dirs_exist_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     return res
 

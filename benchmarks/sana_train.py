@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="+", default=["triton"], choices=["torch", "triton"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--profile-to", help="also profile two steps after the measured ones; trace and tables go here "
+                    "(then: python benchmarks/trace_summary.py DIR/trace_rank0_*.json --steps 2)")
     ap.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
     args = ap.parse_args()
     base = ["data.kind=synthetic", "data.sources=[]", "data.num_workers=0", "model.encode_online=false",
@@ -42,7 +44,8 @@ def main() -> None:
         for ac in args.ac:
             for c in args.compile:
                 extra = [*base, f"model.kernels={kernels}", f"parallel.activation_checkpointing={ac}", *args.overrides]
-                r = run_one(args.config, args.nproc, c == "on", args.steps, args.warmup, args.micro_batch, extra)
+                r = run_one(args.config, args.nproc, c == "on", args.steps, args.warmup, args.micro_batch, extra,
+                            profile_to=args.profile_to and f"{args.profile_to}/{kernels}_{ac}_{c}")
                 if "error" in r:
                     print(f"| {kernels} | {ac} | {c} | failed: {r['error'][-300:]!r} ||||||", flush=True)
                     continue
