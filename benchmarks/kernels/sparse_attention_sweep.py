@@ -45,6 +45,10 @@ CONFIGS = [
     Cfg(128, 128, 8, 2, True), Cfg(128, 128, 8, 3, True), Cfg(128, 32, 4, 3, True), Cfg(64, 64, 4, 3, True),
     Cfg(64, 128, 4, 2, True), Cfg(128, 64, 8, 3, False),
 ]
+TH_CONFIGS = [OP.ThresholdConfig(*c) for c in ((16, 12, 1024, 16), (16, 12, 2048, 16), (16, 12, 512, 8),
+                                             (8, 16, 1024, 16), (4, 24, 1024, 8), (32, 8, 512, 16))]  # fmt: skip
+DEC_CONFIGS = [OP.DecodeConfig(*c) for c in ((False, 0, 64, 1), (True, 0, 32, 2), (True, 0, 64, 2), (True, 16, 32, 2),
+                                          (True, 32, 16, 3), (True, 64, 16, 2))]  # fmt: skip
 SMOKE_CONFIGS = [Cfg(16, 16, 1, 1, True), Cfg(32, 16, 1, 1, False)]
 KM_CONFIGS = [OP.KMeansConfig(*c) for c in ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
                                             (128, 64, 8, 3), (64, 128, 4, 3))]  # fmt: skip
@@ -92,7 +96,7 @@ def correctness(args, configs):
         ref = R.block_sparse_attention_ref(q.float(), k.float(), v.float(), qs, ks, bm, causal)
         low = R.block_sparse_attention_ref(q, k, v, qs, ks, bm, causal).float()
         bound = 2 * (low - ref).abs().max().item() + 1e-3
-        for c in configs + [None]:
+        for c in (configs if not causal else configs[:1]) + [None]:  # causal: the default and the autotuned
             out = OP.launch_block_sparse(q, k, v, qs, ks, bm, causal, d**-0.5, c)
             err = (out.float() - ref).abs().max().item()
             ok = math.isfinite(err) and err <= bound
@@ -180,7 +184,8 @@ def kmeans_part(args):
     xf, kl = k.float(), want.long()
     rows = [
         ("K: one assignment", lambda: SA._op.kmeans_assign_op(k, kc0)),
-        ("K: one update (scatter-add)", lambda: R.update_ref(xf, kl, kc0)),
+        ("K: one update (scatter-add, torch)", lambda: R.update_ref(xf, kl, kc0)),
+        ("K: one round, assignment + update by atomics in one kernel", lambda: SA._op.kmeans_round_op(k, kc0)),
         ("K: x.float() (once per k-means call)", lambda: k.float()),
         ("k-means Q + K, 2 warm rounds", lambda: (SA.kmeans(q, args.q_clusters, init=qc0, iters=2),
                                                   SA.kmeans(k, args.k_clusters, init=kc0, iters=2))),
@@ -258,7 +263,20 @@ def decode_part(args):
         for label, fn in stages:
             log(f"| {s} | {label} | {bench(fn):.4f} | {graph_bench(fn):.4f} |")
         log(f"| {s} | kept tokens | {float(mask.float().mean()):.2%} | |")
+        want = SA.topp_mask(wf, 0.85, backend="torch")
+        for c in TH_CONFIGS if DEV == "cuda" else [None]:
+            got = wf >= OP.launch_topp_threshold(wf, 0.85, 0, c)[:, None]
+            agree = float((got == want).float().mean())
+            check(f"top-p threshold {c} at {s}", agree > 0.999 and bool(((wf * got).sum(-1) >= 0.85 - 1e-5).all()),
+                  f"{agree:.4%} of the sort's mask")  # fmt: skip
+            log(f"| {s} | top-p threshold {c} | {bench(lambda: OP.launch_topp_threshold(wf, 0.85, 0, c)):.4f} | "
+                f"mask = sort's on {agree:.3%} |")
         ref = R.sparse_decode_ref(q.float(), k.float(), v.float(), mask)
+        for c in DEC_CONFIGS if DEV == "cuda" else [OP.DecodeConfig(False, 0, 16, 1), None]:
+            fn = lambda: OP.launch_sparse_decode(q, k, v, mask, d**-0.5, c)  # noqa: E731
+            err = rel_err(fn(), ref)
+            check(f"sparse decode {c} at {s}", err < 2e-2, f"rel err {err:.1e}")
+            log(f"| {s} | sparse decode {c} | {bench(fn):.4f} | {graph_bench(fn):.4f} |")
         check(f"sparse decode {s}", rel_err(SA.sparse_decode_attention(q, k, v, mask), ref) < 2e-2, "vs reference")
 
 

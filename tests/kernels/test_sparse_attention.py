@@ -192,6 +192,7 @@ def test_ops_opcheck_and_compile():
     utils = ("test_schema",) if DEVICE == "cpu" else ("test_schema", "test_faketensor")
     torch.library.opcheck(op.block_sparse_attention_op.op, (q, k, v, qs, ks, bm, False, 0.2), test_utils=utils)
     torch.library.opcheck(op.kmeans_assign_op.op, (q, k[:, :, :5]), test_utils=utils)
+    torch.library.opcheck(op.kmeans_round_op.op, (q, k[:, :, :5]), test_utils=utils)
     w = torch.softmax(torch.randn(3, 40, generator=gen), -1).to(DEVICE)
     torch.library.opcheck(op.topp_threshold_op.op, (w, 0.9, 2), test_utils=utils)
     if DEVICE == "cpu":

@@ -78,7 +78,8 @@ def kmeans(x: torch.Tensor, num_clusters: int, *, init: torch.Tensor | None = No
     evenly spaced tokens. -> (labels (B, H, S) int64 of the last assignment, centroids (B, H, C, D) fp32: the
     means of those clusters, an empty one keeping its centroid; with iters 0, the assignment to ``init``).
     Ending on the update gives the budget the exact means of the clusters it weighs, at one assignment per
-    round (flash-kmeans' convention). Assignment in Triton (argmin over centroid tiles), update by scatter-add."""
+    round (flash-kmeans' convention). Triton: one kernel per round, the assignment (argmin over centroid
+    tiles) adding each token into its cluster's sums by atomics."""
     b, h, s, d = x.shape
     if init is None:
         c = min(num_clusters, s)
@@ -89,14 +90,12 @@ def kmeans(x: torch.Tensor, num_clusters: int, *, init: torch.Tensor | None = No
         return ref.kmeans_ref(x, init, iters)
     check_triton_device(x)
     xc = x.contiguous()
-    xf = xc.float()  # the update's sums in fp32, converted once
     c = init.float()
-    labels = _op.kmeans_assign_op(xc, c).long()
-    for i in range(iters):
-        c = ref.update_ref(xf, labels, c)
-        if i + 1 < iters:
-            labels = _op.kmeans_assign_op(xc, c).long()
-    return labels, c
+    if iters == 0:
+        return _op.kmeans_assign_op(xc, c).long(), c
+    for _ in range(iters):
+        labels, c = _op.kmeans_round_op(xc, c)
+    return labels.long(), c
 
 
 def cluster_permutation(labels: torch.Tensor, num_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:

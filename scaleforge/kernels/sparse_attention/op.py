@@ -14,9 +14,11 @@ from scaleforge.kernels._backend import triton_interpreting
 from scaleforge.kernels._triton_utils import cdiv, dot_precision, kernel_op, next_pow2
 from scaleforge.kernels.sparse_attention.triton_kernels import (
     _block_sparse_fwd_kernel,
+    _compact_mask_kernel,
     _decode_combine_kernel,
     _int4_scores_kernel,
     _kmeans_assign_kernel,
+    _sparse_decode_compact_kernel,
     _sparse_decode_kernel,
     _topp_threshold_kernel,
 )
@@ -165,18 +167,26 @@ def _kmeans_config(d: int) -> KMeansConfig:
     return KMeansConfig(64, 64, 4, 2)
 
 
-def launch_kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig | None = None) -> torch.Tensor:
+def launch_kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, config: KMeansConfig | None = None,
+                         accumulate: bool = False):  # fmt: skip
+    """labels (B, H, S) int32; with ``accumulate`` also (sums (B, H, C, D) fp32, counts (B, H, C) fp32) of the
+    tokens of every cluster (the update step's sums, by atomics in the same kernel)."""
     b, h, s, d = x.shape
     nc = centroids.shape[2]
     cfg = _kmeans_config(d) if config is None else config
     c = centroids.to(x.dtype).contiguous()
     cn = c.float().square().sum(-1).contiguous()
     labels = torch.full((b, h, s), -1, dtype=torch.int32, device=x.device)  # -1: an unwritten label shows
+    if accumulate:
+        sums = torch.zeros((b, h, nc, d), dtype=torch.float32, device=x.device)
+        counts = torch.zeros((b, h, nc), dtype=torch.float32, device=x.device)
+    else:
+        sums = counts = cn  # not touched
     torch.library.wrap_triton(_kmeans_assign_kernel)[(cdiv(s, cfg.block_s), b * h)](
-        x, c, cn, labels, s, nc, d, BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, BLOCK_D=next_pow2(d),
-        PREC=dot_precision(), STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        x, c, cn, labels, sums, counts, s, nc, d, BLOCK_S=cfg.block_s, BLOCK_C=cfg.block_c, BLOCK_D=next_pow2(d),
+        PREC=dot_precision(), STAGES=cfg.num_stages, ACCUM=accumulate, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return labels
+    return (labels, sums, counts) if accumulate else labels
 
 
 @kernel_op("scaleforge::kmeans_assign")
@@ -185,16 +195,44 @@ def kmeans_assign_op(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return launch_kmeans_assign(x, centroids)
 
 
+@kernel_op("scaleforge::kmeans_round")
+def kmeans_round_op(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Lloyd round: x (B, H, S, D), centroids (B, H, C, D) -> (labels (B, H, S) int32, the means of those
+    clusters (B, H, C, D) fp32, an empty cluster keeping its centroid)."""
+    labels, sums, counts = launch_kmeans_assign(x, centroids, accumulate=True)
+    means = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1.0)[..., None], centroids.float())
+    return labels, means
+
+
+class ThresholdConfig(NamedTuple):
+    """A launch configuration of the top-p threshold search: candidates per pass, most passes, row tile,
+    warps."""
+
+    ways: int
+    passes: int
+    block: int
+    num_warps: int
+
+
+def _threshold_config(n: int) -> ThresholdConfig:
+    return ThresholdConfig(16, 12, min(next_pow2(n), 1024), 16)
+
+
+def launch_topp_threshold(w: torch.Tensor, p: float, n_min: int, config: ThresholdConfig | None = None):
+    r, n = w.shape
+    cfg = _threshold_config(n) if config is None else config
+    thr = _backend.new_output((r,), torch.float32, w.device)
+    torch.library.wrap_triton(_topp_threshold_kernel)[(r,)](
+        w, thr, n, p, n_min, PASSES=cfg.passes, WAYS=cfg.ways, HAS_MIN=n_min > 0, BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return thr
+
+
 @kernel_op("scaleforge::topp_threshold")
 def topp_threshold_op(w: torch.Tensor, p: float, n_min: int) -> torch.Tensor:
     """Rows of probabilities (R, N) fp32 -> (R,) thresholds: w >= thr keeps mass >= p and >= n_min entries."""
-    r, n = w.shape
-    thr = _backend.new_output((r,), torch.float32, w.device)
-    torch.library.wrap_triton(_topp_threshold_kernel)[(r,)](
-        w, thr, n, p, n_min, PASSES=10, WAYS=16, HAS_MIN=n_min > 0, BLOCK=min(next_pow2(n), 2048),
-        num_warps=16,
-    )  # fmt: skip
-    return thr
+    return launch_topp_threshold(w, p, n_min)
 
 
 @kernel_op("scaleforge::int4_scores")
@@ -212,25 +250,58 @@ def int4_scores_op(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, l
     return out
 
 
+class DecodeConfig(NamedTuple):
+    """A launch configuration of the sparse decode: ``compact`` gathers an index list of the selected tokens
+    first and splits it evenly (else each split scans its share of cache positions and reads the selected
+    rows); splits per head (0: from the cache length), tile, pipeline stages (compact only)."""
+
+    compact: bool
+    splits: int
+    block_n: int
+    num_stages: int
+
+
+def _decode_config() -> DecodeConfig:
+    if triton_interpreting():
+        return DecodeConfig(True, 0, 16, 1)
+    return DecodeConfig(True, 0, 32, 2)
+
+
+def launch_sparse_decode(q, k, v, mask, scale: float, config: DecodeConfig | None = None) -> torch.Tensor:
+    b, hq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    cfg = _decode_config() if config is None else config
+    block_n = cfg.block_n
+    # a power of 2 (the combine holds all splits in one tile); ~1,800 programs at 28 heads and >= 32k tokens
+    splits = cfg.splits or min(64, max(2, next_pow2(cdiv(s, 512))))
+    po = _backend.new_output((b * hq, splits, d), torch.float32, q.device)
+    pm = _backend.new_output((b * hq, splits), torch.float32, q.device)
+    pl = _backend.new_output((b * hq, splits), torch.float32, q.device)
+    mask_u8 = mask.view(torch.uint8)
+    if cfg.compact:
+        idx = torch.empty((b * hq, s), dtype=torch.int32, device=q.device)
+        cnt = torch.empty((b * hq,), dtype=torch.int32, device=q.device)
+        torch.library.wrap_triton(_compact_mask_kernel)[(b * hq,)](mask_u8, idx, cnt, s, BLOCK=1024 if s >= 1024 else
+                                                                   next_pow2(s), num_warps=4)  # fmt: skip
+        torch.library.wrap_triton(_sparse_decode_compact_kernel)[(splits, b * hq)](
+            q, k, v, idx, cnt, po, pm, pl, hq, hkv, s, d, splits, scale, BLOCK_N=block_n, BLOCK_D=next_pow2(d),
+            STAGES=cfg.num_stages,
+        )  # fmt: skip
+    else:
+        chunk = cdiv(cdiv(s, splits), block_n) * block_n
+        torch.library.wrap_triton(_sparse_decode_kernel)[(splits, b * hq)](
+            q, k, v, mask_u8, po, pm, pl, hq, hkv, s, d, splits, chunk, scale, BLOCK_N=block_n,
+            BLOCK_D=next_pow2(d),
+        )  # fmt: skip
+    out = _backend.new_output((b, hq, d), q.dtype, q.device)
+    torch.library.wrap_triton(_decode_combine_kernel)[(b * hq,)](po, pm, pl, out, d, SPLITS=splits,
+                                                                 BLOCK_D=next_pow2(d))  # fmt: skip
+    return out
+
+
 @kernel_op("scaleforge::sparse_decode")
 def sparse_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> torch.Tensor:  # fmt: skip
     """q (B, Hq, D); k, v (B, Hkv, S, D) contiguous; mask (B, Hq, S) bool, the tokens each q head attends to
     -> (B, Hq, D) in q's dtype."""
-    b, hq, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    block_n = 16 if triton_interpreting() else 64
-    # a power of 2 (the combine holds all splits in one tile); ~1,800 programs at 28 heads and >= 32k tokens
-    splits = min(64, max(2, next_pow2(cdiv(s, 512))))
-    chunk = cdiv(cdiv(s, splits), block_n) * block_n
-    po = _backend.new_output((b * hq, splits, d), torch.float32, q.device)
-    pm = _backend.new_output((b * hq, splits), torch.float32, q.device)
-    pl = _backend.new_output((b * hq, splits), torch.float32, q.device)
-    torch.library.wrap_triton(_sparse_decode_kernel)[(splits, b * hq)](
-        q, k, v, mask.view(torch.uint8), po, pm, pl, hq, hkv, s, d, splits, chunk, scale,
-        BLOCK_N=block_n, BLOCK_D=next_pow2(d),
-    )  # fmt: skip
-    out = _backend.new_output((b, hq, d), q.dtype, q.device)
-    torch.library.wrap_triton(_decode_combine_kernel)[(b * hq,)](po, pm, pl, out, d, SPLITS=splits,
-                                                                 BLOCK_D=next_pow2(d))  # fmt: skip
-    return out
+    return launch_sparse_decode(q, k, v, mask, scale)

@@ -120,11 +120,13 @@ def _block_sparse_fwd_kernel(
 
 
 @triton.jit
-def _kmeans_assign_kernel(X, C, CN, LABELS, S, NC, D, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+def _kmeans_assign_kernel(X, C, CN, LABELS, SUMS, COUNTS, S, NC, D, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+                          ACCUM: tl.constexpr):  # fmt: skip
     # One program per (token tile, batch*head): argmin over centroids of ‖c‖² - 2 x·c (‖x‖² is the same for
     # every centroid), with a running minimum over centroid tiles (software-pipelined over STAGES); ties go to
-    # the lowest index.
+    # the lowest index. ACCUM: also adds each token (fp32) and a count of 1 to its cluster's row of SUMS /
+    # COUNTS with atomics, the update step's sums from the tile already in registers (no second pass over x).
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -148,6 +150,11 @@ def _kmeans_assign_kernel(X, C, CN, LABELS, S, NC, D, BLOCK_S: tl.constexpr, BLO
         arg = tl.where(better, tile_arg, arg)
         best = tl.where(better, tile_min, best)
     tl.store(LABELS + bh * S + rows, arg, mask=rmask)
+    if ACCUM:
+        crow = bh * NC + arg
+        tl.atomic_add(SUMS + crow[:, None] * D + dcols[None, :], x.to(tl.float32), mask=rmask[:, None] & dmask[None, :],
+                      sem="relaxed")  # fmt: skip
+        tl.atomic_add(COUNTS + crow, tl.full([BLOCK_S], 1.0, tl.float32), mask=rmask, sem="relaxed")
 
 
 @triton.jit
@@ -156,9 +163,12 @@ def _topp_threshold_kernel(W, THR, N, p, n_min, PASSES: tl.constexpr, WAYS: tl.c
     # One program per row of probabilities (Twilight's sort-free top-p): search for the largest tau with
     # sum(w >= tau) >= p; keeping w >= tau keeps the mass >= p (invariant: the lower bound always satisfies
     # it). Each pass over the row tests WAYS evenly spaced candidates at once and keeps the sub-interval of
-    # the largest that satisfies, so PASSES passes narrow the interval by WAYS**PASSES (as many bisection
-    # steps, in a fraction of the passes over memory). With HAS_MIN the threshold is also lowered to the
-    # n_min-th largest value (a second search on counts), so at least n_min entries are kept.
+    # the largest that satisfies, so a pass narrows the interval WAYS-fold. The per-candidate sums stay
+    # element-wise in registers through a pass and are reduced once at its end (a block-wide reduction per
+    # tile would cost more than the compares). The search stops early once no entry lies strictly inside
+    # (lo, hi): then {w >= lo} is exactly the top-p set (Twilight's stopping rule with eps = 0), at most
+    # PASSES passes. With HAS_MIN the threshold is also lowered to the n_min-th largest value (a second
+    # search on counts), so at least n_min entries are kept.
     p = tl.cast(p, tl.float32)  # Inductor passes Python floats as fp64
     row = tl.program_id(0).to(tl.int64)
     base = W + row * N
@@ -173,24 +183,31 @@ def _topp_threshold_kernel(W, THR, N, p, n_min, PASSES: tl.constexpr, WAYS: tl.c
     hi = wmax
     lo_n = zero
     hi_n = wmax
-    for _ in range(PASSES):
+    passes = 0
+    inside = 1
+    while (passes < PASSES) & (inside > 0):
         cand = lo + (hi - lo) * frac
         cand_n = lo_n + (hi_n - lo_n) * frac
-        mass = tl.zeros([WAYS], dtype=tl.float32)
-        count = tl.zeros([WAYS], dtype=tl.int32)
+        mass = tl.zeros([BLOCK, WAYS], dtype=tl.float32)
+        count = tl.zeros([BLOCK, WAYS], dtype=tl.int32)
+        strict = tl.zeros([BLOCK], dtype=tl.int32)
         for j in range(0, N, BLOCK):
             cols = j + tl.arange(0, BLOCK)
             w = tl.load(base + cols, mask=cols < N, other=-1.0)
-            mass += tl.sum(tl.where(w[:, None] >= cand[None, :], w[:, None], 0.0), axis=0)
+            mass += tl.where(w[:, None] >= cand[None, :], w[:, None], 0.0)
+            strict += ((w > lo) & (w < hi)).to(tl.int32)
             if HAS_MIN:
-                count += tl.sum((w[:, None] >= cand_n[None, :]).to(tl.int32), axis=0)
-        k = tl.max(tl.where(mass >= p, ways, 0))  # candidate 0 is lo, which satisfies
+                count += (w[:, None] >= cand_n[None, :]).to(tl.int32)
+                strict += ((w > lo_n) & (w < hi_n)).to(tl.int32)
+        inside = tl.sum(strict)
+        k = tl.max(tl.where(tl.sum(mass, axis=0) >= p, ways, 0))  # candidate 0 is lo, which satisfies
         hi = tl.where(k + 1 < WAYS, tl.sum(tl.where(ways == k + 1, cand, 0.0)), hi)
         lo = tl.sum(tl.where(ways == k, cand, 0.0))
         if HAS_MIN:
-            k_n = tl.max(tl.where(count >= n_min, ways, 0))
+            k_n = tl.max(tl.where(tl.sum(count, axis=0) >= n_min, ways, 0))
             hi_n = tl.where(k_n + 1 < WAYS, tl.sum(tl.where(ways == k_n + 1, cand_n, 0.0)), hi_n)
             lo_n = tl.sum(tl.where(ways == k_n, cand_n, 0.0))
+        passes += 1
     thr = lo
     if HAS_MIN:
         thr = tl.minimum(lo, lo_n)
@@ -266,6 +283,66 @@ def _sparse_decode_kernel(Q, K, V, MASK, PO, PM, PL, HQ, HKV, S, D, SPLITS, CHUN
             acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
             l_i = l_i * alpha + tl.sum(p)
             m_i = m_new
+    out = bhq * SPLITS + sp
+    tl.store(PO + out * D + dcols, acc, mask=dmask)
+    tl.store(PM + out, m_i)
+    tl.store(PL + out, l_i)
+
+
+@triton.jit
+def _compact_mask_kernel(MASK, IDX, CNT, S, BLOCK: tl.constexpr):
+    # One program per row of a token mask: the positions it selects, in order, into IDX (a running offset plus
+    # a prefix sum over each tile's lanes), and their count into CNT.
+    r = tl.program_id(0).to(tl.int64)
+    n = tl.max(tl.zeros([BLOCK], dtype=tl.int32))  # an int32 scalar 0 (loop-carried values need a type)
+    for j in range(0, S, BLOCK):
+        offs = j + tl.arange(0, BLOCK)
+        m = (tl.load(MASK + r * S + offs, mask=offs < S, other=0) != 0).to(tl.int32)
+        pos = n + tl.cumsum(m, axis=0) - 1
+        tl.store(IDX + r * S + pos, offs, mask=m != 0)
+        n += tl.sum(m)
+    tl.store(CNT + r, n)
+
+
+@triton.jit
+def _sparse_decode_compact_kernel(Q, K, V, IDX, CNT, PO, PM, PL, HQ, HKV, S, D, SPLITS, scale,
+                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    # One program per (split, batch*q head) over an equal share of the row's selected tokens (IDX, CNT from
+    # _compact_mask_kernel): every lane of a full tile is a selected token, so no split or lane idles on
+    # unselected positions; the K / V rows are gathered by index, software-pipelined over STAGES tiles.
+    # Partial (acc, max, sum) combined afterwards (flash decoding).
+    scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # base-2 softmax; Inductor passes fp64 floats
+    sp = tl.program_id(0)
+    bhq = tl.program_id(1).to(tl.int64)
+    b = bhq // HQ
+    hk = (bhq % HQ) // (HQ // HKV)
+    kv = b * HKV + hk
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    q = tl.load(Q + bhq * D + dcols, mask=dmask, other=0.0).to(tl.float32)
+    cnt = tl.load(CNT + bhq)
+    chunk = tl.cdiv(cnt, SPLITS)
+    start = sp * chunk
+    end = tl.minimum(start + chunk, cnt)
+    l_i = tl.max(tl.zeros([BLOCK_N], dtype=tl.float32))  # fp32 scalars (loop-carried values need a type)
+    m_i = l_i + float("-inf")
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    kvbase = kv * S * D
+    for j in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        offs = j + tl.arange(0, BLOCK_N)
+        nmask = offs < end
+        tok = tl.load(IDX + bhq * S + offs, mask=nmask, other=0)
+        rows = kvbase + tok[:, None] * D + dcols[None, :]
+        kk = tl.load(K + rows, mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        s = tl.where(nmask, tl.sum(kk * q[None, :], axis=1) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe)
+        vv = tl.load(V + rows, mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * vv, axis=0)
+        l_i = l_i * alpha + tl.sum(p)
+        m_i = m_new
     out = bhq * SPLITS + sp
     tl.store(PO + out * D + dcols, acc, mask=dmask)
     tl.store(PM + out, m_i)
