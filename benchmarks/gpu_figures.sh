@@ -36,10 +36,11 @@ for section in "$@"; do
       python3 benchmarks/peers/compare.py --nproc 1 --steps ${STEPS:-20} --warmup ${WARMUP:-8} --timeout 170 \
           --only ${PEER_ROWS:-4,6,8,11} --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.log" ;;
     sana-1gpu)  # SANA-1.6B at 1024 px through launch, compiled, no AC: as configured (CAME-8bit + EMA; two more steps
-      # profiled: timeline summary and operator tables), then AdamW without EMA (the optimizer's share of the step),
+      # profiled: timeline summary and operator tables), CAME's update compiled (optim.fused=true), then AdamW without
+      # EMA (the optimizer's share of the step),
       # then (SANA_EAGER=1) eager (compile's share)
       rm -rf /tmp/sana_prof
-      variants=("--profile-to /tmp/sana_prof" "optim.name=adamw optim.betas=[0.9,0.999] optim.ema_decay=0")
+      variants=("--profile-to /tmp/sana_prof" "optim.fused=true" "optim.name=adamw optim.betas=[0.9,0.999] optim.ema_decay=0")
       [ "${SANA_EAGER:-0}" = 1 ] && variants+=("--compile off")
       for extra in "${variants[@]}"; do
         echo "== $extra"

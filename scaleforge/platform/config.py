@@ -77,7 +77,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # final LR / peak LR for cosine and linear
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     ema_decay: float = 0.0  # > 0 keeps a sharded EMA of the weights (saved in checkpoints)
-    fused: bool = False  # fused AdamW kernel (GPU)
+    fused: bool = False  # GPU: fused AdamW kernel; came / came8bit: each parameter's update torch.compile-d into fused kernels
     came_eps: list[float] = field(default_factory=lambda: [1e-30, 1e-16])  # CAME (eps1, eps2)
 
 

@@ -25,6 +25,7 @@ Optimizer state tensors are DTensors with matching placements, so DCP checkpoint
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterable
 
@@ -137,7 +138,7 @@ class CAME(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float, float] = DEFAULT_BETAS,
                  eps: tuple[float, float] = DEFAULT_EPS, weight_decay: float = 0.0, clip_threshold: float = 1.0,
                  quantize_first_moment: bool = False, block_size: int = BLOCK_SIZE,
-                 min_8bit_size: int = MIN_8BIT_SIZE):
+                 min_8bit_size: int = MIN_8BIT_SIZE, fused: bool = False):
         if lr < 0:
             raise ValueError(f"CAME: lr must be >= 0, got {lr}")
         if len(betas) != 3 or not all(0.0 <= b < 1.0 for b in betas):
@@ -149,6 +150,9 @@ class CAME(torch.optim.Optimizer):
                         block_size=block_size, min_8bit_size=min_8bit_size)
         super().__init__(params, defaults)
         self._layouts: dict[int, _Layout] = {}
+        # CUDA parameters: each parameter's update through torch.compile (a few fused kernels instead of ~40
+        # element-wise passes over the parameter, most of the step's memory traffic); CPU always runs eager
+        self.fused = fused
 
     def _layout(self, p: torch.Tensor) -> _Layout:
         key = id(p)
@@ -184,25 +188,6 @@ class CAME(torch.optim.Optimizer):
             state["exp_avg_sq"] = lay.wrap(torch.zeros(g.shape, **f32), shape, True)
         return state
 
-    def _factored_update(self, row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, beta: float,
-                         lay: _Layout) -> torch.Tensor:
-        """EMA of row/column means of ``val`` (local shard), then the rank-1 rsqrt approximation."""
-        n_rows_global = lay.shape[-2]
-        m = val.shape[-1]
-        row.mul_(beta).add_(val.sum(dim=-1) / m, alpha=1 - beta)
-        col_sum = val.sum(dim=-2)
-        if len(lay.shape) == 2 and lay.pg is not None:
-            # one all-reduce for the column sums and the sum of the row statistic (for its global mean)
-            buf = torch.cat([col_sum, row.sum().view(1)])
-            lay.all_reduce_(buf)
-            col_sum, row_mean = buf[:-1], buf[-1] / n_rows_global
-            col.mul_(beta).add_(col_sum / n_rows_global, alpha=1 - beta)
-            r_factor = (row / row_mean).rsqrt().unsqueeze(-1)
-        else:
-            col.mul_(beta).add_(col_sum / n_rows_global, alpha=1 - beta)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
-        return r_factor * col.unsqueeze(-2).rsqrt()
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -210,9 +195,10 @@ class CAME(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2, beta3 = group["betas"]
-            eps1, eps2 = group["eps"]
-            lr, wd = group["lr"], group["weight_decay"]
+            hyper = dict(betas=tuple(group["betas"]), eps=tuple(group["eps"]), wd=group["weight_decay"],
+                         clip=group["clip_threshold"], block=group["block_size"])
+            # a 0-d CPU tensor: the compiled update takes a new learning rate without recompiling
+            lr = torch.tensor(group["lr"], dtype=torch.float64)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -224,46 +210,79 @@ class CAME(torch.optim.Optimizer):
                 if not state:
                     state.update(self._init_state(p, group, lay))
                 state["step"] += 1
-                factored = len(lay.shape) >= 2
-                if factored:
-                    update = self._factored_update(_local(state["exp_avg_sq_row"]), _local(state["exp_avg_sq_col"]),
-                                                   grad * grad + eps1, beta2, lay)
-                    update.mul_(grad)
-                else:
-                    v = _local(state["exp_avg_sq"])
-                    v.mul_(beta2).add_(grad * grad + eps1, alpha=1 - beta2)
-                    update = v.rsqrt() * grad
-                sq = update.pow(2).sum().view(1)
-                lay.all_reduce_(sq)
-                rms = (sq / max(1, math.prod(lay.shape))).sqrt()
-                update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
-
-                if "exp_avg_q" in state:
-                    q, sc, lo = _local(state["exp_avg_q"]), _local(state["exp_avg_scale"]), _local(state["exp_avg_min"])
-                    exp_avg = dequantize_rows(q, sc, lo, group["block_size"]) if state["step"] > 1 \
-                        else torch.zeros_like(update)
-                else:
-                    exp_avg = _local(state["exp_avg"])
-                exp_avg.mul_(beta1).add_(update, alpha=1 - beta1)
-
-                if factored:
-                    res = (update - exp_avg).pow_(2).add_(eps2)
-                    s = self._factored_update(_local(state["exp_avg_res_row"]), _local(state["exp_avg_res_col"]),
-                                              res, beta3, lay)
-                    update = s.mul_(exp_avg)
-                else:
-                    update = exp_avg.clone()
-                if "exp_avg_q" in state:
-                    nq, nsc, nlo = quantize_rows(exp_avg, group["block_size"])
-                    q.copy_(nq)
-                    sc.copy_(nsc)
-                    lo.copy_(nlo)
-
-                pl = _local(p)
-                if wd != 0:
-                    pl.add_(pl, alpha=-wd * lr)
-                pl.add_(update.to(pl.dtype), alpha=-lr)
+                local = {k: _local(v) for k, v in state.items() if k != "step"}
+                update = _compiled_param_update() if self.fused and grad.is_cuda else param_update
+                update(grad, _local(p), local, lay.shape, lay.pg, lr, **hyper)
         return loss
+
+
+def _all_reduce_(t: torch.Tensor, pg) -> torch.Tensor:
+    if pg is not None:
+        dist.all_reduce(t, group=pg)
+    return t
+
+
+def _factored(row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, beta: float, shape: tuple[int, ...],
+              pg) -> torch.Tensor:
+    """EMA of row/column means of ``val`` (local shard), then the rank-1 rsqrt approximation."""
+    n_rows_global = shape[-2]
+    m = val.shape[-1]
+    row.mul_(beta).add_(val.sum(dim=-1) / m, alpha=1 - beta)
+    col_sum = val.sum(dim=-2)
+    if len(shape) == 2 and pg is not None:
+        # one all-reduce for the column sums and the sum of the row statistic (for its global mean)
+        buf = _all_reduce_(torch.cat([col_sum, row.sum().view(1)]), pg)
+        col_sum, row_mean = buf[:-1], buf[-1] / n_rows_global
+        col.mul_(beta).add_(col_sum / n_rows_global, alpha=1 - beta)
+        r_factor = (row / row_mean).rsqrt().unsqueeze(-1)
+    else:
+        col.mul_(beta).add_(col_sum / n_rows_global, alpha=1 - beta)
+        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+    return r_factor * col.unsqueeze(-2).rsqrt()
+
+
+def param_update(grad: torch.Tensor, pl: torch.Tensor, st: dict[str, torch.Tensor], shape: tuple[int, ...], pg,
+                 lr: torch.Tensor, *, betas, eps, wd: float, clip: float, block: int) -> None:
+    """One parameter's CAME step on local tensors (``st``: its state but the step count; ``shape``: the global
+    shape; ``pg``: the group dim 0 is sharded over, or None), in place. A function of tensors and constants only,
+    so that ``torch.compile`` can fuse its dozens of element-wise passes (``CAME(fused=True)``)."""
+    beta1, beta2, beta3 = betas
+    eps1, eps2 = eps
+    factored = len(shape) >= 2
+    if factored:
+        update = _factored(st["exp_avg_sq_row"], st["exp_avg_sq_col"], grad * grad + eps1, beta2, shape, pg)
+        update.mul_(grad)
+    else:
+        v = st["exp_avg_sq"]
+        v.mul_(beta2).add_(grad * grad + eps1, alpha=1 - beta2)
+        update = v.rsqrt() * grad
+    sq = _all_reduce_(update.pow(2).sum().view(1), pg)
+    rms = (sq / max(1, math.prod(shape))).sqrt()
+    update.div_((rms / clip).clamp_(min=1.0))
+    quantized = "exp_avg_q" in st
+    # the state starts as q = 0, scale = 1, min = 0: the first step dequantizes to zeros
+    exp_avg = dequantize_rows(st["exp_avg_q"], st["exp_avg_scale"], st["exp_avg_min"], block) if quantized \
+        else st["exp_avg"]
+    exp_avg.mul_(beta1).add_(update, alpha=1 - beta1)
+    if factored:
+        res = (update - exp_avg).pow_(2).add_(eps2)
+        update = _factored(st["exp_avg_res_row"], st["exp_avg_res_col"], res, beta3, shape, pg).mul_(exp_avg)
+    else:
+        update = exp_avg.clone()
+    if quantized:
+        nq, nsc, nlo = quantize_rows(exp_avg, block)
+        st["exp_avg_q"].copy_(nq)
+        st["exp_avg_scale"].copy_(nsc)
+        st["exp_avg_min"].copy_(nlo)
+    if wd != 0:
+        pl.sub_(pl * (wd * lr).to(pl.dtype))
+    pl.sub_(update.to(pl.dtype) * lr.to(pl.dtype))
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_param_update():
+    # dynamic shapes from the start: one graph per kind of parameter (factored or not, 8-bit or not), not per shape
+    return torch.compile(param_update, dynamic=True)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -287,6 +306,7 @@ def _came_args(cfg: Any) -> dict[str, Any]:
         # OptimConfig.eps is AdamW's scalar; CAME's pair defaults to (1e-30, 1e-16) (sana.md §7)
         eps=tuple(eps) if eps else DEFAULT_EPS,
         weight_decay=cfg.weight_decay,
+        fused=bool(getattr(cfg, "fused", False)),
     )
 
 
