@@ -43,7 +43,7 @@ Cfg = OP.BlockSparseConfig
 CONFIGS = [
     Cfg(128, 64, 8, 3, True), Cfg(128, 64, 8, 2, True), Cfg(128, 64, 8, 4, True), Cfg(128, 64, 4, 3, True),
     Cfg(128, 128, 8, 2, True), Cfg(128, 128, 8, 3, True), Cfg(128, 32, 4, 3, True), Cfg(64, 64, 4, 3, True),
-    Cfg(64, 128, 4, 2, True), Cfg(128, 64, 8, 3, False),
+    Cfg(64, 128, 4, 2, True), Cfg(128, 64, 8, 1, True), Cfg(128, 64, 8, 3, False),
 ]
 TH_CONFIGS = [OP.ThresholdConfig(*c) for c in ((16, 12, 1024, 16), (16, 12, 2048, 16), (16, 12, 512, 8),
                                              (8, 16, 1024, 16), (4, 24, 1024, 8), (32, 8, 512, 16))]  # fmt: skip

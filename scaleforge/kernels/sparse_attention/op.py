@@ -135,7 +135,7 @@ def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scal
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             h, d, cq, ck, t_max, ktile_c0.shape[1], words.shape[-1], scale)  # fmt: skip
     common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_D=next_pow2(d), PREC=dot_precision(), LOOKUP_BITS=bits,
-                  IDX64=idx64)  # fmt: skip
+                  IDX64=idx64, HEAD_PAD=next_pow2(d) != d)  # fmt: skip
     if config is None:
         torch.library.wrap_triton(_block_sparse_fwd_tuned)[(t_max, b * h)](*args, **common)
     else:

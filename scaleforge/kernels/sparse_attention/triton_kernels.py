@@ -44,6 +44,7 @@ def _block_sparse_fwd_kernel(
     H, D, CQ, CK, T, NKT, NW, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, STAGES: tl.constexpr, LOOKUP_BITS: tl.constexpr, IDX64: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
 ):  # fmt: skip
     # One program per (query tile, batch*head). A query tile is BLOCK_M rows of one query cluster (the tile
     # table maps program -> cluster and first row; -1 marks unused programs of the upper-bound grid). The key
@@ -53,7 +54,9 @@ def _block_sparse_fwd_kernel(
     # average ~33 keys). The full tiles of a non-causal call need no masking (every lane is a key, every row
     # sees it): only the last, partial tile and causal tiles are masked. Loads do not depend on the previous
     # iteration, so each loop is software-pipelined over STAGES iterations. Rows that see no key give 0.
-    # Softmax in base 2 (the scale folded with log2 e), normalized once at the end.
+    # Softmax in base 2 (the scale folded with log2 e), normalized once at the end. HEAD_PAD (D < BLOCK_D)
+    # masks the head dim; without it the loads carry no column mask, so they stay 16-byte vectors, which
+    # Triton needs to make them asynchronous copies and pipeline them.
     qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Inductor passes Python floats as fp64
     t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -67,11 +70,11 @@ def _block_sparse_fwd_kernel(
     rows = q0 + tl.arange(0, BLOCK_M)
     rmask = rows < q_end
     dcols = tl.arange(0, BLOCK_D)
-    dmask = dcols < D
+    dmask = (dcols < D) if HEAD_PAD else dcols >= 0
     # per-element offsets in int32 unless a tensor is too large for them (IDX64); the bases are int64
     rows_o = rows.to(tl.int64) if IDX64 else rows
-    q = tl.load(Q + b * sqb + h * sqh + rows_o[:, None] * sqs + dcols[None, :], mask=rmask[:, None] & dmask[None, :],
-                other=0.0)  # fmt: skip
+    q = tl.load(Q + b * sqb + h * sqh + rows_o[:, None] * sqs + dcols[None, :],
+                mask=(rmask[:, None] & dmask[None, :]) if HEAD_PAD else rmask[:, None], other=0.0)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -86,13 +89,19 @@ def _block_sparse_fwd_kernel(
         cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, lanes < BLOCK_N, CK, NKT, NW,
                           BLOCK_N, LOOKUP_BITS, False)  # fmt: skip
         cols_o = cols.to(tl.int64) if IDX64 else cols
-        k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=dmask[None, :], other=0.0)
+        if HEAD_PAD:
+            k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=dmask[None, :], other=0.0)
+        else:
+            k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :])
         s = dot_f32acc(q, tl.trans(k), PREC) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :], mask=dmask[None, :], other=0.0)
+        if HEAD_PAD:
+            v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :], mask=dmask[None, :], other=0.0)
+        else:
+            v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :])
         acc = acc * alpha[:, None] + dot_f32acc(p.to(v.dtype), v, PREC)
         m_i = m_new
     for it in tl.range(n_full, tl.cdiv(n_keys, BLOCK_N), num_stages=STAGES):
@@ -100,7 +109,8 @@ def _block_sparse_fwd_kernel(
         cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, vmask, CK, NKT, NW, BLOCK_N,
                           LOOKUP_BITS, True)  # fmt: skip
         cols_o = cols.to(tl.int64) if IDX64 else cols
-        k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=vmask[:, None] & dmask[None, :], other=0.0)
+        kv_mask = (vmask[:, None] & dmask[None, :]) if HEAD_PAD else vmask[:, None]
+        k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=kv_mask, other=0.0)
         s = dot_f32acc(q, tl.trans(k), PREC) * qk_scale
         keep = vmask[None, :]
         if CAUSAL:
@@ -111,12 +121,12 @@ def _block_sparse_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :], mask=vmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + dot_f32acc(p.to(v.dtype), v, PREC)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     op = O + b * sob + h * soh + rows_o[:, None] * sos + dcols[None, :]
-    tl.store(op, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    tl.store(op, out.to(O.dtype.element_ty), mask=(rmask[:, None] & dmask[None, :]) if HEAD_PAD else rmask[:, None])
 
 
 @triton.jit
