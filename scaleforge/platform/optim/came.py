@@ -198,7 +198,7 @@ class CAME(torch.optim.Optimizer):
             hyper = dict(betas=tuple(group["betas"]), eps=tuple(group["eps"]), wd=group["weight_decay"],
                          clip=group["clip_threshold"], block=group["block_size"])
             # a 0-d CPU tensor: the compiled update takes a new learning rate without recompiling
-            lr = torch.tensor(group["lr"], dtype=torch.float64)
+            lr = torch.tensor(group["lr"], dtype=torch.float32)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -274,9 +274,10 @@ def param_update(grad: torch.Tensor, pl: torch.Tensor, st: dict[str, torch.Tenso
         st["exp_avg_q"].copy_(nq)
         st["exp_avg_scale"].copy_(nsc)
         st["exp_avg_min"].copy_(nlo)
+    # lr multiplies device tensors directly (a CPU scalar operand inside the kernel: no CPU code of its own)
     if wd != 0:
-        pl.sub_(pl * (wd * lr).to(pl.dtype))
-    pl.sub_(update.to(pl.dtype) * lr.to(pl.dtype))
+        pl.sub_(pl * lr * wd)
+    pl.sub_(update * lr)
 
 
 @functools.lru_cache(maxsize=1)
