@@ -32,16 +32,15 @@ for section in "$@"; do
     vs-liger) python3 benchmarks/kernels/vs_liger.py --only ${LIGER_FAMILIES:-rms_norm,layer_norm,swiglu,flce} 2>&1 \
           | tee "$OUT/vs_liger.log" ;;
     peers)  # ours against the naive FSDP2 script and torchtitan (row 11: its wheels from benchmarks/peers/torchtitan_wheels.sh)
-      # on one GPU: PEER_ROWS of compare.py (row 0 always runs)
+      # on one GPU: PEER_ROWS of compare.py (row 0 always runs; 1,2,3,4,6,8,11 for the full picture, ~9 min)
       python3 benchmarks/peers/compare.py --nproc 1 --steps ${STEPS:-20} --warmup ${WARMUP:-8} --timeout 170 \
-          --only ${PEER_ROWS:-4,6,8,11} --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.log" ;;
+          --only ${PEER_ROWS:-1,4,6,11} --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.log" ;;
     sana-1gpu)  # SANA-1.6B at 1024 px through launch, compiled, no AC: as configured (CAME-8bit + EMA; two more steps
-      # profiled: timeline summary and operator tables), CAME's update compiled (optim.fused=true), then AdamW without
-      # EMA (the optimizer's share of the step),
-      # then (SANA_EAGER=1) eager (compile's share)
+      # profiled: timeline summary and operator tables) and with CAME's update compiled (optim.fused=true); SANA_ALL=1
+      # adds AdamW without EMA (the optimizer's share of the step) and eager (compile's share)
       rm -rf /tmp/sana_prof
-      variants=("--profile-to /tmp/sana_prof" "optim.fused=true" "optim.name=adamw optim.betas=[0.9,0.999] optim.ema_decay=0")
-      [ "${SANA_EAGER:-0}" = 1 ] && variants+=("--compile off")
+      variants=("--profile-to /tmp/sana_prof" "optim.fused=true")
+      [ "${SANA_ALL:-0}" = 1 ] && variants+=("optim.name=adamw optim.betas=[0.9,0.999] optim.ema_decay=0" "--compile off")
       for extra in "${variants[@]}"; do
         echo "== $extra"
         # shellcheck disable=SC2086  # extra: space-separated words
