@@ -8,7 +8,8 @@ defaults in scaleforge/kernels/sparse_attention/op.py). Prints markdown tables:
    HunyuanVideo (24 x --hunyuan-tokens x 128) shapes at 0 / 50 / 90 / 95% sparsity of a random 300 x 1000
    cluster map (clusters from k-means of clustered tokens): ms, TFLOP/s of the executed blocks, % of the
    datasheet and of the measured matmul, speed-up over SDPA's flash backend, and the query-tile row use (rows
-   / BLOCK_M x tiles: each tile holds one query cluster); then the best configuration per cell and overall.
+   / BLOCK_M x tiles: a tile holds one query cluster, or a run of clusters with the same map row); then the
+   best configuration per cell and overall.
 3. k-means: the assignment kernel's configurations, one Lloyd round split into assignment and update, the
    warm SVG2 step (2 rounds on Q (300) and K (1000) + permutation + top-p budget) against dense attention
    (target <= 10%), and flash-kmeans 0.3.1 side by side when importable.
@@ -104,7 +105,8 @@ def correctness(args, configs):
             log(f"| {name(c)} | {causal} | {err:.2e} | {bound:.2e} | {'ok' if ok else 'FAIL'} |")
 
 
-def row_use(qs, block_m) -> float:
+def row_use(qs, bm, block_m) -> float:
+    qs = OP._merge_equal_rows(qs, bm)[0]
     tile_cl, _, _ = OP._query_tiles(qs, int(qs.sum(-1).max()), block_m)
     return float(qs.sum()) / (float((tile_cl >= 0).sum()) * block_m)
 
@@ -147,7 +149,7 @@ def attention_sweep(args, configs, peak_mm):
                 tf = flops / t / 1e9
                 cell[name(c)] = t_sdpa / t
                 log(f"| {label} ({h}x{s}) | {sparsity:.0%} | {name(c)} | {t:.2f} | {tf:.0f} | {tf / PEAK:.0%} | "
-                    f"{tf / peak_mm:.0%} | {t_sdpa:.2f} | {t_sdpa / t:.2f}x | {row_use(qs, tile_rows(c, args.head_dim)):.0%} |")
+                    f"{tf / peak_mm:.0%} | {t_sdpa:.2f} | {t_sdpa / t:.2f}x | {row_use(qs, bm, tile_rows(c, args.head_dim)):.0%} |")
         del qq, kk, vv, dense
     log("\n| shape | sparsity | best config | speed-up | autotuned |")
     log("|---|---|---|---|---|")

@@ -56,6 +56,23 @@ def test_block_sparse_key_tiles_span_many_small_clusters():
     assert rel_err(out, R.block_sparse_attention_ref(q, k, v, q_sizes, k_sizes, block_map)) < TOL[torch.float32] * 2
 
 
+def test_block_sparse_merges_query_clusters_with_equal_maps():
+    """Consecutive query clusters selecting the same key clusters share query tiles; runs of equal rows, a row
+    that differs, empty clusters and a row with no key cluster all keep the reference's output."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 70, 32, generator=gen).to(DEVICE) for _ in range(3))
+    qs, ks = _sizes(1, 2, 7, 70, gen), _sizes(1, 2, 9, 70, gen)
+    row = torch.rand(9, generator=gen) < 0.5
+    bm = row.expand(1, 2, 7, 9).clone()
+    bm[0, 0, 3] = ~row  # a run of 3, one different row, a run of 3
+    bm[0, 1, 5:] = False  # rows with no key cluster: zeros
+    out = SA.block_sparse_attention(q, k, v, qs, ks, bm.to(DEVICE), backend="triton")
+    assert rel_err(out, R.block_sparse_attention_ref(q, k, v, qs, ks, bm.to(DEVICE))) < TOL[torch.float32] * 2
+    sizes, rows = SA._op._merge_equal_rows(qs, bm.to(DEVICE))
+    assert sizes[0, 0, :3].tolist() == [int(qs[0, 0, :3].sum()), int(qs[0, 0, 3]), int(qs[0, 0, 4:].sum())]
+    assert sizes.sum(-1).eq(70).all() and torch.equal(rows[0, 0, 1], ~row.to(DEVICE))
+
+
 def test_block_sparse_all_blocks_is_dense_attention():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 41, 64, generator=gen).to(DEVICE) for _ in range(3))

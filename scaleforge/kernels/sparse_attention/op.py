@@ -116,6 +116,19 @@ def _key_tables(k_sizes: torch.Tensor, block_map: torch.Tensor, sk: int, bits: b
     return cum.contiguous(), delta.contiguous(), c0, words.contiguous()
 
 
+def _merge_equal_rows(q_sizes: torch.Tensor, block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive query clusters that select the same key clusters merged into one (their rows are
+    contiguous): a query tile holds one cluster, so each cluster's last, partial tile wastes rows (half a tile
+    per cluster on average); merged clusters share tiles (all blocks: one cluster per head). -> (sizes
+    (B, H, Cq), map (B, H, Cq, Ck)) with the G merged clusters first and empty ones after. No host sync."""
+    new = torch.ones_like(block_map[..., 0])
+    new[..., 1:] = (block_map[..., 1:, :] != block_map[..., :-1, :]).any(-1)
+    group = new.cumsum(-1) - 1  # (B, H, Cq) the merged cluster of each cluster
+    sizes = torch.zeros_like(q_sizes, dtype=torch.int32).scatter_add_(-1, group, q_sizes.to(torch.int32))
+    rows = torch.zeros_like(block_map).scatter_(-2, group[..., None].expand_as(block_map), block_map)
+    return sizes, rows
+
+
 def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scale: float,
                         config: BlockSparseConfig | None = None) -> torch.Tensor:  # fmt: skip
     """The forward launch: with ``config`` None the interpreter's fixed configuration, or on GPU the host's
@@ -126,6 +139,7 @@ def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scal
     if config is None and triton_interpreting():
         config = _interpreter_config()
     block_m, bits = (config.block_m, config.lookup_bits) if config is not None else _query_block(d)
+    q_sizes, block_map = _merge_equal_rows(q_sizes, block_map)
     tile_cl, tile_start, t_max = _query_tiles(q_sizes, sq, block_m)
     kcum, kdelta, ktile_c0, words = _key_tables(k_sizes, block_map, k.shape[2], bits)
     out = _backend.new_output(q.shape, q.dtype, q.device)
