@@ -5,7 +5,7 @@ micro-batch and at the largest micro-batch that fits, and a loss curve BF16 vs C
 Every mode runs as the engine trains: FSDP2 over one GPU (fully_shard per block, then the root), mixed
 precision bf16 compute / fp32 master weights and reduction. Modes, one after another in this process:
   bf16       torch AdamW (fused, on the local shards as the platform's adamw), bf16 activations
-  coat       scaleforge.fp8.convert_to_coat (FP8 linears + FP8-saved activations) + adamw_fp8
+  coat       scaleforge.fp8.convert_to_coat (FP8 linears + FP8-saved activations) + adamw_fp8 (fused kernel)
   ao_tensor  torchao float8 training, tensorwise scaling (convert_to_float8_training) + torch AdamW
   ao_row     torchao float8 training, rowwise scaling + torch AdamW
 What stays in bf16 is the recipes' fp8_keep in every mode (LM: the output head; SANA: embedders, t_block,
@@ -84,7 +84,8 @@ def build(name: str, layers: int | None, seq: int, mode: str, device,
     _shard(model)
     hp = dict(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
     if mode == "coat":
-        return model, AdamWFP8(model.parameters(), **hp)
+        # fused: one kernel per parameter's update on the GPU (optim.fused, as configs/lm_1b.yaml sets it)
+        return model, AdamWFP8(model.parameters(), fused=device.type == "cuda", **hp)
     return model, ShardLocalAdamW(model.parameters(), fused=device.type == "cuda", **hp)
 
 

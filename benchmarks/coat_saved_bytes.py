@@ -14,6 +14,7 @@ COAT 13.33 U = 26.7 B (coat.md §3).
   python benchmarks/coat_saved_bytes.py                                # Llama-2-7B layer, seq 256, per op
   python benchmarks/coat_saved_bytes.py --kernels triton               # bf16 baseline on the fused kernels
   python benchmarks/coat_saved_bytes.py --dim 1024 --ffn 2752 --heads 8 --seq 64 --summary
+  python benchmarks/coat_saved_bytes.py --seq 2048 --kernels triton --count-launches   # kernels per block (GPU)
 ``--kernels triton`` selects the model's fused-kernel paths (fused RMSNorm, SwiGLU); on CPU they need
 ``TRITON_INTERPRET=1``, which the script sets itself. Runs on CUDA when available (``--device``).
 """
@@ -126,6 +127,50 @@ def block_account(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: in
     return account(block, x, (cos, sin, AttentionMask(causal=True)), shared=(cos, sin))
 
 
+def count_launches(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: int = 1, kernels: str = "torch",
+                   device: str = "cpu") -> dict[str, int]:
+    """Ops one block's forward + backward runs, by name: device kernels on CUDA (torch.profiler), aten ops
+    (each a kernel launch on a GPU, or more) on CPU, where the FP8 blocks run the torch references."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from scaleforge import fp8 as coat
+    from scaleforge.models.llm.model import AttentionMask, LLMModelConfig, TransformerBlock, rope_cos_sin, rope_inv_freq
+
+    cfg = LLMModelConfig(preset=None, vocab_size=256, dim=dim, n_layers=1, n_heads=heads, ffn_hidden=ffn,
+                         rope_theta=10000.0, max_seq_len=max(seq, 2048), norm_eps=1e-5, qkv_bias=False,
+                         tied_embeddings=False, seq_len=seq, kernels=kernels).resolved()
+    with torch.device(device):
+        block = TransformerBlock(cfg, 0).to(torch.bfloat16)
+        if mode == "coat":
+            coat.convert_to_coat(block)
+        x = torch.randn(batch, seq, dim, dtype=torch.bfloat16, requires_grad=True)
+        cos, sin = rope_cos_sin(rope_inv_freq(cfg, x.device), torch.arange(seq).expand(batch, seq), torch.bfloat16)
+    run = lambda: block(x, cos, sin, AttentionMask(causal=True)).sum().backward()  # noqa: E731
+    run()  # warm-up (autotuning, compilation)
+    counts: dict[str, int] = {}
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                counts[e.name[:60]] = counts.get(e.name[:60], 0) + 1
+        return counts
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        run()
+    return counts
+
+
 def per_token_dim(rows: list[Saved], tokens: int, dim: int) -> float:
     return sum(r.nbytes for r in rows) / (tokens * dim)
 
@@ -141,10 +186,21 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="bf16,coat")
     ap.add_argument("--summary", action="store_true", help="only the per-layer totals")
+    ap.add_argument("--count-launches", action="store_true",
+                    help="instead: ops per block forward + backward (CUDA kernels on a GPU, aten ops on CPU)")
     args = ap.parse_args()
     if args.kernels == "triton" and args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
     tokens = args.batch * args.seq
+    if args.count_launches:
+        counts = {m: count_launches(m, args.dim, args.ffn, args.heads, args.seq, args.batch, args.kernels,
+                                    args.device) for m in args.modes.split(",")}
+        what = "CUDA kernels" if args.device == "cuda" else "aten ops"
+        print(f"{what} per block forward + backward ({tokens} tokens, kernels={args.kernels}):")
+        for mode, c in counts.items():
+            top = ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1])[:12])
+            print(f"{mode:<6} | {sum(c.values()):>5} | {top}")
+        return
     totals = {}
     for mode in args.modes.split(","):
         rows = block_account(mode, args.dim, args.ffn, args.heads, args.seq, args.batch, args.kernels, args.device)

@@ -55,12 +55,15 @@ class FP8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         amax = getattr(x, AMAX_ATTR, None)
         if getattr(x, KEPT_ATTR, False):
-            return fp8_linear(x, self.weight, self.bias, x_amax=amax, save_x="input")
-        codes, version = getattr(x, CODES_ATTR, (None, None))
-        if codes is None or version != x._version:  # an in-place change of x since: quantize again
-            codes = quantize_fp8_input(x, x_amax=amax)
-            setattr(x, CODES_ATTR, (codes, x._version))  # lives as long as x: freed with x after the forward
-        return fp8_linear(x, self.weight, self.bias, x_fp8=codes)
+            y = fp8_linear(x, self.weight, self.bias, x_amax=amax, save_x="input")
+        else:
+            codes, version = getattr(x, CODES_ATTR, (None, None))
+            if codes is None or version != x._version:  # an in-place change of x since: quantize again
+                codes = quantize_fp8_input(x, x_amax=amax)
+                setattr(x, CODES_ATTR, (codes, x._version))  # lives as long as x: freed with x after the forward
+            y = fp8_linear(x, self.weight, self.bias, x_fp8=codes)
+        # the FP8 GEMM writes bf16; under fp32 compute (parallel.mixed_precision=fp32) the model continues in fp32
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def kept_for_backward(x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ Usage and semantics: docs/kernels.md.
 
 from scaleforge.kernels._backend import get_backend, set_backend, use_backend
 from scaleforge.kernels.fp8 import (
+    adamw_fp8_step,
     FP8State,
     dequantize_fp8,
     dequantize_fp8_state,
@@ -21,6 +22,7 @@ from scaleforge.kernels.norms import layer_norm, rms_norm
 from scaleforge.kernels.swiglu import swiglu
 
 __all__ = [
+    "adamw_fp8_step",
     "FP8State",
     "dequantize_fp8",
     "dequantize_fp8_state",

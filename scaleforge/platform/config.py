@@ -368,14 +368,8 @@ def check_fp8(cfg: JobConfig) -> None:
     if cfg.optim.name == "adamw_fp8" and cfg.parallel.tp > 1:
         raise ConfigError(f"parallel.tp={cfg.parallel.tp}: adamw_fp8's row groups follow FSDP2's dim-0 shards; "
                           "tensor-parallel column shards are not supported")
-    if cfg.optim.name == "adamw_fp8" and cfg.optim.fused:
-        raise ConfigError("optim.fused=true: adamw_fp8 has no fused kernel (its update decodes and encodes "
-                          "FP8 states per group); set optim.fused=false")
     if cfg.parallel.fp8 != "coat":
         return
-    if cfg.parallel.mixed_precision != "bf16":
-        raise ConfigError(f"parallel.mixed_precision={cfg.parallel.mixed_precision}: parallel.fp8=coat needs bf16 "
-                          "compute (its FP8 GEMMs write bf16 outputs)")
     if cfg.parallel.engine != "fsdp2":
         raise ConfigError(f"parallel.engine={cfg.parallel.engine}: parallel.fp8=coat is implemented for fsdp2")
     if cfg.parallel.tp > 1:

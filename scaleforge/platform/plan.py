@@ -83,8 +83,10 @@ def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
     engine = engine_class(cfg.parallel.engine)
     # Per-device parameter counts: tensor parallelism holds 1/tp of the parameters it splits.
     mem = engine.model_state_memory(cfg, layout, model, plan, _tp_per_device(model, recipe, layout.tp))
+    fp8 = cfg.parallel.fp8
+    fp8_kw = {"fp8": fp8} if fp8 != "none" and fp8 in recipe.activation_fp8_modes else {}
     act = recipe.activation_bytes(layout.micro_batch_size, cfg.parallel.activation_checkpointing == "full",
-                                  compiled=cfg.parallel.compile)
+                                  compiled=cfg.parallel.compile, **fp8_kw)
     if act is not None:
         # Sequence parallelism splits over tp what the tp layers do not (norms, residual stream): the
         # activations per device are about 1/tp of tp = 1's (Korthikanti et al., 2022).
@@ -101,4 +103,6 @@ def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
         extra["engine"] = note
     if act is None:
         extra["note"] = "the recipe gives no activation-memory model; activations are not in the estimate"
+    elif fp8 != "none" and not fp8_kw:
+        extra["note"] = f"activations: the recipe's BF16 estimate (it has no parallel.fp8={fp8} model)"
     return Plan(layout, total, trainable, components, mem, extra)

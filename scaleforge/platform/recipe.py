@@ -177,11 +177,16 @@ class Recipe(ABC):
         Written-down formula in the recipe's docstring."""
         return None
 
+    #: the ``parallel.fp8`` modes whose activations :meth:`activation_bytes` models (its ``fp8`` argument)
+    activation_fp8_modes: tuple[str, ...] = ()
+
     def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool,
-                         compiled: bool = False) -> int | None:
+                         compiled: bool = False, fp8: str = "none") -> int | None:
         """Peak activation memory of one micro-batch on one device (for the dry-run memory estimate);
         None when the recipe has no model of it. ``compiled``: ``parallel.compile`` is on, so the
-        compiled units save what AOTAutograd's partitioner keeps, usually less than eager autograd."""
+        compiled units save what AOTAutograd's partitioner keeps, usually less than eager autograd.
+        ``fp8``: one of :attr:`activation_fp8_modes` (the plan passes no other), e.g. ``"coat"``'s
+        FP8-saved activations."""
         return None
 
     def describe(self, model: nn.Module) -> dict[str, Any]:

@@ -423,3 +423,73 @@ def test_triton_codec_many_programs():
     # on CPU the interpreter's fp8 conversion (not round-to-nearest) costs accuracy: bound it loosely there
     assert rel_err(y, x) < 1.01 * rel_err(y_ref, x) + 1e-6 if DEVICE == "cuda" else rel_err(y, x) < 0.1
     assert rel_err(dequantize_fp8_state(ref, backend="triton"), y_ref) < 1e-5
+
+
+def _adamw_states(rows, cols, g=128, seed=0):
+    """Moments after a few steps of the reference: codes and metadata in the optimizer's (rows, G) layout."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = -(-cols // g)
+    m = torch.randn(rows, cols, generator=gen) * torch.logspace(-6, -1, rows)[:, None]
+    v = m * m * (1 + torch.rand(rows, cols, generator=gen))
+    out = []
+    for x in (m, v):
+        st = quantize_fp8_state_ref(torch.nn.functional.pad(x, (0, groups * g - cols)), g)
+        out.append((st.q.view(rows, groups * g).to(DEVICE), *(t.view(rows, groups).to(DEVICE) for t in st[1:4])))
+    return out
+
+
+def _per_op_step(p, g, states, step, codec, cols):
+    """The unfused update: decode each moment, torch's AdamW ops, encode, with ``codec``'s state kernels."""
+    from scaleforge.kernels.reference.fp8 import FP8State, adamw_update_
+
+    flat = lambda st: FP8State(st[0].reshape(-1), *(t.reshape(-1) for t in st[1:]), st[0].shape)  # noqa: E731
+    m, v = (dequantize_fp8_state(flat(st), backend=codec)[:, :cols].clone() for st in states)
+    adamw_update_(p, g, m, v, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step)
+    for st, x in zip(states, (m, v)):
+        enc = quantize_fp8_state(torch.nn.functional.pad(x, (0, st[0].shape[1] - cols)), backend=codec)
+        for dst, src in zip(st, enc[:4]):
+            dst.copy_(src.view(dst.shape))
+
+
+@needs_triton
+@pytest.mark.parametrize("rows,cols", [(5, 300), (40, 128), (3, 1000)])
+def test_fused_adamw_fp8_step_matches_the_unfused_update(rows, cols):
+    """The fused kernel (decode, AdamW, encode in one pass) against the same steps as separate ops with the
+    Triton state codec (the same FP8 conversion, which the CPU interpreter rounds its own way) over 3 steps:
+    the same codes and metadata up to float rounding, parameter updates within 1e-5. On a GPU also against the
+    torch reference (exactly rounded FP8: the two codecs' small differences, 1e-3)."""
+    from scaleforge.kernels import adamw_fp8_step
+
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(rows, cols, generator=gen).to(DEVICE)
+    grads = [(torch.randn(rows, cols, generator=torch.Generator().manual_seed(10 + s)) * 1e-2).to(DEVICE)
+             for s in range(3)]
+    runs = {}
+    for how in ("fused", "per_op", "reference"):
+        p, states = p0.clone(), _adamw_states(rows, cols)
+        for step, g in enumerate(grads, 1):
+            if how == "per_op":
+                _per_op_step(p, g, states, step, "triton", cols)
+            else:
+                adamw_fp8_step(p, g, *states, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, step=step,
+                               backend="triton" if how == "fused" else "torch")
+        runs[how] = p, states
+    (p, states), (p_op, states_op) = runs["fused"], runs["per_op"]
+    assert torch.isfinite(p).all() and rel_err(p - p0, p_op - p0) < 1e-5
+    for st, st_op in zip(states, states_op):
+        assert torch.equal(st[2], st_op[2])  # k
+        assert (st[0].float() - st_op[0].float()).abs().gt(0).float().mean() < 1e-3  # codes
+        # scale = (max / min)^(k / 2) / 448 amplifies an ulp of a group's smallest element k / 2 times
+        assert rel_err(st[1], st_op[1]) < 1e-2 and rel_err(st[3], st_op[3]) < 1e-3
+    if DEVICE == "cuda":
+        assert rel_err(p - p0, runs["reference"][0] - p0) < 1e-3
+
+
+def test_fused_adamw_fp8_step_rejects_bad_states():
+    from scaleforge.kernels import adamw_fp8_step
+
+    p = torch.zeros(4, 300)
+    states = _adamw_states(4, 300)
+    with pytest.raises(ValueError, match="exp_avg_sq must be"):
+        adamw_fp8_step(p, p.clone(), states[0], (states[1][0][:, :128], *states[1][1:]), lr=1e-3, betas=(0.9, 0.95),
+                       eps=1e-8, weight_decay=0.0, step=1, backend="torch")

@@ -340,6 +340,16 @@ def test_activation_estimate_counts_what_compiled_blocks_save():
     assert recipe.activation_bytes(4, False, compiled=True) == pytest.approx(2 * compiled, rel=0.02)
 
 
+def test_activation_estimate_counts_what_coat_saves():
+    """parallel.fp8=coat: the probe model is converted as the engine converts it, so the estimate counts the
+    FP8-saved norm / SwiGLU inputs and shared linear inputs (tiny: 0.56x of bf16's, logits included)."""
+    recipe = LLMRecipe(LLMModelConfig(preset="tiny", seq_len=128), None)
+    eager = recipe.activation_bytes(2, activation_checkpointing=False)
+    coat = recipe.activation_bytes(2, activation_checkpointing=False, fp8="coat")
+    assert 0.4 * eager < coat < 0.65 * eager
+    assert recipe.activation_fp8_modes == ("coat",)
+
+
 def test_dry_run_total_counts_gradients_and_activations_together_only_with_accumulation():
     from scaleforge.models import get_recipe_class, recipe_config_class
     from scaleforge.platform.config import derive_layout, load_config

@@ -66,8 +66,10 @@ def test_row_chunks_give_the_whole_parameter_update(monkeypatch):
     monkeypatch.setattr(mod, "CHUNK_ELEMENTS", 4 * 300)  # 4 rows of the (37, 300) parameter, 1 of (1, 129)
     chunked = AdamWFP8(chunked_p, **KW)
     _run(chunked, chunked_p, 3)
-    for a, b in zip(whole_p, chunked_p):
-        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+    fused_p = _params(3)
+    _run(AdamWFP8(fused_p, fused=True, **KW), fused_p, 3)  # off the GPU: the fused step's reference, 2^24 chunks
+    for a, b, c in zip(whole_p, chunked_p, fused_p):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0) and torch.equal(a, c)
     for k, v in whole.state[whole_p[0]].items():
         assert torch.allclose(v.float(), chunked.state[chunked_p[0]][k].float(), rtol=1e-6, atol=0), k
 
@@ -146,9 +148,9 @@ def test_coat_defaults_to_adamw_fp8_and_the_plan_counts_its_bytes():
     from scaleforge.platform.config import derive_layout
     from scaleforge.platform.plan import make_plan
 
-    cfg = _cfg("parallel.fp8=coat", "parallel.mixed_precision=bf16", "optim.fused=false")
+    cfg = _cfg("parallel.fp8=coat")
     assert cfg.optim.name == "adamw_fp8" and _cfg().optim.name == "adamw"
-    assert _cfg("parallel.fp8=coat", "parallel.mixed_precision=bf16", "optim.name=adamw").optim.name == "adamw"
+    assert _cfg("parallel.fp8=coat", "optim.name=adamw").optim.name == "adamw"
     layout = derive_layout(cfg, 2)
     recipe = get_recipe_class(cfg.model.recipe)(cfg.model, cfg)
     plan = make_plan(cfg, layout, recipe)
@@ -157,16 +159,25 @@ def test_coat_defaults_to_adamw_fp8_and_the_plan_counts_its_bytes():
     expect = sum(state_bytes(p.shape) for p in model.parameters()) / 2 / 2**30
     assert plan.memory["optimizer (adamw_fp8)"] == pytest.approx(expect)
     assert plan.memory["optimizer (adamw_fp8)"] < 0.3 * plan.memory["params (fp32)"] * 2  # vs AdamW's 8 B/param
+    bf16 = make_plan(_cfg(), layout, get_recipe_class(cfg.model.recipe)(cfg.model, _cfg()))
+    assert 0 < plan.memory["activations"] < 0.7 * bf16.memory["activations"]  # COAT's FP8-saved activations
+    assert "note" not in plan.extra
 
 
 @pytest.mark.parametrize("override, key", [
-    ("parallel.mixed_precision=fp32", "parallel.mixed_precision"),
     ("parallel.compile=true", "parallel.compile"),
-    ("optim.fused=true", "optim.fused"),
     ("parallel.tp=2", "parallel.tp"),
+    ("parallel.engine=deepspeed", "parallel.engine"),
 ])
 def test_unsupported_coat_combinations_name_the_key(override, key):
     from scaleforge.platform.config import ConfigError
 
     with pytest.raises(ConfigError, match=key):
-        _cfg("parallel.fp8=coat", "parallel.mixed_precision=bf16", "optim.fused=false", override)
+        _cfg("parallel.fp8=coat", override)
+
+
+def test_coat_is_one_key_on_the_tiny_config():
+    """lm_tiny computes in fp32 with torch's fused AdamW: parallel.fp8=coat alone switches to adamw_fp8 with its
+    fused update (optim.fused) and keeps fp32 compute for the non-FP8 ops."""
+    cfg = _cfg("parallel.fp8=coat")
+    assert cfg.optim.name == "adamw_fp8" and cfg.optim.fused and cfg.parallel.mixed_precision == "fp32"

@@ -130,19 +130,22 @@ def test_convert_keeps_named_and_ineligible_linears():
         coat.convert_to_coat(M(), ("nope",))
 
 
-def test_models_take_the_fp8_path_only_when_converted():
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_models_take_the_fp8_path_only_when_converted(dtype):
+    """bf16 compute, and fp32 (parallel.mixed_precision=fp32): the FP8 GEMMs' bf16 outputs continue in fp32."""
     from scaleforge.models.llm.model import LLMModelConfig, build_transformer
 
     torch.manual_seed(0)
-    model = build_transformer(LLMModelConfig(preset="tiny")).to(BF16)  # COAT runs with bf16 compute
+    model = build_transformer(LLMModelConfig(preset="tiny")).to(dtype)
     ids = torch.randint(0, 256, (2, 24))
     ref = model(ids)
     coat.convert_to_coat(model, ("output",))
     out = model(ids)
     assert type(model.layers[0].attention.wq) is coat.FP8Linear and model.layers[0].feed_forward.fp8
-    assert 0 < _rel(out, ref) < 0.1
+    assert out.dtype == dtype and 0 < _rel(out, ref) < 0.1
     out.float().logsumexp(-1).sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all()
+               for p in model.parameters())
 
 
 def _saved_bytes(fn, *inputs):

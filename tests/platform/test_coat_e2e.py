@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 COMMON = ["metrics.wandb.mode=disabled", "metrics.plot=false", "metrics.progress_bar=false",
           "parallel.mixed_precision=bf16"]
-COAT = ["parallel.fp8=coat", "optim.fused=false"]
+COAT = ["parallel.fp8=coat"]
 
 
 def launch(env, out, config, name, *extra, nproc=2, fault=None, check=True):
@@ -86,10 +86,24 @@ def test_recipe_coat_within_2_percent_of_bf16(config, tmp_path, env):
     assert coat[3] != bf16[3] and abs(coat[3] - bf16[3]) / bf16[3] < 0.02, (coat, bf16)
 
 
+def test_one_key_on_the_tiny_config_as_it_is(tmp_path, env):
+    """lm_tiny as written (fp32 compute, torch's fused AdamW) with only parallel.fp8=coat: adamw_fp8 with its
+    fused update, fp32 around the FP8 GEMMs; it learns."""
+    cmd = [str(BIN / "launch"), "--config", "lm_tiny.yaml", "--nproc", "2", f"run.output_dir={tmp_path}",
+           "run.name=one", "metrics.wandb.mode=disabled", "metrics.plot=false", "metrics.progress_bar=false",
+           "parallel.fp8=coat", "trainer.max_steps=4", "checkpoint.save_final=false"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = losses(tmp_path / "one")
+    assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]
+    text = (tmp_path / "one" / "config.yaml").read_text()
+    assert "name: adamw_fp8" in text and "fused: true" in text and "mixed_precision: fp32" in text
+
+
 def test_unsupported_combination_fails_in_the_launcher(tmp_path, env):
     """(Every combination check by key: test_adamw_fp8.py; here the launcher's console script.)"""
     cmd = [str(BIN / "launch"), "--config", "lm_tiny.yaml", "--nproc", "2", f"run.output_dir={tmp_path}",
-           "parallel.fp8=coat", "optim.fused=false"]  # lm_tiny computes in fp32
+           "parallel.fp8=coat", "parallel.compile=true"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0 and "parallel.mixed_precision=fp32" in r.stderr + r.stdout
+    assert r.returncode != 0 and "parallel.compile=true" in r.stderr + r.stdout
     assert not any(tmp_path.iterdir())  # nothing started, nothing written

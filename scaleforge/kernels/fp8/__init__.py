@@ -33,6 +33,7 @@ from scaleforge.kernels.reference.fp8 import (
     AMAX_EPS,
     RANGE_EPS,
     FP8State,
+    adamw_fp8_step_ref,
     check_granularity,
     dequantize_fp8_ref,
     dequantize_fp8_state_ref,
@@ -41,10 +42,11 @@ from scaleforge.kernels.reference.fp8 import (
     quantize_fp8_state_ref,
 )
 
-__all__ = ["FP8State", "dequantize_fp8", "dequantize_fp8_state", "quantize_fp8", "quantize_fp8_state"]
+__all__ = ["FP8State", "adamw_fp8_step", "dequantize_fp8", "dequantize_fp8_state", "quantize_fp8", "quantize_fp8_state"]
 
 if HAS_TRITON:
     from scaleforge.kernels.fp8.op import (
+        _adamw_fp8_step,
         _dequantize,
         _dequantize_state,
         _quantize_group,
@@ -160,6 +162,34 @@ def dequantize_fp8_state(state: FP8State, out_dtype: torch.dtype = torch.float32
     n = math.prod(state.shape)
     y = _dequantize_state(state.q, state.scale, state.expand, state.sqrt_minmax, n, out_dtype)
     return y.reshape(state.shape)
+
+
+def adamw_fp8_step(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: tuple[torch.Tensor, ...], exp_avg_sq: tuple[torch.Tensor, ...],
+    *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int,
+    dtype: torch.dtype = torch.float8_e4m3fn, expand_min: int = 16, backend: str | None = None,
+) -> None:
+    """One AdamW step, in place, of an fp32 ``param`` (rows, cols) whose two moments are COAT FP8 states, each
+    ``(codes (rows, G * group), scale, expand, centre (rows, G))`` with groups along the rows (the last one
+    zero-padded): decode, torch's AdamW arithmetic in fp32, encode (coat.md §2). Triton: one fused kernel
+    (COAT's one optimizer kernel); torch: the reference, the same steps as separate ops in row chunks."""
+    if param.ndim != 2 or grad.shape != param.shape or param.dtype != torch.float32:
+        raise ValueError(f"adamw_fp8_step: param must be 2-D fp32 with a gradient of its shape, got {param.dtype} "
+                         f"{tuple(param.shape)} and grad {tuple(grad.shape)}")
+    for name, st in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        q, *meta = st
+        if q.dtype != dtype or q.shape[0] != param.shape[0] or any(t.shape != meta[0].shape for t in meta) \
+                or q.shape[1] % meta[0].shape[1] or q.shape[1] < param.shape[1]:
+            raise ValueError(f"adamw_fp8_step: {name} must be ({dtype} codes (rows, G * group), scale, expand, "
+                             f"centre (rows, G)) for param {tuple(param.shape)}")
+    hp = dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay, step=step)
+    if resolve(backend) == "torch":
+        return adamw_fp8_step_ref(param, grad, exp_avg, exp_avg_sq, **hp, dtype=dtype, expand_min=expand_min)
+    check_triton_device(param, grad)
+    if not (param.is_contiguous() and grad.is_contiguous() and all(t.is_contiguous() for t in (*exp_avg, *exp_avg_sq))):
+        raise ValueError("adamw_fp8_step: the triton kernel needs contiguous param, grad and states")
+    _pow2(exp_avg[0].shape[1] // exp_avg[1].shape[1], "adamw_fp8_step")
+    _adamw_fp8_step(param, grad, exp_avg, exp_avg_sq, **hp, dtype=dtype, expand_min=expand_min)
 
 
 del AMAX_EPS, RANGE_EPS  # documented in the kernels as literals

@@ -23,7 +23,7 @@ from scaleforge.kernels.fp8.quant_kernels import (
     _quant_group_kernel,
     _quant_tensor_kernel,
 )
-from scaleforge.kernels.fp8.state_kernels import _state_dequant_kernel, _state_quant_kernel
+from scaleforge.kernels.fp8.state_kernels import _adamw_fp8_kernel, _state_dequant_kernel, _state_quant_kernel
 from scaleforge.kernels.reference.fp8 import fp8_max
 
 
@@ -127,3 +127,22 @@ def _dequantize_state(
     return y
 
 
+
+
+def _adamw_fp8_step(p, g, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, dtype, expand_min):
+    """In place, one kernel launch (not a torch.library op: it mutates its arguments and the optimizer step is
+    never traced)."""
+    rows, cols = p.shape
+    gpr = exp_avg[1].shape[1]
+    gs = exp_avg[0].shape[1] // gpr
+    qmax = fp8_max(dtype)
+    cfg = dict(_config("state_quant"))
+    cfg.pop("WAVES", None)
+    warps = cfg.pop("num_warps")
+    n_groups = rows * gpr
+    grid = (_group_tiles(n_groups, gs, cfg["BLOCK"]),)
+    _adamw_fp8_kernel[grid](
+        p, g, *exp_avg, *exp_avg_sq, n_groups, gpr, cols,
+        1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1**step), math.sqrt(1 - beta2**step), eps,
+        qmax, math.log2(qmax * qmax / 2), float(expand_min), GS=gs, BLOCK=cfg["BLOCK"], num_warps=warps,
+    )  # fmt: skip

@@ -128,3 +128,45 @@ def dequantize_fp8_state_ref(state: FP8State, out_dtype: torch.dtype = torch.flo
     x = torch.sign(y) * torch.pow(y.abs(), 1.0 / state.expand[:, None]) * state.sqrt_minmax[:, None]
     n = math.prod(state.shape)
     return x.reshape(-1)[:n].reshape(state.shape).to(out_dtype)
+
+
+def adamw_update_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    """torch's AdamW (single-tensor path) in fp32, in place on p, m and v."""
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    p.addcdiv_(m, denom, value=-step_size)
+
+
+def _state_rows(st: tuple[torch.Tensor, ...], rows: slice) -> FP8State:
+    q = st[0][rows]
+    return FP8State(q.reshape(-1), *(t[rows].reshape(-1) for t in st[1:]), q.shape)
+
+
+def _store_state_rows(st: tuple[torch.Tensor, ...], rows: slice, enc: FP8State) -> None:
+    for dst, src in zip(st, enc[:4]):
+        dst[rows].copy_(src.view(dst[rows].shape))
+
+
+ADAMW_CHUNK = 1 << 24  # elements per row chunk of the reference step: bounded fp32 temporaries
+
+
+def adamw_fp8_step_ref(p: torch.Tensor, g: torch.Tensor, exp_avg: tuple, exp_avg_sq: tuple, *, lr: float,
+                       beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                       dtype: torch.dtype = torch.float8_e4m3fn, expand_min: int = 16) -> None:
+    """One AdamW step of p (rows, cols) fp32 whose moments are (codes (rows, G * 128), scale, expand, centre
+    (rows, G)) states: decode, :func:`adamw_update_`, encode, in row chunks of at most ADAMW_CHUNK elements."""
+    rows, cols = p.shape
+    gs = exp_avg[0].shape[1] // exp_avg[1].shape[1]
+    step_rows = max(1, ADAMW_CHUNK // cols)
+    for r0 in range(0, rows, step_rows):
+        r = slice(r0, min(rows, r0 + step_rows))
+        m, v = (dequantize_fp8_state_ref(_state_rows(st, r))[:, :cols] for st in (exp_avg, exp_avg_sq))
+        adamw_update_(p[r], g[r], m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                      step=step)
+        for st, x in ((exp_avg, m), (exp_avg_sq, v)):
+            padded = torch.nn.functional.pad(x, (0, st[0].shape[1] - cols))
+            _store_state_rows(st, r, quantize_fp8_state_ref(padded, gs, dtype, expand_min))

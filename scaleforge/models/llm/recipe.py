@@ -155,8 +155,10 @@ class LLMRecipe(Recipe):
         s = c.seq_len if batch is None else int(batch["input_ids"].shape[1])
         return 6.0 * self.matmul_params() * s + 12.0 * c.n_layers * c.n_heads * c.head_dim * s * s
 
+    activation_fp8_modes = ("coat",)
+
     def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool,
-                         compiled: bool = False) -> int:
+                         compiled: bool = False, fp8: str = "none") -> int:
         """Activation memory of one micro-batch, measured rather than guessed: probe forwards of this
         architecture (real width, 1-2 layers, small vocabularies, ``probe`` tokens, bf16, on CPU)
         give the bytes autograd saves per token for one block and per token per vocabulary entry
@@ -167,9 +169,14 @@ class LLMRecipe(Recipe):
 
         ``compiled``: the blocks and the loss are traced as the engine compiles them and partitioned
         by AOTAutograd's min-cut partitioner (Inductor's), without Inductor's code generation
-        (backend ``aot_eager_decomp_partition``), so the probe counts what the compiled run saves."""
+        (backend ``aot_eager_decomp_partition``), so the probe counts what the compiled run saves.
+
+        ``fp8="coat"``: the probe model is converted as the engine converts it (``convert_to_coat`` with the
+        plan's ``fp8_keep``) and runs the kernel library's torch references, which save what the GPU kernels
+        save (FP8 codes and scales), so the probe counts COAT's saved activations."""
         import dataclasses
 
+        from scaleforge.kernels import use_backend
         from scaleforge.platform.memory import saved_tensor_bytes
 
         c = self.cfg
@@ -180,13 +187,18 @@ class LLMRecipe(Recipe):
             cfg = dataclasses.replace(c, n_layers=layers, vocab_size=vocab, tied_embeddings=False)
             with torch.device("cpu"):
                 model = Transformer(cfg).to(torch.bfloat16)
+            if fp8 == "coat":
+                from scaleforge.fp8 import convert_to_coat
+
+                convert_to_coat(model, self.parallel_plan(model).fp8_keep)
             loss_fn = summed_cross_entropy
             if backend:
                 for block in model.layers:
                     block.compile(backend=backend)
                 loss_fn = torch.compile(summed_cross_entropy, backend=backend)
             ids = torch.randint(0, vocab, (1, probe))
-            return saved_tensor_bytes(lambda: loss_fn(model(ids), ids), params=model.parameters())
+            with use_backend("torch"):  # CPU tensors, also on a GPU machine
+                return saved_tensor_bytes(lambda: loss_fn(model(ids), ids), params=model.parameters())
 
         base, two_layers, wide_vocab = measure(1, 256), measure(2, 256), measure(1, 512)
         per_block = (two_layers - base) / probe

@@ -12,6 +12,11 @@ the bytes) keep fp32 moments, which makes their update torch's AdamW bit for bit
 State per quantized parameter and moment: ``<m>_q`` (rows, cols padded to 128) FP8, ``<m>_scale``,
 ``<m>_expand``, ``<m>_centre`` (rows, groups) fp32 -- 1 + 12/128 bytes per element and moment, so about
 2.2 B/param against AdamW's 8 (:func:`state_bytes`, which the dry-run plan reads).
+
+``fused=True`` (``optim.fused``): each quantized parameter's update is one kernel (the kernel library's
+``adamw_fp8_step``: decode, AdamW, encode per group, COAT's fused optimizer kernel) on the GPU; off the GPU
+that function's torch reference, the same arithmetic as the unfused path. Unfused: the state codec's
+kernels and torch's AdamW ops in between, on row chunks.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from typing import Any
 
 import torch
 
-from scaleforge.kernels import FP8State, dequantize_fp8_state, quantize_fp8_state
+from scaleforge.kernels import FP8State, adamw_fp8_step, dequantize_fp8_state, quantize_fp8_state
+from scaleforge.kernels.reference.fp8 import adamw_update_
 from scaleforge.platform.optim import register_optimizer
 
 GROUP = 128
@@ -63,14 +69,14 @@ def _like_param(p: torch.Tensor, local: torch.Tensor, global_cols: int) -> torch
 class AdamWFP8(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, state_dtype: torch.dtype = torch.float8_e4m3fn,
-                 expand_min: int = 16, backend: str | None = None):
+                 expand_min: int = 16, fused: bool = False, backend: str | None = None):
         if state_dtype != torch.float8_e4m3fn:
             # COAT's kernel read every code as E4M3 whatever dtype was chosen (coat.md §6): only E4M3 here
             raise ValueError(f"adamw_fp8: only float8_e4m3fn moments are supported, got {state_dtype}")
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"adamw_fp8: betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.state_dtype, self.expand_min, self.backend = state_dtype, expand_min, backend
+        self.state_dtype, self.expand_min, self.fused, self.backend = state_dtype, expand_min, fused, backend
 
     # -- state ----------------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
@@ -139,19 +145,24 @@ class AdamWFP8(torch.optim.Optimizer):
         pl, g = _local(p), _local(p.grad)
         if pl.numel() == 0:
             return
-        hp = dict(lr=lr, wd=wd, eps=eps, b1=b1, b2=b2, step=step)
+        hp = dict(lr=lr, weight_decay=wd, eps=eps, step=step)
         if not _quantized(p.shape):
-            _adamw(pl, g, _local(st["exp_avg"]), _local(st["exp_avg_sq"]), **hp)
+            adamw_update_(pl, g, _local(st["exp_avg"]), _local(st["exp_avg_sq"]), beta1=b1, beta2=b2, **hp)
             return
         rows, cols = pl.shape[0], pl.numel() // pl.shape[0]
         target, g = pl.view(rows, cols), g.reshape(rows, cols)
+        if self.fused:  # one kernel: decode, update, encode (the kernel library's reference off the GPU)
+            states = [tuple(_local(st[f"{m}_{k}"]) for k in ("q", *META)) for m in MOMENTS]
+            adamw_fp8_step(target, g, *states, betas=(b1, b2), dtype=self.state_dtype, expand_min=self.expand_min,
+                           backend=self.backend, **hp)
+            return
         # a bounded number of rows at a time: the decoded fp32 moments and the update's temporaries then take
         # a few times CHUNK_ELEMENTS x 4 bytes whatever the parameter's size (an embedding's would take GBs)
         step_rows = max(1, CHUNK_ELEMENTS // cols)
         for r0 in range(0, rows, step_rows):
             r = slice(r0, min(rows, r0 + step_rows))
             m, v = (self._decode(st, k, r, cols) for k in MOMENTS)
-            _adamw(target[r], g[r], m, v, **hp)
+            adamw_update_(target[r], g[r], m, v, beta1=b1, beta2=b2, **hp)
             self._encode(st, "exp_avg", r, m)
             self._encode(st, "exp_avg_sq", r, v)
 
@@ -159,16 +170,7 @@ class AdamWFP8(torch.optim.Optimizer):
 CHUNK_ELEMENTS = 1 << 24
 
 
-def _adamw(target, g, m, v, *, lr, wd, eps, b1, b2, step) -> None:
-    """torch's AdamW (single-tensor path) in fp32, in place on target, m and v."""
-    target.mul_(1 - lr * wd)
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    step_size = lr / (1 - b1**step)
-    denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
-    target.addcdiv_(m, denom, value=-step_size)
-
-
 @register_optimizer("adamw_fp8", state_bytes=state_bytes)
 def _adamw_fp8(groups, cfg):
-    return AdamWFP8(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return AdamWFP8(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                    fused=cfg.fused)
