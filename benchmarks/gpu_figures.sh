@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the GPU figures of docs/benchmarks.md on a 2-GPU node (run from the repo root with the
 # package importable, e.g. PYTHONPATH=$PWD). Logs go to ${OUT:-gpu_logs}/. Sections: kernels lm lm-variants lm-profile host-overhead sana nvila
-# vs-liger peers sana-1gpu (the last three on one GPU).
+# vs-liger peers sana-1gpu coat coat-loss coat-sana (the last six on one GPU).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -50,6 +50,18 @@ for section in "$@"; do
       p=/tmp/sana_prof/triton_none_on
       python3 benchmarks/trace_summary.py $p/trace_rank0_*.json --steps 2 2>&1 | tee "$OUT/sana_timeline.md"
       cp $p/top_ops.txt "$OUT/sana_top_ops.txt"; cp $p/top_ops_host.txt "$OUT/sana_top_ops_host.txt" ;;
+    coat)  # COAT FP8 (issue 16), one GPU, ~5 min: the fused FP8 AdamW kernel against the unfused ops and the
+      # reference, saved bytes and kernels per Llama-2-7B block, then BF16 / COAT / torchao float8 memory and speed
+      { python3 -m pytest -q tests/kernels/test_fp8.py -k adamw
+        python3 benchmarks/coat_saved_bytes.py --seq 2048 --kernels triton --summary
+        python3 benchmarks/coat_saved_bytes.py --seq 2048 --kernels triton --count-launches
+        timeout 400 python3 benchmarks/coat_memory.py --model llama2-7b-cut --layers 2 --seq 2048 --micro 1,4,8,16 \
+            --steps 3; } 2>&1 | tee "$OUT/coat.log" ;;
+    coat-loss)  # lm_1b BF16 vs COAT over 300 steps (~4 min): the loss line and the curves' CSV
+      timeout 540 python3 benchmarks/coat_memory.py --model lm_1b --micro 2 --modes bf16,coat --steps 3 --loss-steps 300 \
+          --loss-csv "$OUT/coat_loss.csv" 2>&1 | tee "$OUT/coat_loss.log" ;;
+    coat-sana) timeout 540 python3 benchmarks/coat_memory.py --model sana-1.6b --seq 1024 --micro 1,4,8 --steps 3 2>&1 \
+          | tee "$OUT/coat_sana.log" ;;
     nvila) torchrun --nproc-per-node 2 benchmarks/nvila_step.py --steps 4 --warmup 2 2>&1 | tee "$OUT/nvila.log" ;;
     *) echo "unknown section $section"; exit 2 ;;
   esac
