@@ -20,9 +20,15 @@ class ShardedEMA:
                        for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_([_local(s) for s in self.shadow], [_local(p.detach()) for p in self.params],
-                             1.0 - self.decay)
+    def update(self, found_inf: torch.Tensor | None = None) -> None:
+        """shadow <- lerp(shadow, weights, 1 - decay); with ``found_inf`` (a 0-d device tensor, nonzero when the
+        optimizer skipped the step) the weight is 0 there, decided on the device."""
+        shadow, params = [_local(s) for s in self.shadow], [_local(p.detach()) for p in self.params]
+        if found_inf is None:
+            torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+            return
+        weight = (1.0 - found_inf.float()) * (1.0 - self.decay)
+        torch._foreach_lerp_(shadow, params, [weight] * len(shadow))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))

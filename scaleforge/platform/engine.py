@@ -410,20 +410,23 @@ class FSDP2Engine(Engine):
 
     @property
     def supports_device_step(self) -> bool:
-        # torch's fused Adam/AdamW kernels read grad_scale and found_inf on the device; the EMA update
-        # would need the host's skip decision
-        return self.ema is None and isinstance(self.optimizer, torch.optim.Adam) and all(
-            g.get("fused") for g in self.optimizer.param_groups)
+        # torch's fused Adam/AdamW kernels read grad_scale and found_inf on the device, so does CAME with
+        # optim.fused; the EMA takes found_inf too
+        if getattr(self.optimizer, "supports_device_step", False):
+            return True
+        return isinstance(self.optimizer, torch.optim.Adam) and all(g.get("fused") for g in self.optimizer.param_groups)
 
     def device_step(self, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
         if not self.supports_device_step:
-            raise RuntimeError("device_step needs a fused Adam/AdamW optimizer and no EMA")
+            raise RuntimeError("device_step needs a fused Adam/AdamW or CAME optimizer")
         # torch's Adam reads these attributes (the GradScaler protocol) and passes them to the kernel
         self.optimizer.grad_scale, self.optimizer.found_inf = grad_scale, found_inf
         try:
             self.optimizer.step()
         finally:
             del self.optimizer.grad_scale, self.optimizer.found_inf
+        if self.ema is not None:
+            self.ema.update(found_inf)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -30,8 +30,8 @@ def engines(*names):
                                               for n in names])
 
 
-def launch(run_env, out, name, *extra, nproc=2, env=None, check=True, timeout=240):
-    cmd = [str(BIN / "launch"), "--config", "lm_tiny.yaml", "--nproc", str(nproc),
+def launch(run_env, out, name, *extra, nproc=2, env=None, check=True, timeout=240, config="lm_tiny.yaml"):
+    cmd = [str(BIN / "launch"), "--config", config, "--nproc", str(nproc),
            f"run.output_dir={out}", f"run.name={name}", *COMMON, *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**run_env, **(env or {})}, timeout=timeout)
     if check:
@@ -187,6 +187,23 @@ def test_device_step_matches_host_step(tmp_path, run_env):
     for s in (1, 2, 4, 5, 6):
         assert abs(dev[s] - host[s]) / host[s] < 1e-6, (s, dev[s], host[s])
     assert dev[6] < dev[1] - 0.5  # and it learns after the skipped step
+
+
+def test_came_device_step_matches_host_step(tmp_path, run_env):
+    """SANA's CAME-8bit with an EMA: optim.fused=true takes the device-side step (the update divides by the
+    device's gradient scale and keeps every state where the device's skip flag is set, the EMA likewise) and
+    trains the same model as the host path, a NaN step skipped by both."""
+    nan = {"SCALEFORGE_FAULT_NAN_STEPS": "3"}
+    args = ["trainer.max_steps=5", "checkpoint.interval=0", "checkpoint.save_final=false", "optim.ema_decay=0.9",
+            "trainer.global_batch_size=2", "trainer.micro_batch_size=2"]
+    for name, fused in (("dev", "true"), ("host", "false")):
+        launch(run_env, tmp_path, name, *args, f"optim.fused={fused}", nproc=1, env=nan, config="sana_tiny.yaml")
+    dev, host = losses(tmp_path / "dev"), losses(tmp_path / "host")
+    assert sorted(dev) == sorted(host) == list(range(1, 6))
+    assert dev[3] != dev[3] and host[3] != host[3]
+    for s in (1, 2, 4, 5):
+        assert abs(dev[s] - host[s]) / host[s] < 1e-5, (s, dev[s], host[s])
+    assert dev[5] != dev[4]  # it trains on after the skipped step
 
 
 def test_reshard_two_to_one(reference, tmp_path, run_env):

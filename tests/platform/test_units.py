@@ -369,3 +369,24 @@ def test_launch_config_options_are_passed_only_where_torch_has_them():
     assert _supported(OlderLaunchConfig, options) == {}
     kept = _supported(LaunchConfig, options)
     assert set(kept) == set(options) & set(LaunchConfig.__dataclass_fields__) and kept.get("shutdown_timeout", 60) == 60
+
+
+def test_ema_update_skips_on_the_device_flag():
+    """ShardedEMA.update(found_inf): the step the optimizer skipped (flag 1, parameters possibly already
+    poisoned elsewhere) leaves the EMA as it was; flag 0 is the plain update."""
+    import torch
+
+    from scaleforge.platform.ema import ShardedEMA
+
+    model = torch.nn.Linear(3, 2)
+    ema, ref = ShardedEMA(model, 0.9), ShardedEMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    before = [s.clone() for s in ema.shadow]
+    ema.update(torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, before))
+    ema.update(torch.tensor(0.0))
+    ref.update()
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(ema.shadow, ref.shadow))
+    assert not all(torch.equal(a, b) for a, b in zip(ema.shadow, before))

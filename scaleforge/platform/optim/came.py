@@ -154,6 +154,12 @@ class CAME(torch.optim.Optimizer):
         # element-wise passes over the parameter, most of the step's memory traffic); CPU always runs eager
         self.fused = fused
 
+    @property
+    def supports_device_step(self) -> bool:
+        """Whether the step reads ``grad_scale`` / ``found_inf`` (the engine's device-side step): with ``fused``,
+        where the skip costs nothing extra inside the compiled update."""
+        return self.fused
+
     def _layout(self, p: torch.Tensor) -> _Layout:
         key = id(p)
         if key not in self._layouts:
@@ -199,6 +205,8 @@ class CAME(torch.optim.Optimizer):
                          clip=group["clip_threshold"], block=group["block_size"])
             # a 0-d CPU tensor: the compiled update takes a new learning rate without recompiling
             lr = torch.tensor(group["lr"], dtype=torch.float32)
+            # set by the engine's device-side step (torch's GradScaler protocol, as its fused Adam reads them)
+            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -212,7 +220,7 @@ class CAME(torch.optim.Optimizer):
                 state["step"] += 1
                 local = {k: _local(v) for k, v in state.items() if k != "step"}
                 update = _compiled_param_update() if self.fused and grad.is_cuda else param_update
-                update(grad, _local(p), local, lay.shape, lay.pg, lr, **hyper)
+                update(grad, _local(p), local, lay.shape, lay.pg, lr, grad_scale, found_inf, **hyper)
         return loss
 
 
@@ -222,62 +230,71 @@ def _all_reduce_(t: torch.Tensor, pg) -> torch.Tensor:
     return t
 
 
+def _assign(t: torch.Tensor, new: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    """t <- new, or t kept where ``skip`` (a 0-d bool on the device: the step's gradients were not finite);
+    returns the value the rest of the update goes on with."""
+    t.copy_(new if skip is None else torch.where(skip, t, new))
+    return new
+
+
 def _factored(row: torch.Tensor, col: torch.Tensor, val: torch.Tensor, beta: float, shape: tuple[int, ...],
-              pg) -> torch.Tensor:
+              pg, skip: torch.Tensor | None) -> torch.Tensor:
     """EMA of row/column means of ``val`` (local shard), then the rank-1 rsqrt approximation."""
     n_rows_global = shape[-2]
     m = val.shape[-1]
-    row.mul_(beta).add_(val.sum(dim=-1) / m, alpha=1 - beta)
+    row_new = _assign(row, row * beta + val.sum(dim=-1) * ((1 - beta) / m), skip)
     col_sum = val.sum(dim=-2)
     if len(shape) == 2 and pg is not None:
         # one all-reduce for the column sums and the sum of the row statistic (for its global mean)
-        buf = _all_reduce_(torch.cat([col_sum, row.sum().view(1)]), pg)
-        col_sum, row_mean = buf[:-1], buf[-1] / n_rows_global
-        col.mul_(beta).add_(col_sum / n_rows_global, alpha=1 - beta)
-        r_factor = (row / row_mean).rsqrt().unsqueeze(-1)
+        buf = _all_reduce_(torch.cat([col_sum, row_new.sum().view(1)]), pg)
+        col_sum, row_mean = buf[:-1], (buf[-1] / n_rows_global).view(1)
     else:
-        col.mul_(beta).add_(col_sum / n_rows_global, alpha=1 - beta)
-        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
-    return r_factor * col.unsqueeze(-2).rsqrt()
+        row_mean = row_new.mean(dim=-1, keepdim=True)
+    col_new = _assign(col, col * beta + col_sum * ((1 - beta) / n_rows_global), skip)
+    return (row_new / row_mean).rsqrt().unsqueeze(-1) * col_new.unsqueeze(-2).rsqrt()
 
 
 def param_update(grad: torch.Tensor, pl: torch.Tensor, st: dict[str, torch.Tensor], shape: tuple[int, ...], pg,
-                 lr: torch.Tensor, *, betas, eps, wd: float, clip: float, block: int) -> None:
+                 lr: torch.Tensor, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                 *, betas, eps, wd: float, clip: float, block: int) -> None:
     """One parameter's CAME step on local tensors (``st``: its state but the step count; ``shape``: the global
     shape; ``pg``: the group dim 0 is sharded over, or None), in place. A function of tensors and constants only,
-    so that ``torch.compile`` can fuse its dozens of element-wise passes (``CAME(fused=True)``)."""
+    so that ``torch.compile`` can fuse its dozens of element-wise passes (``CAME(fused=True)``). ``grad_scale`` /
+    ``found_inf`` (0-d device tensors, the GradScaler protocol the trainer's device-side step uses): the gradient is
+    divided by grad_scale, and where found_inf is nonzero nothing changes, without the host reading either."""
     beta1, beta2, beta3 = betas
     eps1, eps2 = eps
+    skip = None if found_inf is None else found_inf != 0
+    if grad_scale is not None:
+        grad = grad / grad_scale
     factored = len(shape) >= 2
     if factored:
-        update = _factored(st["exp_avg_sq_row"], st["exp_avg_sq_col"], grad * grad + eps1, beta2, shape, pg)
-        update.mul_(grad)
+        update = _factored(st["exp_avg_sq_row"], st["exp_avg_sq_col"], grad * grad + eps1, beta2, shape, pg, skip)
+        update = update * grad
     else:
-        v = st["exp_avg_sq"]
-        v.mul_(beta2).add_(grad * grad + eps1, alpha=1 - beta2)
+        v = _assign(st["exp_avg_sq"], st["exp_avg_sq"] * beta2 + (grad * grad + eps1) * (1 - beta2), skip)
         update = v.rsqrt() * grad
     sq = _all_reduce_(update.pow(2).sum().view(1), pg)
     rms = (sq / max(1, math.prod(shape))).sqrt()
-    update.div_((rms / clip).clamp_(min=1.0))
+    update = update / (rms / clip).clamp(min=1.0)
     quantized = "exp_avg_q" in st
     # the state starts as q = 0, scale = 1, min = 0: the first step dequantizes to zeros
     exp_avg = dequantize_rows(st["exp_avg_q"], st["exp_avg_scale"], st["exp_avg_min"], block) if quantized \
         else st["exp_avg"]
-    exp_avg.mul_(beta1).add_(update, alpha=1 - beta1)
-    if factored:
-        res = (update - exp_avg).pow_(2).add_(eps2)
-        update = _factored(st["exp_avg_res_row"], st["exp_avg_res_col"], res, beta3, shape, pg).mul_(exp_avg)
-    else:
-        update = exp_avg.clone()
+    exp_avg = exp_avg * beta1 + update * (1 - beta1)
     if quantized:
-        nq, nsc, nlo = quantize_rows(exp_avg, block)
-        st["exp_avg_q"].copy_(nq)
-        st["exp_avg_scale"].copy_(nsc)
-        st["exp_avg_min"].copy_(nlo)
+        for name, new in zip(("exp_avg_q", "exp_avg_scale", "exp_avg_min"), quantize_rows(exp_avg, block)):
+            _assign(st[name], new, skip)
+    else:
+        _assign(st["exp_avg"], exp_avg, skip)
+    if factored:
+        res = (update - exp_avg).pow(2) + eps2
+        update = _factored(st["exp_avg_res_row"], st["exp_avg_res_col"], res, beta3, shape, pg, skip) * exp_avg
+    else:
+        update = exp_avg
     # lr multiplies device tensors directly (a CPU scalar operand inside the kernel: no CPU code of its own)
-    if wd != 0:
-        pl.sub_(pl * lr * wd)
-    pl.sub_(update * lr)
+    new_p = pl - pl * lr * wd - update * lr if wd != 0 else pl - update * lr
+    _assign(pl, new_p, skip)
 
 
 @functools.lru_cache(maxsize=1)
