@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaleforge.kernels import dequantize_fp8, fp8_linear, layer_norm, quantize_fp8, rms_norm
+from scaleforge.kernels import dequantize_fp8, fp8_linear, layer_norm, quantize_fp8, rms_norm, swiglu
 from scaleforge.kernels.fp8_linear import quantize_fp8_input
 
 GROUP = 16  # COAT's 1 x 16 groups for the inputs of non-linear layers
@@ -139,7 +139,10 @@ def act(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def glu(a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
     """``act(a) * b`` (SwiGLU with silu, GeGLU with gelu) with a and b saved in FP8: 2 x 1.25 bytes per element
-    where autograd keeps a, act(a) and b in bf16 (6 bytes)."""
+    where autograd keeps a, act(a) and b in bf16 (6 bytes). SwiGLU is the kernel library's ``swiglu`` (one
+    kernel forward and one backward on the GPU, fp32 inside), as the models' fused-kernel path computes it."""
+    if name == "silu":
+        return _run(swiglu, (a, b), ())
     fn = ACTIVATIONS[name]
     return _run(lambda a, b: fn(a) * b, (a, b), ())
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleforge import fp8 as coat
-from scaleforge.kernels import layer_norm, rms_norm, use_backend
+from scaleforge.kernels import layer_norm, rms_norm, swiglu, use_backend
 
 BF16 = torch.bfloat16
 SHAPE = (3, 7, 72)  # 72 channels: four full 1 x 16 groups and a partial one
@@ -74,8 +74,12 @@ def test_activation_block(name):
     _compare(lambda x: coat.act(x, name), coat.ACTIVATIONS[name], [_rand(5, 33)], exact_grad=name == "relu")
 
 
-def test_glu_block():
-    _compare(lambda a, b: coat.glu(a, b, "silu"), lambda a, b: F.silu(a) * b, [_rand(5, 3, 40), _rand(5, 3, 40, seed=1)])
+@pytest.mark.parametrize("name", ["silu", "gelu"])
+def test_glu_block(name):
+    """SwiGLU against the kernel library's swiglu (the fused-kernel BF16 path: silu and product in fp32),
+    GeGLU against autograd's act(a) * b."""
+    ref = swiglu if name == "silu" else lambda a, b: F.gelu(a) * b
+    _compare(lambda a, b: coat.glu(a, b, name), ref, [_rand(5, 3, 40), _rand(5, 3, 40, seed=1)])
 
 
 def test_fp8_linear_block():
