@@ -29,6 +29,7 @@ for section in "$@"; do
         echo "== SANA 1.6B, 1024px (32x32 latents), $n GPU(s), through launch"
         python3 benchmarks/sana_train.py --nproc $n --micro-batch 8 --steps 12 --warmup 4 --kernels torch triton --ac none --compile off on
       done 2>&1 | tee "$OUT/sana.log" ;;
+    sana-depthwise) python3 benchmarks/kernels/sana_depthwise.py 2>&1 | tee "$OUT/sana_depthwise.log" ;;
     vs-liger) python3 benchmarks/kernels/vs_liger.py --only ${LIGER_FAMILIES:-rms_norm,layer_norm,swiglu,flce} 2>&1 \
           | tee "$OUT/vs_liger.log" ;;
     peers)  # ours against the naive FSDP2 script and torchtitan (row 11: its wheels from benchmarks/peers/torchtitan_wheels.sh)

@@ -64,6 +64,22 @@ def test_mixffn_matches_conv_glumbconv():
     assert rel(out, ref) < 1e-6
 
 
+def test_depthwise_conv_on_tokens_matches_conv2d_forward_and_backward():
+    from scaleforge.models.sana.model import depthwise_conv3x3_tokens
+
+    b, rows, cols, c = 2, 5, 7, 6
+    h = torch.randn(b, rows * cols, c, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    out = depthwise_conv3x3_tokens(h, (rows, cols), w, bias)
+    ref = F.conv2d(h.transpose(1, 2).reshape(b, c, rows, cols), w, bias, padding=1, groups=c)
+    ref = ref.flatten(2).transpose(1, 2)
+    g = torch.randn_like(out)
+    assert rel(out, ref) < 1e-12
+    for a, r in zip(torch.autograd.grad(out, (h, w, bias), g), torch.autograd.grad(ref, (h, w, bias), g)):
+        assert rel(a, r) < 1e-12
+
+
 def test_sincos_matches_diffusers():
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 

@@ -258,6 +258,22 @@ class CrossAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(b, n, c))
 
 
+def depthwise_conv3x3_tokens(h: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor,
+                             bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3 depthwise convolution (padding 1) on tokens (B, H*W, C) in their own layout, as the sum of nine
+    shifted products: under ``torch.compile`` one fused element-wise kernel forward (and fused reductions for the
+    weight gradient), with neither of the two layout transposes ``nn.Conv2d`` needs here. Same function as
+    ``F.conv2d(x, weight (C, 1, 3, 3), bias, padding=1, groups=C)`` on the (B, C, H, W) view."""
+    b, n, c = h.shape
+    rows, cols = hw
+    x = F.pad(h.view(b, rows, cols, c), (0, 0, 1, 1, 1, 1))
+    w = weight.view(c, 9).to(h.dtype)
+    out = sum(x[:, i:i + rows, j:j + cols] * w[:, 3 * i + j] for i in range(3) for j in range(3))
+    if bias is not None:
+        out = out + bias.to(h.dtype)
+    return out.view(b, n, c)
+
+
 class MixFFN(coat.FP8Block):
     """GLUMBConv: 1x1 -> SiLU -> depthwise 3x3 -> x * SiLU(gate) -> 1x1 (GLU after the depthwise conv).
     COAT mode: the SiLU and GLU inputs are saved in FP8 (the depthwise conv's input stays bf16)."""
