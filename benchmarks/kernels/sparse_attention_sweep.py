@@ -42,15 +42,15 @@ from scaleforge.kernels.sparse_attention import op as OP  # noqa: E402
 PEAK = 989.4
 Cfg = OP.BlockSparseConfig
 CONFIGS = [
-    Cfg(128, 64, 8, 3, True), Cfg(128, 64, 8, 2, True), Cfg(128, 64, 8, 4, True), Cfg(128, 64, 4, 3, True),
-    Cfg(128, 128, 8, 2, True), Cfg(128, 128, 8, 3, True), Cfg(128, 32, 4, 3, True), Cfg(64, 64, 4, 3, True),
-    Cfg(64, 128, 4, 2, True), Cfg(128, 64, 8, 1, True), Cfg(128, 64, 8, 3, False),
+    Cfg(128, 64, 8, 3, True), Cfg(128, 64, 8, 2, True), Cfg(128, 64, 4, 3, True), Cfg(128, 128, 8, 2, True),
+    Cfg(128, 128, 8, 3, True), Cfg(128, 32, 4, 3, True), Cfg(64, 64, 4, 3, True), Cfg(128, 64, 8, 1, True),
+    Cfg(128, 64, 8, 3, False), Cfg(128, 64, 8, 3, True, 64), Cfg(128, 64, 8, 3, True, 32),
 ]
 TH_CONFIGS = [OP.ThresholdConfig(*c) for c in ((16, 12, 1024, 16), (16, 12, 2048, 16), (16, 12, 512, 8),
                                              (8, 16, 1024, 16), (4, 24, 1024, 8), (32, 8, 512, 16))]  # fmt: skip
 DEC_CONFIGS = [OP.DecodeConfig(*c) for c in ((False, 0, 64, 1), (True, 0, 32, 2), (True, 0, 64, 2), (True, 16, 32, 2),
                                           (True, 32, 16, 3), (True, 64, 16, 2))]  # fmt: skip
-SMOKE_CONFIGS = [Cfg(16, 16, 1, 1, True), Cfg(32, 16, 1, 1, False)]
+SMOKE_CONFIGS = [Cfg(16, 16, 1, 1, True), Cfg(32, 16, 1, 1, False, 16)]
 KM_CONFIGS = [OP.KMeansConfig(*c) for c in ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
                                             (128, 64, 8, 3), (64, 128, 4, 3))]  # fmt: skip
 
@@ -58,7 +58,8 @@ KM_CONFIGS = [OP.KMeansConfig(*c) for c in ((64, 64, 4, 2), (128, 64, 4, 2), (12
 def name(c) -> str:
     if c is None:
         return "autotuned"
-    return f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages} {'bits' if c.lookup_bits else 'cmp'}"
+    rest = f" +{c.rest_m}" if c.rest_m else ""
+    return f"{c.block_m}{rest}x{c.block_n} w{c.num_warps} s{c.num_stages} {'bits' if c.lookup_bits else 'cmp'}"
 
 
 def timed(fn, budget_ms: float = 250.0) -> float:
@@ -105,16 +106,23 @@ def correctness(args, configs):
             log(f"| {name(c)} | {causal} | {err:.2e} | {bound:.2e} | {'ok' if ok else 'FAIL'} |")
 
 
-def row_use(qs, bm, block_m) -> float:
+def row_use(qs, bm, c) -> float:
+    """Rows over the rows of the query tiles the configuration launches."""
     qs = OP._merge_equal_rows(qs, bm)[0]
-    tile_cl, _, _ = OP._query_tiles(qs, int(qs.sum(-1).max()), block_m)
-    return float(qs.sum()) / (float((tile_cl >= 0).sum()) * block_m)
+    s = int(qs.sum(-1).max())
+    parts = [(c.block_m, 0, False)] if not c.rest_m else [(c.block_m, c.block_m, False), (c.rest_m, c.block_m, True)]
+    slots = sum(float((OP._query_tiles(qs, s, m, split, rest)[0] >= 0).sum()) * m for m, split, rest in parts)
+    return float(qs.sum()) / slots
 
 
-def tile_rows(c, d) -> int:
+def tile_config(c, d):
+    """The configuration's query tiling (the autotuned launch: the host's BLOCK_M and rest_m)."""
     if c is not None:
-        return c.block_m
-    return OP._query_block(d)[0] if DEV == "cuda" else OP._interpreter_config().block_m
+        return c
+    if DEV != "cuda":
+        return OP._interpreter_config()
+    block_m, bits, rest_m = OP._query_block(d)
+    return Cfg(block_m, 0, 0, 0, bits, rest_m)
 
 
 def attention_sweep(args, configs, peak_mm):
@@ -149,7 +157,7 @@ def attention_sweep(args, configs, peak_mm):
                 tf = flops / t / 1e9
                 cell[name(c)] = t_sdpa / t
                 log(f"| {label} ({h}x{s}) | {sparsity:.0%} | {name(c)} | {t:.2f} | {tf:.0f} | {tf / PEAK:.0%} | "
-                    f"{tf / peak_mm:.0%} | {t_sdpa:.2f} | {t_sdpa / t:.2f}x | {row_use(qs, bm, tile_rows(c, args.head_dim)):.0%} |")
+                    f"{tf / peak_mm:.0%} | {t_sdpa:.2f} | {t_sdpa / t:.2f}x | {row_use(qs, bm, tile_config(c, args.head_dim)):.0%} |")
         del qq, kk, vv, dense
     log("\n| shape | sparsity | best config | speed-up | autotuned |")
     log("|---|---|---|---|---|")

@@ -27,13 +27,16 @@ from scaleforge.kernels.sparse_attention.triton_kernels import (
 class BlockSparseConfig(NamedTuple):
     """A launch configuration of the block-sparse forward: query / key tile rows, warps, pipeline depth of the
     key loop, and how a key lane finds its cluster (a bitmap of cluster starts with a prefix sum, or
-    BLOCK_N² compares against the next cluster starts)."""
+    BLOCK_N² compares against the next cluster starts). ``rest_m`` > 0: a second launch with rest_m-row
+    tiles covers the rows past each cluster's last full BLOCK_M tile (less padding than one partial
+    BLOCK_M tile per cluster)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     lookup_bits: bool
+    rest_m: int = 0
 
 
 # The GPU configurations the autotuner times (per head dim, causal flag, query tile and lookup); BLOCK_M and
@@ -46,10 +49,10 @@ _block_sparse_fwd_tuned = triton.autotune(_FWD_TUNE, key=["BLOCK_D", "CAUSAL", "
     _block_sparse_fwd_kernel)
 
 
-def _query_block(d: int) -> tuple[int, bool]:
-    """(BLOCK_M, lookup_bits) on GPU: 128-row query tiles (the tile of dense flash attention on H100) up to
-    head dim 128, 64 above (registers)."""
-    return (128 if d <= 128 else 64), True
+def _query_block(d: int) -> tuple[int, bool, int]:
+    """(BLOCK_M, lookup_bits, rest_m) on GPU: 128-row query tiles (the tile of dense flash attention on H100)
+    up to head dim 128, 64 above (registers)."""
+    return (128 if d <= 128 else 64), True, 0
 
 
 def _interpreter_config() -> BlockSparseConfig:
@@ -62,12 +65,16 @@ def _offsets(sizes: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(sizes.to(torch.int64).cumsum(-1), (1, 0)).to(torch.int32)
 
 
-def _query_tiles(q_sizes: torch.Tensor, s: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _query_tiles(q_sizes: torch.Tensor, s: int, block_m: int, split_m: int = 0,
+                 rest: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
     """(tile cluster (B*H, T) int32, -1 = unused; tile first row (B*H, T) int32; T): the BLOCK_M-row tiles of
-    every query cluster. T = S // BLOCK_M + C + 1 bounds sum(ceil(size / BLOCK_M)) for any sizes."""
+    every query cluster; with ``split_m``, of its first split_m·floor(size / split_m) rows (rest False; then
+    block_m = split_m) or of the rows after them (rest True). T = S // BLOCK_M + C + 1 bounds the tile count."""
     bh, c = q_sizes.shape[0] * q_sizes.shape[1], q_sizes.shape[2]
     sizes = q_sizes.reshape(bh, c).to(torch.int64)
-    n_tiles = (sizes + block_m - 1) // block_m
+    skip = (sizes // split_m) * split_m if split_m else torch.zeros_like(sizes)
+    rows = sizes - skip if rest or not split_m else skip
+    n_tiles = (rows + block_m - 1) // block_m
     ends = n_tiles.cumsum(-1)
     t_max = s // block_m + c + 1
     t = torch.arange(t_max, device=q_sizes.device).expand(bh, t_max).contiguous()
@@ -75,7 +82,7 @@ def _query_tiles(q_sizes: torch.Tensor, s: int, block_m: int) -> tuple[torch.Ten
     valid = cl < c
     clc = cl.clamp(max=c - 1)
     first = ends.gather(1, clc) - n_tiles.gather(1, clc)
-    offs = _offsets(q_sizes).reshape(bh, c + 1).to(torch.int64)
+    offs = _offsets(q_sizes).reshape(bh, c + 1).to(torch.int64)[:, :c] + (skip if rest else 0)
     start = offs.gather(1, clc) + (t - first) * block_m
     return torch.where(valid, clc, -1).to(torch.int32), start.to(torch.int32), t_max
 
@@ -138,23 +145,27 @@ def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scal
     cq, ck = block_map.shape[-2:]
     if config is None and triton_interpreting():
         config = _interpreter_config()
-    block_m, bits = (config.block_m, config.lookup_bits) if config is not None else _query_block(d)
+    block_m, bits, rest_m = (config.block_m, config.lookup_bits, config.rest_m) if config is not None \
+        else _query_block(d)  # fmt: skip
     q_sizes, block_map = _merge_equal_rows(q_sizes, block_map)
-    tile_cl, tile_start, t_max = _query_tiles(q_sizes, sq, block_m)
     kcum, kdelta, ktile_c0, words = _key_tables(k_sizes, block_map, k.shape[2], bits)
     out = _backend.new_output(q.shape, q.dtype, q.device)
     idx64 = max(t.shape[2] * t.stride(2) for t in (q, k, v, out)) >= 2**31
-    args = (q, k, v, out, tile_cl, tile_start, _offsets(q_sizes), kcum, kdelta, ktile_c0, words,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            h, d, cq, ck, t_max, ktile_c0.shape[1], words.shape[-1], scale)  # fmt: skip
-    common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_D=next_pow2(d), PREC=dot_precision(), LOOKUP_BITS=bits,
-                  IDX64=idx64, HEAD_PAD=next_pow2(d) != d)  # fmt: skip
-    if config is None:
-        torch.library.wrap_triton(_block_sparse_fwd_tuned)[(t_max, b * h)](*args, **common)
-    else:
-        torch.library.wrap_triton(_block_sparse_fwd_kernel)[(t_max, b * h)](
-            *args, **common, BLOCK_N=config.block_n, STAGES=config.num_stages, num_warps=config.num_warps)
+    q_off = _offsets(q_sizes)
+    parts = [(block_m, False)] if not rest_m else [(block_m, False), (rest_m, True)]
+    for tile_m, rest in parts:
+        tile_cl, tile_start, t_max = _query_tiles(q_sizes, sq, tile_m, block_m if rest_m else 0, rest)
+        args = (q, k, v, out, tile_cl, tile_start, q_off, kcum, kdelta, ktile_c0, words,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                h, d, cq, ck, t_max, ktile_c0.shape[1], words.shape[-1], scale)  # fmt: skip
+        common = dict(CAUSAL=causal, BLOCK_M=tile_m, BLOCK_D=next_pow2(d), PREC=dot_precision(), LOOKUP_BITS=bits,
+                      IDX64=idx64, HEAD_PAD=next_pow2(d) != d)  # fmt: skip
+        if config is None:
+            torch.library.wrap_triton(_block_sparse_fwd_tuned)[(t_max, b * h)](*args, **common)
+        else:
+            torch.library.wrap_triton(_block_sparse_fwd_kernel)[(t_max, b * h)](
+                *args, **common, BLOCK_N=config.block_n, STAGES=config.num_stages, num_warps=config.num_warps)
     return out
 
 
