@@ -138,8 +138,7 @@ def _check_tensor_parallel_runtime(layout) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        _fail(f"parallel.tp={layout.tp}: megatron-core tensor parallelism needs CUDA GPUs, and this "
-              f"machine has none; use parallel.tp=1 (or launch on GPU nodes)")
+        return  # CPU workers: the torch.distributed layers (tensor_parallel_torch), no megatron-core
     if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
         _fail(f"parallel.tp={layout.tp} needs megatron-core (pip install 'scaleforge[gpu]'; python >= 3.12)")
 

@@ -411,9 +411,6 @@ def derive_layout(cfg: JobConfig, world_size: int) -> Layout:
     if world_size % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} does not divide the world size {world_size} "
                           f"(nodes x procs_per_node)")
-    if p.tp > 1 and p.compile:
-        raise ConfigError(f"parallel.compile=true with parallel.tp={p.tp}: megatron-core's tensor-parallel "
-                          f"layers run eager; set parallel.compile=false")
     if p.tp > 1 and p.fp8 != "none":
         raise ConfigError(f"parallel.fp8={p.fp8} with parallel.tp={p.tp}: the FP8 linears replace nn.Linear, "
                           f"not megatron-core's parallel linears; use one of the two")

@@ -275,9 +275,9 @@ class FSDP2Engine(Engine):
         if layout.tp > 1:
             from scaleforge.platform import tensor_parallel
 
-            tensor_parallel.check_device(layout.tp, info.device)
             self.tp = tensor_parallel.apply_tensor_parallel(model, recipe.tensor_parallel_plan(model),
-                                                            self.full_mesh["tp"].get_group(), torch.device("meta"))
+                                                            self.full_mesh["tp"].get_group(), torch.device("meta"),
+                                                            tensor_parallel.backend_for(info.device))
             self.tp.mesh = self.full_mesh
         self.plan = recipe.parallel_plan(model)
         apply_freeze(model, self.plan)

@@ -3,14 +3,16 @@
 ``parallel.tp = T > 1`` adds an innermost ``tp`` dimension to the device mesh (the T ranks of one group
 are consecutive, so they share a host and its NVLink); FSDP2 shards over the data-parallel dimensions
 only. The recipe's ``TensorParallelPlan`` names the modules; this module swaps them, on the meta
-device and before FSDP, for megatron-core layers over the mesh's ``tp`` process group:
+device and before FSDP, for megatron-core layers over the mesh's ``tp`` process group (on CUDA; megatron-core
+needs it, so CPU workers get the same layers on torch.distributed alone, ``tensor_parallel_torch.py``):
 
 - column-parallel linears (q/k/v, MLP gate/up) hold 1/T of the output features; attention modules
   see 1/T of the heads (``head_attrs`` are divided);
 - row-parallel linears (attention output, MLP down) hold 1/T of the input features and
   reduce-scatter their output over the sequence;
 - the embedding is megatron's ``VocabParallelEmbedding``; the output projection is column-parallel
-  over the vocabulary and the loss is ``vocab_parallel_cross_entropy``, so full logits never exist;
+  over the vocabulary and the loss is ``vocab_parallel_cross_entropy``, so full logits never exist (called
+  with labels, the head computes the summed loss itself, in recomputed chunks);
 - sequence parallelism (Korthikanti et al., 2022): from ``sequence_entry`` on, the residual stream,
   norms and (any) dropout hold 1/T of the tokens; the input of each ``sequence_gather`` module is
   all-gathered (its gradient reduce-scattered) once, shared by q, k and v (and gate and up).
@@ -92,10 +94,10 @@ def split_parameters(model: nn.Module, plan: TensorParallelPlan) -> set[str]:
     return names
 
 
-def check_device(tp: int, device: torch.device) -> None:
-    if tp > 1 and device.type != "cuda":
-        raise ConfigError(f"parallel.tp={tp}: megatron-core tensor parallelism needs CUDA devices "
-                          f"(this run is on {device.type}); use parallel.tp=1")
+def backend_for(device: torch.device) -> str:
+    """``megatron`` (megatron-core's layers) on CUDA devices; ``torch`` (``tensor_parallel_torch``: the
+    same layers on torch.distributed alone) elsewhere, since megatron-core needs CUDA."""
+    return "megatron" if device.type == "cuda" else "torch"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,6 +105,10 @@ def check_device(tp: int, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------
 def split_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """This rank's 1/T of the tokens (backward: all-gather of the gradient)."""
+    if not x.is_cuda:
+        from scaleforge.platform.tensor_parallel_torch import split_sequence as split
+
+        return split(x, group, _SEQ_DIM)
     from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
     return scatter_to_sequence_parallel_region(x.transpose(0, _SEQ_DIM), group=group).transpose(0, _SEQ_DIM)
@@ -111,6 +117,10 @@ def split_sequence(x: torch.Tensor, group) -> torch.Tensor:
 def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """All tokens from the tp ranks' slices (backward: reduce-scatter of the gradient, which also sums
     the partial input gradients of the column-parallel linears that read it)."""
+    if not x.is_cuda:
+        from scaleforge.platform.tensor_parallel_torch import gather_sequence as gather
+
+        return gather(x, group, _SEQ_DIM)
     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
     y = gather_from_sequence_parallel_region(x.transpose(0, _SEQ_DIM).contiguous(), True, group=group)
@@ -136,6 +146,76 @@ class _PlainStateDict:
 
     def _drop_extra_state_hooks(self) -> None:
         self._load_state_dict_pre_hooks.clear()
+
+
+class _VocabParallelHead:
+    """The output projection split over the vocabulary. ``forward(h)``: this rank's slice of the logits.
+    ``forward(h, labels=..., chunk_size=...)``: the summed cross-entropy (fp32) of the tokens whose label
+    (aligned with ``h``; -100: none) is set, ``chunk_size`` tokens at a time with each chunk's logits
+    recomputed in backward (``chunk_size <= 0``: all at once), the same value on every tp rank."""
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, chunk_size: int = 0) -> torch.Tensor:
+        if labels is None:
+            return self.logits(h)
+        from torch.utils.checkpoint import checkpoint
+
+        h, labels = h.reshape(1, -1, h.shape[-1]), labels.reshape(1, -1)
+        n = h.shape[1]
+        if chunk_size <= 0 or chunk_size >= n:
+            return self._summed_loss(h, labels)
+        total = h.new_zeros((), dtype=torch.float32)
+        for hs, ls in zip(h.split(chunk_size, dim=1), labels.split(chunk_size, dim=1)):
+            total = total + checkpoint(self._summed_loss, hs, ls, use_reentrant=False)
+        return total
+
+    def _summed_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_aligned_cross_entropy(self.logits(h), labels, self.vocab_group)
+
+
+def _torch_layer_factories(group) -> tuple[Callable, Callable, Callable, Callable]:
+    from scaleforge.platform import tensor_parallel_torch as T
+
+    class Head(_VocabParallelHead, T.ColumnParallelLinear):
+        def logits(self, h):
+            return T.ColumnParallelLinear.forward(self, h)
+
+    def head(lin):
+        m = Head(lin.in_features, lin.out_features, lin.bias is not None, group)
+        m.vocab_group = group
+        return m
+
+    return (lambda lin: T.ColumnParallelLinear(lin.in_features, lin.out_features, lin.bias is not None, group),
+            lambda lin: T.RowParallelLinear(lin.in_features, lin.out_features, lin.bias is not None, group, _SEQ_DIM),
+            lambda emb: T.VocabParallelEmbedding(emb.num_embeddings, emb.embedding_dim, group),
+            head)
+
+
+def _megatron_layer_factories(group) -> tuple[Callable, Callable, Callable, Callable]:
+    from megatron.core import ModelParallelConfig
+
+    size = group.size()
+    common = dict(tensor_model_parallel_size=size, params_dtype=torch.float32, use_cpu_initialization=True,
+                  perform_initialization=False, gradient_accumulation_fusion=False)
+    column_cfg = ModelParallelConfig(sequence_parallel=False, **common)  # seams gather their input
+    row_cfg = ModelParallelConfig(sequence_parallel=size > 1, **common)  # reduce-scatter over the sequence
+    Column, Row, Embedding = _layer_classes()
+
+    class Head(_VocabParallelHead, Column):
+        def logits(self, h):
+            return Column.forward(self, h)
+
+    def column(lin, cls=Column):
+        m = cls(lin.in_features, lin.out_features, config=column_cfg, init_method=_no_init,
+                bias=lin.bias is not None, gather_output=False, disable_grad_reduce=True, tp_group=group)
+        m.vocab_group = group
+        return m
+
+    return (column,
+            lambda lin: Row(lin.in_features, lin.out_features, config=row_cfg, init_method=_no_init,
+                            bias=lin.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=group),
+            lambda emb: Embedding(emb.num_embeddings, emb.embedding_dim, init_method=_no_init, config=column_cfg,
+                                  tp_group=group),
+            lambda lin: column(lin, Head))
 
 
 def _layer_classes():
@@ -291,20 +371,16 @@ class TensorParallel:
         return out
 
 
-def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, group, device: torch.device) -> TensorParallel:
-    """Swap the plan's modules for megatron-core layers over ``group`` (on ``device``, usually meta)
-    and install the sequence-parallel seams; returns what the engine needs to shard, initialize,
-    checkpoint and export the model."""
-    from megatron.core import ModelParallelConfig
-
+def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, group, device: torch.device,
+                          backend: str = "megatron") -> TensorParallel:
+    """Swap the plan's modules for tensor-parallel layers over ``group`` (on ``device``, usually meta):
+    megatron-core's (``backend="megatron"``, CUDA) or their torch.distributed equivalents
+    (``backend="torch"``, any device; ``backend_for``), and install the sequence-parallel seams; returns
+    what the engine needs to shard, initialize, checkpoint and export the model."""
     size, rank = group.size(), group.rank()
     check_tensor_parallel(model, plan, size, "this")
     sp = size > 1
-    common = dict(tensor_model_parallel_size=size, params_dtype=torch.float32, use_cpu_initialization=True,
-                  perform_initialization=False, gradient_accumulation_fusion=False)
-    column_cfg = ModelParallelConfig(sequence_parallel=False, **common)  # seams gather their input
-    row_cfg = ModelParallelConfig(sequence_parallel=sp, **common)  # reduce-scatter over the sequence
-    Column, Row, Embedding = _layer_classes()
+    column, row, embedding, head = (_megatron_layer_factories if backend == "megatron" else _torch_layer_factories)(group)
     tp = TensorParallel(group, size, rank)
 
     def swap(name: str, new: nn.Module, dim: int) -> None:
@@ -316,25 +392,16 @@ def apply_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, group, dev
     with torch.device(device):
         for pattern in plan.column:
             for name, lin in _matching(model, pattern):
-                swap(name, Column(lin.in_features, lin.out_features, config=column_cfg, init_method=_no_init,
-                                  bias=lin.bias is not None, gather_output=False, disable_grad_reduce=True,
-                                  tp_group=group), 0)
+                swap(name, column(lin), 0)
         for pattern in plan.row:
             for name, lin in _matching(model, pattern):
-                row = Row(lin.in_features, lin.out_features, config=row_cfg, init_method=_no_init,
-                          bias=lin.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=group)
-                swap(name, row, 1)
+                swap(name, row(lin), 1)
                 if lin.bias is not None:  # added after the reduction: held whole by every rank
                     tp.split_dims.pop(f"{name}.bias")
         if plan.vocab_embedding:
-            emb = model.get_submodule(plan.vocab_embedding)
-            swap(plan.vocab_embedding, Embedding(emb.num_embeddings, emb.embedding_dim, init_method=_no_init,
-                                                 config=column_cfg, tp_group=group), 0)
+            swap(plan.vocab_embedding, embedding(model.get_submodule(plan.vocab_embedding)), 0)
         if plan.vocab_output:
-            lin = model.get_submodule(plan.vocab_output)
-            swap(plan.vocab_output, Column(lin.in_features, lin.out_features, config=column_cfg,
-                                           init_method=_no_init, bias=lin.bias is not None, gather_output=False,
-                                           disable_grad_reduce=True, tp_group=group), 0)
+            swap(plan.vocab_output, head(model.get_submodule(plan.vocab_output)), 0)
     _retie(model)
     for pattern in plan.sequence_modules:
         for name, m in _matching(model, pattern):
@@ -368,14 +435,27 @@ def vocab_parallel_group(model: nn.Module):
 def vocab_parallel_summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group,
                                         ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross-entropy (fp32) summed over tokens whose label is not ``ignore_index``, from
-    logits split over the vocabulary (megatron-core's ``vocab_parallel_cross_entropy``: max, sum of
-    exponentials and target logit all-reduced over the tp group; same value on every tp rank)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    logits split over the vocabulary and labels aligned with the inputs (HF convention, shifted here)."""
+    return vocab_parallel_aligned_cross_entropy(logits[:, :-1], labels[:, 1:], group, ignore_index)
 
-    target = labels[:, 1:]
-    valid = target != ignore_index
-    # megatron views the logits as 2-D: the shifted slice must be made contiguous (``.float()`` copies
-    # bf16 logits but returns fp32 ones as the strided slice itself)
-    shifted = logits[:, :-1].float().contiguous()
-    per_token = vocab_parallel_cross_entropy(shifted, torch.where(valid, target, 0), tp_group=group)
+
+def vocab_parallel_aligned_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group,
+                                         ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy (fp32) of ``logits [b, s, V/T]`` (this rank's vocabulary slice) against ``targets [b, s]``
+    (already shifted), summed over targets that are not ``ignore_index``: megatron-core's
+    ``vocab_parallel_cross_entropy`` on CUDA, ``tensor_parallel_torch``'s elsewhere (max, sum of
+    exponentials and target logit all-reduced over the tp group; the same value on every tp rank)."""
+    valid = targets != ignore_index
+    # megatron views the logits as 2-D: the slice must be made contiguous (``.float()`` copies bf16 logits
+    # but returns fp32 ones as the strided slice itself)
+    logits = logits.float().contiguous()
+    target = torch.where(valid, targets, 0)
+    if logits.is_cuda:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        per_token = vocab_parallel_cross_entropy(logits, target, tp_group=group)
+    else:
+        from scaleforge.platform.tensor_parallel_torch import vocab_parallel_cross_entropy
+
+        per_token = vocab_parallel_cross_entropy(logits, target, group)
     return (per_token * valid).sum()

@@ -33,6 +33,28 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def decoder_tensor_parallel_plan(cfg: LLMModelConfig, prefix: str = "", seq_len: int | None = None) -> TensorParallelPlan:
+    """Megatron's layout of the decoder (``Transformer``) at module path ``prefix``: q/k/v and gate/up
+    column-parallel, attention output and down row-parallel (each block: one all-gather and one reduce-scatter
+    per sublayer), vocabulary-parallel embedding and output projection, norms on 1/tp of the tokens.
+    ``seq_len``: the fixed tokens per row, checked for divisibility (None: the data pads its rows).
+    ``model.kernels=triton`` keeps its RMSNorm (on the rank's tokens) and SwiGLU (on the rank's features)
+    kernels; the output head's fused linear + cross-entropy gives way to the vocabulary-parallel head, which
+    computes the loss from its logits slice (called with labels, as ``OutputProjection`` is)."""
+    blocks = f"{prefix}layers.*"
+    return TensorParallelPlan(
+        column=tuple(f"{blocks}.{m}" for m in ("attention.wq", "attention.wk", "attention.wv",
+                                              "feed_forward.w1", "feed_forward.w3")),
+        row=(f"{blocks}.attention.wo", f"{blocks}.feed_forward.w2"),
+        vocab_embedding=f"{prefix}tok_embeddings", vocab_output=f"{prefix}output",
+        sequence_entry=f"{prefix}layers.0",
+        sequence_gather=(f"{blocks}.attention", f"{blocks}.feed_forward", f"{prefix}output"),
+        head_attrs={f"{blocks}.attention": ("n_heads", "n_kv_heads")},
+        sequence_modules=(blocks, f"{prefix}norm"),
+        sequence_length=seq_len,
+    )
+
+
 class LLMRecipe(Recipe):
     name = "llm"
     config_class = LLMModelConfig
@@ -69,26 +91,7 @@ class LLMRecipe(Recipe):
         return ParallelPlan(fsdp_units=units, checkpoint_units=blocks, fp8_keep=("output",))
 
     def tensor_parallel_plan(self, model: nn.Module) -> TensorParallelPlan:
-        """Megatron's layout of a Llama block: q/k/v and gate/up column-parallel, attention output and
-        down row-parallel (each block: one all-gather and one reduce-scatter per sublayer), vocabulary-
-        parallel embedding and output projection, norms on 1/tp of the tokens."""
-        if self.cfg.kernels != "torch":
-            from scaleforge.platform.config import ConfigError
-
-            raise ConfigError(f"model.kernels={self.cfg.kernels} with parallel.tp > 1: the fused head + loss and "
-                              f"norm kernels are single-device; use model.kernels=torch")
-        blocks = "layers.*"
-        return TensorParallelPlan(
-            column=tuple(f"{blocks}.{m}" for m in ("attention.wq", "attention.wk", "attention.wv",
-                                                  "feed_forward.w1", "feed_forward.w3")),
-            row=(f"{blocks}.attention.wo", f"{blocks}.feed_forward.w2"),
-            vocab_embedding="tok_embeddings", vocab_output="output",
-            sequence_entry="layers.0",
-            sequence_gather=(f"{blocks}.attention", f"{blocks}.feed_forward", "output"),
-            head_attrs={f"{blocks}.attention": ("n_heads", "n_kv_heads")},
-            sequence_modules=(blocks, "norm"),
-            sequence_length=self.cfg.seq_len,
-        )
+        return decoder_tensor_parallel_plan(self.cfg, seq_len=self.cfg.seq_len)
 
     # -- data and loss -----------------------------------------------------------------------------
     def build_data(self, ctx: DataContext):

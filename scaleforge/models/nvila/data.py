@@ -212,8 +212,8 @@ class SyntheticConversations(StatefulIterator):
     needs the micro-batch counter)."""
 
     def __init__(self, cfg: NVILAConfig, tok: ChatTokenizer, seed: int, dp_rank: int, dp_world: int,
-                 micro_batch_size: int, num_samples: int):
-        self.cfg, self.tok, self.seed = cfg, tok, seed
+                 micro_batch_size: int, num_samples: int, pad_to_multiple: int = 1):
+        self.cfg, self.tok, self.seed, self.pad_to_multiple = cfg, tok, seed, pad_to_multiple
         self.rank, self.world, self.mbs, self.num_samples = dp_rank, dp_world, micro_batch_size, num_samples
         self.step = 0
         self._counts = {"samples": 0, "images": 0, "videos": 0, "visual_tokens": 0}
@@ -225,7 +225,7 @@ class SyntheticConversations(StatefulIterator):
             raw = synthetic_sample(self.cfg, self.seed, idx)
             samples.append(process_sample(raw, self.cfg, self.tok, where=f"synthetic sample {idx}"))
         self.step += 1
-        batch = collate_packed(samples, self.tok.pad_id)
+        batch = collate_packed(samples, self.tok.pad_id, self.pad_to_multiple)
         self._counts["samples"] += len(samples)
         self._counts["images"] += int((batch["media_kind"] == 0).sum())
         self._counts["videos"] += int((batch["media_kind"] == 1).sum())

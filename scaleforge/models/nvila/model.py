@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from scaleforge.models.llm.model import Transformer, fused_kernels_on
+from scaleforge.models.llm.model import OutputProjection, Transformer, fused_kernels_on
 from scaleforge.models.nvila import dynamic_s2 as ds2
 from scaleforge.models.nvila.config import NVILAConfig
 from scaleforge.models.nvila.projector import MultimodalProjector, stc_block_size, temporal_pool
@@ -172,13 +172,19 @@ class NVILAModel(nn.Module):
         hidden = self.llm(inputs_embeds=h, position_ids=position_ids, cu_seqlens=cu_seqlens, return_hidden=True)
         targets = torch.full_like(labels, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1:]
-        loss = self._lm_loss(hidden.flatten(0, 1), targets.flatten())
+        loss = self._lm_loss(hidden, targets)
         if dummy is not None:
             loss = loss + dummy
         return loss, (targets != IGNORE_INDEX).sum()
 
     def _lm_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of ``hidden [b, s, d]`` against ``targets [b, s]`` (already shifted)."""
         chunk = self.cfg.loss_chunk
+        if not isinstance(self.llm.output, OutputProjection):
+            # the platform replaced the head (tensor parallelism: split over the vocabulary, its input over
+            # the sequence): it computes the summed loss itself, ``chunk`` tokens at a time
+            return self.llm.output(hidden, labels=targets, chunk_size=chunk)
+        hidden, targets = hidden.flatten(0, 1), targets.flatten()
         if self.cfg.kernels == "triton":  # fused, chunked head + loss (loss_chunk: its tokens per chunk)
             from scaleforge.kernels import fused_linear_cross_entropy
 

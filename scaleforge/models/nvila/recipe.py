@@ -30,7 +30,8 @@ from scaleforge.models.nvila.config import COMPONENTS, NVILAConfig
 from scaleforge.models.nvila.model import NVILAModel, tokens_per_tile
 from scaleforge.models.nvila.projector import stc_block_size
 from scaleforge.models.nvila.tokens import ChatTokenizer
-from scaleforge.platform.recipe import DataContext, LossOutput, ParallelPlan, ParamGroupRule, Recipe
+from scaleforge.models.llm.recipe import decoder_tensor_parallel_plan
+from scaleforge.platform.recipe import DataContext, LossOutput, ParallelPlan, ParamGroupRule, Recipe, TensorParallelPlan
 
 _COMPONENT_SOURCES = "<component sources: see model.init_from_run / vision_init_from / llm.init_from>"
 
@@ -109,21 +110,30 @@ class NVILARecipe(Recipe):
         return ParallelPlan(fsdp_units=units, frozen=tuple(frozen), param_groups=rules, eval_modules=eval_modules,
                             fp8_keep=("llm.output",))
 
+    def tensor_parallel_plan(self, model: nn.Module) -> TensorParallelPlan:
+        """The LLM tensor-parallel as in the llm recipe (``llm.`` prefix); the vision tower and projector are
+        replicated over the tp ranks (FSDP2 shards them over the data-parallel ranks only): every tp rank
+        encodes the same media, the visual tokens are merged into the full sequence of embeddings, and the
+        sequence is split over tp at the first LLM block. Rows are padded to a multiple of tp by the data."""
+        return decoder_tensor_parallel_plan(self.cfg.llm.resolved(), prefix="llm.")
+
     # -- data and loss ---------------------------------------------------------------------------------
     def build_data(self, ctx: DataContext):
         from scaleforge.models.nvila.data import SyntheticConversations, collate_packed, webdataset_sample_fn
 
         data_cfg = self.job_cfg.data
         tok = self.tokenizer
+        # parallel.tp > 1: sequence parallelism splits each packed row over the tp ranks (one padding segment)
+        pad = self.job_cfg.parallel.tp
         if data_cfg.kind == "synthetic":
             return SyntheticConversations(self.cfg, tok, ctx.seed, ctx.dp_rank, ctx.dp_world_size,
-                                          ctx.micro_batch_size, data_cfg.synthetic_samples)
+                                          ctx.micro_batch_size, data_cfg.synthetic_samples, pad_to_multiple=pad)
         if data_cfg.kind == "webdataset":
             from scaleforge.platform.data import build_loader
 
             return build_loader(data_cfg, ctx,
                                 sample_fn=functools.partial(webdataset_sample_fn, cfg=self.cfg, tok=tok),
-                                batcher=functools.partial(collate_packed, pad_id=tok.pad_id))
+                                batcher=functools.partial(collate_packed, pad_id=tok.pad_id, pad_to_multiple=pad))
         from scaleforge.platform.config import ConfigError
 
         raise ConfigError(f"data.kind: {data_cfg.kind!r} is not supported by the nvila recipe "
