@@ -1,8 +1,8 @@
-"""COAT FP8 training vs BF16 and torchao float8 on one GPU (COAT's reporting rule, coat.md §7): peak allocated
+"""COAT FP8 training vs BF16 and torchao float8 on one GPU or, under torchrun, several (the COAT paper's reporting rule): peak allocated
 and reserved memory with a breakdown (weights, optimizer states, gradients, activations), tokens/s at the same
 micro-batch and at the largest micro-batch that fits, and a loss curve BF16 vs COAT.
 
-Every mode runs as the engine trains: FSDP2 over one GPU (fully_shard per block, then the root), mixed
+Every mode runs as the engine trains: FSDP2 over the processes' GPUs (fully_shard per block, then the root), mixed
 precision bf16 compute / fp32 master weights and reduction. Modes, one after another in this process:
   bf16       torch AdamW (fused, on the local shards as the platform's adamw), bf16 activations
   coat       scaleforge.fp8.convert_to_coat (FP8 linears + FP8-saved activations) + adamw_fp8 (fused kernel)
@@ -16,6 +16,10 @@ DC-AE f32c32, 300 caption tokens; flow-matching MSE against random targets). "to
   python benchmarks/coat_memory.py --model lm_1b --loss-steps 300      # + the loss curves (CSV)
   python benchmarks/coat_memory.py --model sana-1.6b --seq 1024 --micro 1,2,4
   python benchmarks/coat_memory.py --smoke                               # CPU, tiny shapes, torch kernels
+  torchrun --nproc-per-node 4 benchmarks/coat_memory.py --model llama2-7b --micro 1,2,4,8   # COAT's 4-GPU setting
+
+Under torchrun every rank trains its own random batch of --micro samples; tokens/s and memory are rank 0's
+(per GPU; the ranks hold equal shards).
 
 Breakdown columns (GiB): weights = fp32 master shards; optimizer = its state tensors; grads = fp32 gradient
 shards after backward; activations = allocated memory added by the forward (saved activations plus the
@@ -28,6 +32,8 @@ steps' peak. The LM's loss is its head's summed cross-entropy (``model(ids, labe
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
@@ -40,6 +46,7 @@ from scaleforge.platform.optim.adamw_fp8 import AdamWFP8
 MODELS = {
     # Llama-2-7B's layer shape (d 4096, SwiGLU 11008, 32 heads, vocab 32000), cut to --layers
     "llama2-7b-cut": dict(vocab_size=32000, dim=4096, n_heads=32, n_kv_heads=32, ffn_hidden=11008),
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_heads=32, n_kv_heads=32, ffn_hidden=11008, n_layers=32),
     "lm_1b": dict(vocab_size=50304, dim=2048, n_heads=16, n_kv_heads=16, ffn_hidden=5632, n_layers=16),
     "smoke": dict(vocab_size=256, dim=64, n_heads=4, n_kv_heads=4, ffn_hidden=128, n_layers=2),
     "sana-1.6b": dict(preset="1.6b"),
@@ -168,7 +175,7 @@ def measure(args, mode: str, micro: int, device) -> dict:
     model, opt = build(args.model, args.layers, args.seq, mode, device, args.kernels)
     weights = sum(t.numel() * t.element_size() for p in model.parameters()
                   for t in [getattr(p, "_local_tensor", p)]) / GIB
-    g = torch.Generator(device=device).manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(1 + torch.distributed.get_rank())
     ids = make_batch(model, micro, args.seq, device, g)
     marks: dict = {f"peak_{k}": float("nan") for k in ("fwd", "bwd", "opt")}
     step(model, opt, ids)  # states exist after the first step
@@ -228,13 +235,22 @@ def main() -> None:
     if args.kernels is None:
         args.kernels = "triton" if device.type == "cuda" else "torch"
     if device.type == "cuda":
-        torch.cuda.set_device(0)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     from scaleforge.platform.dist import _free_port
 
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                         init_method=f"tcp://127.0.0.1:{_free_port()}")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "WORLD_SIZE" in os.environ:  # torchrun
+        torch.distributed.init_process_group(backend)
+    else:
+        torch.distributed.init_process_group(backend, rank=0, world_size=1,
+                                             init_method=f"tcp://127.0.0.1:{_free_port()}")
+    world = torch.distributed.get_world_size()
+    if torch.distributed.get_rank() != 0:  # rank 0 prints the table
+        sys.stdout = open(os.devnull, "w")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {args.model} layers={args.layers or 'preset'} seq={args.seq} kernels={args.kernels} on {name}")
+    print(f"# {args.model} layers={args.layers or 'preset'} seq={args.seq} kernels={args.kernels} on {world} x {name} "
+          f"(FSDP2 over {world}; per-GPU figures)")
     cols = ("mode", "micro", "peak_alloc", "peak_reserved", "weights", "optimizer", "grads", "activations",
             "saved", "peak_fwd", "peak_bwd", "peak_opt", "tokens_per_s")
     print(" | ".join(f"{c:>13}" for c in cols))

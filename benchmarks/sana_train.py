@@ -2,6 +2,7 @@
 
     python benchmarks/sana_train.py --nproc 1 --micro-batch 8 --compile on --ac full none --kernels torch triton
     python benchmarks/sana_train.py --config sana_tiny.yaml --steps 3 --warmup 1 --micro-batch 2   # CPU smoke run
+    python benchmarks/sana_train.py --nproc 2 --kernels torch triton --dry-run   # launch --dry-run of each row only
 
 Every configuration is one `launch --config sana_1.6b.yaml` run (SANA-1.6B at 1024 px unless overridden: CAME-8bit,
 bf16 FSDP2, QK-norm, fp32 linear attention), on the recipe's synthetic latents and text embeddings (``data.kind=
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lm_train import run_one  # noqa: E402
+from lm_train import dry_run_one, run_one  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--profile-to", help="also profile two steps after the measured ones; trace and tables go here "
                     "(then: python benchmarks/trace_summary.py DIR/trace_rank0_*.json --steps 2)")
+    ap.add_argument("--dry-run", action="store_true", help="launch --dry-run of every row instead of training")
     ap.add_argument("overrides", nargs="*", help="extra config overrides (key=value)")
     args = ap.parse_args()
     base = ["data.kind=synthetic", "data.sources=[]", "data.num_workers=0", "model.encode_online=false",
@@ -40,10 +42,17 @@ def main() -> None:
     print(f"config {args.config}, {args.nproc} GPU(s), micro-batch {args.micro_batch}")
     print("| kernels | AC | compile | step (s) | images/s/GPU | MFU | peak mem (GiB) | dry-run estimate (GiB) | final loss |")
     print("|---|---|---|---|---|---|---|---|---|")
+    failed = False
     for kernels in args.kernels:
         for ac in args.ac:
             for c in args.compile:
                 extra = [*base, f"model.kernels={kernels}", f"parallel.activation_checkpointing={ac}", *args.overrides]
+                if args.dry_run:
+                    r = dry_run_one(args.config, args.nproc, c == "on", args.steps, args.micro_batch, extra)
+                    print(f"| {kernels} | {ac} | {c} | dry-run: " + (f"FAILED {r['error'].strip().splitlines()[-1]}"
+                          if "error" in r else f"ok, {r['estimate']} GiB/device") + " ||||||", flush=True)
+                    failed = failed or "error" in r
+                    continue
                 r = run_one(args.config, args.nproc, c == "on", args.steps, args.warmup, args.micro_batch, extra,
                             profile_to=args.profile_to and f"{args.profile_to}/{kernels}_{ac}_{c}")
                 if "error" in r:
@@ -52,6 +61,7 @@ def main() -> None:
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
                 print(f"| {kernels} | {ac} | {c} | {r['step_time_s']:.3f} | {args.micro_batch / r['step_time_s']:.2f} | "
                       f"{mfu} | {r['mem_peak_gib']:.1f} | {r['estimate_gib']:.1f} | {r['final_loss']:.4f} |", flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/peers/compare.py --nproc 1 --steps 30 --warmup 10          # one GPU, ~5 min
     python benchmarks/peers/compare.py --smoke                                   # CPU, tiny dims
+    python benchmarks/peers/compare.py --nproc 2 --layers 4 --steps 12 --warmup 4  # every row cut to 4 blocks
 
 Rows (every one a separate process, so each starts from a cold allocator):
 - ``ours``: ``launch --config lm_1b.yaml`` through ``benchmarks/lm_train.py`` (compiled), the reference row, and
@@ -70,7 +71,7 @@ def run_ours(args, overrides: list[str], micro_batch: int) -> dict:
         config = "lm_tiny.yaml" if args.smoke else "lm_1b.yaml"
         cmd = [sys.executable, str(ROOT / "benchmarks/lm_train.py"), "--config", config, "--nproc", str(args.nproc),
                "--compile", "off" if args.smoke else "on", "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--micro-batch", str(micro_batch), "--json", str(out), *overrides]
+               "--micro-batch", str(micro_batch), "--json", str(out), *overrides, *_ours_layers(args)]
         rc, log = _run(cmd, args.timeout)
         if rc != 0 or not out.exists():
             return {"error": log[-400:]}
@@ -78,15 +79,20 @@ def run_ours(args, overrides: list[str], micro_batch: int) -> dict:
     if "error" in r:
         return {"error": r["error"][-400:]}
     tps = r["tokens_per_s_per_device"]
-    return {"tokens_per_s_per_gpu": tps, "mfu": mfu(tps, recipe_flops_per_token(config)), "peak_mem_gib": r["mem_peak_gib"]}
+    return {"tokens_per_s_per_gpu": tps, "mfu": mfu(tps, recipe_flops_per_token(config, _ours_layers(args))),
+            "peak_mem_gib": r["mem_peak_gib"]}
 
 
-def recipe_flops_per_token(config: str) -> float:
+def _ours_layers(args) -> list[str]:
+    return [f"model.n_layers={args.layers}"] if args.layers else []
+
+
+def recipe_flops_per_token(config: str, overrides: list[str] = ()) -> float:
     """The llm recipe's formula (the one of flops.py) for the config's model."""
     from scaleforge.models import get_recipe_class, recipe_config_class
     from scaleforge.platform.config import load_config
 
-    cfg = load_config(config, [], recipe_config=recipe_config_class)
+    cfg = load_config(config, list(overrides), recipe_config=recipe_config_class)
     recipe = get_recipe_class(cfg.model.recipe)(cfg.model, cfg)
     return recipe.flops_per_sample() / recipe.cfg.seq_len
 
@@ -94,7 +100,8 @@ def recipe_flops_per_token(config: str) -> float:
 def run_script(args, script: str, extra: list[str], micro_batch: int) -> dict:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
     cmd = [*torchrun, str(HERE / script), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--micro-batch", str(micro_batch), *(["--tiny"] if args.smoke else []), *extra]
+           "--micro-batch", str(micro_batch), *(["--tiny"] if args.smoke else []), *extra,
+           *(["--layers", str(args.layers)] if args.layers else [])]
     rc, log = _run(cmd, args.timeout)
     for line in log.splitlines():
         if line.startswith("RESULT "):
@@ -147,6 +154,26 @@ def print_targets(rows: list[dict]) -> None:
         print(f"target vs {name}: {ratio:.3f}x {what} (target >= {target}: {'met' if ratio >= target else 'NOT met'})")
 
 
+def dry_run(args) -> int:
+    """Every row's command checked without training: ``lm_train.py --dry-run`` (launch --dry-run) for ours, the
+    peers' scripts by ``benchmarks/argcheck.py`` (exists, arguments parse)."""
+    failed = 0
+    config = "lm_tiny.yaml" if args.smoke else "lm_1b.yaml"
+    for name, script, extra, mb_spec in ROWS:
+        mb = str(row_micro_batch(args, mb_spec))
+        if script == "ours":
+            cmd = [sys.executable, str(ROOT / "benchmarks/lm_train.py"), "--config", config, "--nproc", str(args.nproc),
+                   "--compile", "on", "--micro-batch", mb, "--dry-run", *extra, *_ours_layers(args)]
+        else:
+            cmd = [sys.executable, str(ROOT / "benchmarks/argcheck.py"), str(HERE / script), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--micro-batch", mb, *extra,
+                   *(["--layers", str(args.layers)] if args.layers else [])]
+        rc, log = _run(cmd, args.timeout)
+        failed += rc != 0
+        print(f"{name}: {'ok' if rc == 0 else 'FAILED'}: {(log.strip().splitlines() or [''])[-1][-300:]}", flush=True)
+    return 1 if failed else 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nproc", type=int, default=1)
@@ -159,7 +186,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=240, help="seconds per row")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny dims, compile off, no float8 / torchtitan")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--layers", type=int, default=None, help="cut every row's model to this many blocks")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check every row instead of running it: ours by launch --dry-run, the peers' arguments parsed")
     args = ap.parse_args()
+    if args.dry_run:
+        sys.exit(dry_run(args))
     if args.smoke:
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
         args.micro_batch, args.tuned_micro_batch = 2, [2, 4]

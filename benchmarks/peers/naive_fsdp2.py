@@ -162,11 +162,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--tiny", action="store_true", help="tiny dims for a CPU smoke run")
+    ap.add_argument("--layers", type=int, default=None, help="cut the model to this many blocks")
     args = ap.parse_args()
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     device = init_dist()
-    dims = TINY if args.tiny else DIMS[args.arch]
+    dims = dict(TINY if args.tiny else DIMS[args.arch])
+    if args.layers:
+        dims["n_layers"] = args.layers
     seq = 64 if args.tiny else args.seq
     torch.manual_seed(0)
     model, n_matmul = build_model(args.arch, dims, seq)

@@ -130,8 +130,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="tiny dims, compile off (CPU smoke run)")
+    ap.add_argument("--layers", type=int, default=None, help="cut the model to this many blocks")
     args = ap.parse_args()
-    dims = TINY if args.tiny else LM_1B
+    dims = dict(TINY if args.tiny else LM_1B)
+    if args.layers:
+        dims["n_layers"] = args.layers
     config = lm_1b(dims, args.steps, args.micro_batch, compile_=not args.tiny)
     trainer = config.build()
     times: list[float] = []
