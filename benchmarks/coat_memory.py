@@ -6,6 +6,7 @@ Every mode runs as the engine trains: FSDP2 over the processes' GPUs (fully_shar
 precision bf16 compute / fp32 master weights and reduction. Modes, one after another in this process:
   bf16       torch AdamW (fused, on the local shards as the platform's adamw), bf16 activations
   coat       scaleforge.fp8.convert_to_coat (FP8 linears + FP8-saved activations) + adamw_fp8 (fused kernel)
+  coat_unfused   the same with adamw_fp8's unfused update (state codec kernels + torch's AdamW ops)
   ao_tensor  torchao float8 training, tensorwise scaling (convert_to_float8_training) + torch AdamW
   ao_row     torchao float8 training, rowwise scaling + torch AdamW
 What stays in bf16 is the recipes' fp8_keep in every mode (LM: the output head; SANA: embedders, t_block,
@@ -25,7 +26,8 @@ Breakdown columns (GiB): weights = fp32 master shards; optimizer = its state ten
 shards after backward; activations = allocated memory added by the forward (saved activations plus the
 gathered bf16 weights of the last block, which is not resharded); saved = the distinct storages autograd keeps
 for backward (saved-tensor hooks, parameters excluded); peak_fwd / peak_bwd / peak_opt = the peak allocated
-memory of each phase of the measured step (where the step's peak is). peak_alloc / peak_reserved = the timed
+memory of each phase of the measured step (where the step's peak is); opt_ms = that step's optimizer step time
+(synchronized, not in the tokens/s steps). peak_alloc / peak_reserved = the timed
 steps' peak. The LM's loss is its head's summed cross-entropy (``model(ids, labels=...)``): with
 ``--kernels triton`` (the GPU default) the fused linear + cross-entropy, in every mode.
 """
@@ -80,7 +82,7 @@ def build(name: str, layers: int | None, seq: int, mode: str, device,
           kernels: str = "torch") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = _model(name, layers, seq, device, kernels)
     keep = SANA_KEEP if name.startswith("sana") else LM_KEEP
-    if mode == "coat":
+    if mode.startswith("coat"):
         coat.convert_to_coat(model, keep)
     elif mode.startswith("ao_"):
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -90,9 +92,9 @@ def build(name: str, layers: int | None, seq: int, mode: str, device,
                                    module_filter_fn=lambda m, fqn: not any(fqn.startswith(k) for k in keep))
     _shard(model)
     hp = dict(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
-    if mode == "coat":
+    if mode.startswith("coat"):
         # fused: one kernel per parameter's update on the GPU (optim.fused, as configs/lm_1b.yaml sets it)
-        return model, AdamWFP8(model.parameters(), fused=device.type == "cuda", **hp)
+        return model, AdamWFP8(model.parameters(), fused=mode == "coat" and device.type == "cuda", **hp)
     return model, ShardLocalAdamW(model.parameters(), fused=device.type == "cuda", **hp)
 
 
@@ -156,7 +158,13 @@ def step(model, opt, batch, marks: dict | None = None) -> float:
     if marks is not None:
         marks["grads"] = sum(g.numel() * g.element_size() for g in (getattr(p.grad, "_local_tensor", p.grad)
                                                                      for p in model.parameters())) / GIB
+    if marks is not None and cuda:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
     opt.step()
+    if marks is not None and cuda:
+        torch.cuda.synchronize()
+        marks["opt_ms"] = 1e3 * (time.perf_counter() - t0)
     opt.zero_grad(set_to_none=True)
     phase("opt")
     return loss.item()
@@ -177,7 +185,7 @@ def measure(args, mode: str, micro: int, device) -> dict:
                   for t in [getattr(p, "_local_tensor", p)]) / GIB
     g = torch.Generator(device=device).manual_seed(1 + torch.distributed.get_rank())
     ids = make_batch(model, micro, args.seq, device, g)
-    marks: dict = {f"peak_{k}": float("nan") for k in ("fwd", "bwd", "opt")}
+    marks: dict = {f"peak_{k}": float("nan") for k in ("fwd", "bwd", "opt")} | {"opt_ms": float("nan")}
     step(model, opt, ids)  # states exist after the first step
     step(model, opt, ids, marks)
     if cuda:
@@ -252,7 +260,7 @@ def main() -> None:
     print(f"# {args.model} layers={args.layers or 'preset'} seq={args.seq} kernels={args.kernels} on {world} x {name} "
           f"(FSDP2 over {world}; per-GPU figures)")
     cols = ("mode", "micro", "peak_alloc", "peak_reserved", "weights", "optimizer", "grads", "activations",
-            "saved", "peak_fwd", "peak_bwd", "peak_opt", "tokens_per_s")
+            "saved", "peak_fwd", "peak_bwd", "peak_opt", "opt_ms", "tokens_per_s")
     print(" | ".join(f"{c:>13}" for c in cols))
     for mode in args.modes.split(","):
         for micro in map(int, args.micro.split(",")):

@@ -51,13 +51,13 @@ for section in "$@"; do
       p=/tmp/sana_prof/triton_none_on
       python3 benchmarks/trace_summary.py $p/trace_rank0_*.json --steps 2 2>&1 | tee "$OUT/sana_timeline.md"
       cp $p/top_ops.txt "$OUT/sana_top_ops.txt"; cp $p/top_ops_host.txt "$OUT/sana_top_ops_host.txt" ;;
-    coat)  # COAT FP8 (issue 16), one GPU, ~5 min: the fused FP8 AdamW kernel against the unfused ops and the
+    coat)  # COAT FP8 (issue 16), one GPU, ~6 min: the fused FP8 AdamW kernel against the unfused ops and the
       # reference, saved bytes and kernels per Llama-2-7B block, then BF16 / COAT / torchao float8 memory and speed
       { python3 -m pytest -q tests/kernels/test_fp8.py -k adamw
         python3 benchmarks/coat_saved_bytes.py --seq 2048 --kernels triton --summary
         python3 benchmarks/coat_saved_bytes.py --seq 2048 --kernels triton --count-launches
-        timeout 400 python3 benchmarks/coat_memory.py --model llama2-7b-cut --layers 2 --seq 2048 --micro 1,4,8,16 \
-            --steps 3; } 2>&1 | tee "$OUT/coat.log" ;;
+        timeout 480 python3 benchmarks/coat_memory.py --model llama2-7b-cut --layers 2 --seq 2048 --micro 1,4,8,16 \
+            --modes bf16,coat,coat_unfused,ao_tensor,ao_row --steps 3; } 2>&1 | tee "$OUT/coat.log" ;;
     coat-loss)  # lm_1b BF16 vs COAT over 300 steps (~4 min): the loss line and the curves' CSV
       timeout 540 python3 benchmarks/coat_memory.py --model lm_1b --micro 2 --modes bf16,coat --steps 3 --loss-steps 300 \
           --loss-csv "$OUT/coat_loss.csv" 2>&1 | tee "$OUT/coat_loss.log" ;;
