@@ -396,6 +396,11 @@ def scaleforge_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("ds-universal", help="add DeepSpeed's universal form to a DeepSpeed checkpoint, so that a "
+                                            "run of another world size can resume it")
+    p.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a step_NNNNNNNN folder")
+    p.set_defaults(func=_cmd_ds_universal)
+
     for module, fn in (("scaleforge.platform.data.cli", "add_data_subcommands"),
                        ("scaleforge.models.sana.cli", "add_sana_subcommands"),
                        ("scaleforge.models.nvila.cli", "add_nvila_subcommands")):
@@ -434,6 +439,15 @@ def _cmd_export(args) -> int:
 
     out = export_run(Path(args.run), args.format, Path(args.out), checkpoint=args.checkpoint, ema=args.ema)
     print(f"exported {out}")
+    return 0
+
+
+def _cmd_ds_universal(args) -> int:
+    from scaleforge.platform.checkpoint import resolve_resume
+    from scaleforge.platform.deepspeed_engine import convert_to_universal
+
+    ckpt = resolve_resume(args.checkpoint, Path(args.checkpoint))  # verified against COMPLETE first
+    print(f"universal checkpoint: {convert_to_universal(ckpt)}")
     return 0
 
 

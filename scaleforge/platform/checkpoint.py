@@ -114,18 +114,36 @@ def _copy_full_into(target: dict[str, torch.Tensor], full: dict[str, torch.Tenso
     return target
 
 
+#: a DeepSpeed step folder's universal checkpoint (``scaleforge ds-universal``), beside its own files
+UNIVERSAL = "universal"
+
+
 def world_size_problem(path: Path, trainer_state: dict[str, Any], world_size: int) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed by ``world_size`` processes (None: it can). DCP
-    reshards to any world size; DeepSpeed's ZeRO partitions are per rank. DeepSpeed's universal checkpoint
-    (its offline ``ds_to_universal`` conversion, then ``load_universal``) is not read here, so the message
-    names the two ways that work."""
+    reshards to any world size; DeepSpeed's ZeRO partitions are per rank, so another world size needs the
+    checkpoint's universal form (DeepSpeed's ``ds_to_universal``), which ``scaleforge ds-universal`` adds."""
     saved = int(trainer_state["world_size"])
-    if trainer_state["format"] != "deepspeed" or saved == world_size:
+    if trainer_state["format"] != "deepspeed" or saved == world_size or (path / UNIVERSAL).is_dir():
         return None
-    return (f"{path}: a DeepSpeed checkpoint of {saved} processes cannot be resumed with {world_size} "
-            f"(DeepSpeed's ZeRO partitions are per rank); resume with --nproc/--nodes giving {saved} processes, "
-            f"or start a new run from its weights: model.init_from_run=<this run's directory> (NVILA), or "
-            f"`scaleforge export` and model.init_from=<the export>")
+    return (f"{path}: a DeepSpeed checkpoint of {saved} processes cannot be resumed with {world_size} as it is "
+            f"(ZeRO's partitions are per rank); convert it once with `scaleforge ds-universal {path}` "
+            f"(DeepSpeed's universal checkpoint, added beside its files) and launch again, or resume with "
+            f"{saved} processes")
+
+
+def add_file_records(folder: Path, rel_paths: list[str]) -> None:
+    """Record more files of a complete checkpoint in its COMPLETE (size and SHA-256), rewritten atomically."""
+    done = json.loads((folder / COMPLETE).read_text())
+    files = done.setdefault("files", {})
+    for rel in rel_paths:
+        files[rel] = [(folder / rel).stat().st_size, _sha256(folder / rel)]
+    done["files"] = dict(sorted(files.items()))
+    tmp = folder / (COMPLETE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(done) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / COMPLETE)
 
 
 def list_complete(ckpt_root: Path) -> list[tuple[int, Path]]:

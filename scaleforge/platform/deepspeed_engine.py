@@ -17,10 +17,12 @@ The same recipe, configs, train loop and checkpoint protocol as FSDP2; what diff
 - Checkpoints: DeepSpeed's own sharded files (``save_checkpoint``), written into our step folder, inside
   our protocol (temporary folder, rename, COMPLETE, ``latest``, retention, data / RNG / step state).
   ``checkpoint.read_model_weights`` reconstructs the full fp32 weights from them (DeepSpeed's
-  ``zero_to_fp32``) for export and ``init_from_run``.
+  ``zero_to_fp32``) for export and ``init_from_run``. At another world size a run loads the checkpoint's
+  universal form (``convert_to_universal``: DeepSpeed's ``ds_to_universal``, then ``load_universal``).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +248,14 @@ class DeepSpeedEngine(Engine):
         return None
 
     def load_state(self, path: Path) -> None:
-        load_path, _ = self.ds.load_checkpoint(str(path), tag="", load_optimizer_states=True,
+        from scaleforge.platform.checkpoint import UNIVERSAL, read_trainer_state
+
+        # At another world size: the universal form (``convert_to_universal``), which DeepSpeed loads into
+        # this run's partitions when its config says load_universal (read when loading, so set here).
+        universal = read_trainer_state(path)["world_size"] != self.info.world_size
+        self.ds._config.load_universal_checkpoint = universal
+        source = path / UNIVERSAL if universal else path
+        load_path, _ = self.ds.load_checkpoint(str(source), tag="", load_optimizer_states=True,
                                                load_lr_scheduler_states=False, load_module_strict=True)
         if load_path is None:
             from scaleforge.platform.checkpoint import CheckpointError
@@ -260,6 +269,36 @@ class DeepSpeedEngine(Engine):
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
                 return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def convert_to_universal(ckpt: Path) -> Path:
+    """Add DeepSpeed's universal checkpoint of the complete step folder ``ckpt`` (its ``ds_to_universal``:
+    every parameter's fp32 weights and optimizer states, unpartitioned) as ``ckpt/universal``, which a run of
+    any world size loads. Written into ``universal.tmp`` and renamed, then recorded in COMPLETE; the
+    checkpoint's own files are untouched. One process, CPU only."""
+    import shutil
+    import subprocess
+    import sys
+
+    from scaleforge.platform.checkpoint import (UNIVERSAL, CheckpointError, add_file_records, is_complete,
+                                                read_trainer_state)
+
+    if not is_complete(ckpt) or read_trainer_state(ckpt)["format"] != "deepspeed":
+        raise CheckpointError(f"{ckpt}: not a complete DeepSpeed checkpoint (parallel.engine=deepspeed)")
+    out, tmp = ckpt / UNIVERSAL, ckpt / (UNIVERSAL + ".tmp")
+    if out.is_dir():
+        return out
+    shutil.rmtree(tmp, ignore_errors=True)
+    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+                        "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                        "--inject_missing_state"], capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointError(f"{ckpt}: DeepSpeed's ds_to_universal failed: {last}")
+    os.replace(tmp, out)
+    add_file_records(ckpt, sorted(str(p.relative_to(ckpt)) for p in out.rglob("*") if p.is_file()))
+    return out
 
 
 def read_full_weights(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The DeepSpeed ZeRO engine (parallel.engine=deepspeed) through ``launch --nproc 2`` on CPU: per-step
-losses against FSDP2 (lm_tiny, nvila_tiny, sana_tiny; ZeRO-2 and ZeRO-3) with a skipped NaN step, offload
-and activation checkpointing, NVILA's text-only micro-batches under ZeRO-3, the launcher's checks (unsupported
-combinations, resuming at another world size) and the dry-run plan. Resume after SIGKILL and after
+losses against FSDP2 (lm_tiny, nvila_tiny with text-only micro-batches on one rank, sana_tiny; ZeRO-2 and
+ZeRO-3) with a skipped NaN step, offload and activation checkpointing, the launcher's checks (unsupported
+combinations, resuming at another world size or engine), resuming at another world size through DeepSpeed's
+universal checkpoint, and the dry-run plan. Resume after SIGKILL and after
 preemption and export run for both engines in tests/platform/test_train_e2e.py."""
 import json
 import os
@@ -20,7 +21,10 @@ STEPS = 20
 COMMON = [f"trainer.max_steps={STEPS}", "checkpoint.interval=10", "metrics.wandb.mode=disabled", "metrics.plot=false"]
 RECIPES = {
     "lm": ("lm_tiny.yaml", ["trainer.global_batch_size=8", "trainer.micro_batch_size=2"]),
-    "nvila": ("nvila_tiny.yaml", []),
+    # One sample per micro-batch, images in 30% of them: the 80 micro-batch pairs of a run hold many where one
+    # rank has an image and the other none (each pair with probability 0.42), NVILA's dummy-forward case
+    "nvila": ("nvila_tiny.yaml", ["trainer.micro_batch_size=1", "model.synthetic.image_prob=0.3",
+                                  "trainer.collective_timeout_s=120"]),
     # SANA's CAME-8bit is not an optimizer DeepSpeed's ZeRO drives: both engines use AdamW here
     "sana": ("sana_tiny.yaml", ["optim.name=adamw", "optim.betas=[0.9,0.999]", "trainer.global_batch_size=8",
                                 "trainer.micro_batch_size=2"]),
@@ -71,7 +75,10 @@ def runs(ds_env, tmp_path_factory):
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_per_step_losses_match_fsdp2(runs, recipe, engine):
     """Same config, FSDP2 against DeepSpeed: per-step losses within 1e-3 relative over 20 steps, the NaN
-    step skipped by both, and checkpoints in our layout."""
+    step skipped by both, and checkpoints in our layout. NVILA's runs (see RECIPES) also check its
+    dummy-forward rule under ZeRO-3: a rank whose micro-batch has no image still runs the vision tower and
+    projector (on a zero tile, 0 x their output added to the loss), so both ranks gather the same
+    partitioned parameters; a mismatched module-call sequence would stall the gathers until the timeout."""
     ref, got = records(runs(recipe, "fsdp2")), records(runs(recipe, engine))
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["skipped"] for r in got] == [r["skipped"] for r in ref] == [s == 3 for s in range(1, STEPS + 1)]
@@ -154,42 +161,48 @@ def test_dry_run_prints_deepspeed_plan(ds_env):
 
 
 @pytest.mark.slow
-def test_zero3_text_only_micro_batch_on_one_rank_does_not_hang(ds_env, tmp_path):
-    """NVILA's dummy-forward rule under ZeRO-3: a rank whose micro-batch has no image still runs the vision
-    tower and projector (on a zero tile, 0 x their output added to the loss), so both ranks gather the same
-    partitioned parameters. With one sample per micro-batch and images in 30% of them, 16 micro-batch pairs
-    hold pairs where one rank has an image and the other none (each pair with probability 0.42); a
-    mismatched module-call sequence would stall the gathers until the timeout."""
-    r = launch(ds_env, tmp_path, "nvila", "zero3", "t", "trainer.max_steps=4", "trainer.global_batch_size=8",
-               "trainer.micro_batch_size=1", "model.synthetic.image_prob=0.3", "trainer.collective_timeout_s=120",
-               timeout=400)
-    assert [rec["step"] for rec in records(tmp_path / "t")] == [1, 2, 3, 4]
-
-
-@pytest.mark.slow
-def test_resume_at_another_world_size_or_engine_is_refused_by_the_launcher(runs, ds_env, tmp_path):
-    """DeepSpeed's partitions are per rank: the launcher refuses to resume a 2-process ZeRO checkpoint with 1
-    process (or with the FSDP2 engine) before any worker starts, in one line that says what to do, and
-    changes nothing in the run directory."""
+def test_resume_at_another_world_size_through_the_universal_checkpoint(runs, ds_env, tmp_path):
+    """DeepSpeed's partitions are per rank: the launcher refuses to resume a 2-process ZeRO-2 checkpoint with 1
+    process (or with the FSDP2 engine) before any worker starts, in one line that says what to do, changing
+    nothing; `scaleforge ds-universal` adds DeepSpeed's universal form beside the checkpoint's files, and the
+    1-process run then resumes it: the steps after it match the 2-process run up to reduction order."""
     import shutil
 
     run = tmp_path / "lm_zero2"
     shutil.copytree(runs("lm", "zero2"), run)
+    shutil.rmtree(run / "checkpoints" / f"step_{STEPS:08d}")
+    (run / "checkpoints" / "latest").write_text("step_00000010\n")
+    ckpt = run / "checkpoints" / "step_00000010"
     before = sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*"))
     config, overrides = RECIPES["lm"]
     cmd = [str(BIN / "launch"), "--config", config, f"run.output_dir={tmp_path}", "run.name=lm_zero2", *COMMON,
-           *overrides, "trainer.max_steps=25"]
-    ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
-    r = subprocess.run([*cmd, "--nproc", "1", *ZERO["zero2"]], capture_output=True, text=True, env=ds_env, timeout=120)
+           *overrides]
+    one = [*cmd, "--nproc", "1", *ZERO["zero2"]]
+    r = subprocess.run(one, capture_output=True, text=True, env=ds_env, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        f"error: --resume: {ckpt}: a DeepSpeed checkpoint of 2 processes cannot be resumed with 1 (DeepSpeed's "
-        f"ZeRO partitions are per rank); resume with --nproc/--nodes giving 2 processes, or start a new run from "
-        f"its weights: model.init_from_run=<this run's directory> (NVILA), or `scaleforge export` and "
-        f"model.init_from=<the export>"], r.stderr
+        f"error: --resume: {ckpt}: a DeepSpeed checkpoint of 2 processes cannot be resumed with 1 as it is (ZeRO's "
+        f"partitions are per rank); convert it once with `scaleforge ds-universal {ckpt}` (DeepSpeed's universal "
+        f"checkpoint, added beside its files) and launch again, or resume with 2 processes"], r.stderr
     assert "world size" not in r.stdout  # no worker started
     r = subprocess.run([*cmd, "--nproc", "2"], capture_output=True, text=True, env=ds_env, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: --resume: {ckpt} was written by the 'deepspeed' "
                                                         f"checkpointing of another engine"), r.stderr
     assert sorted((str(p), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+    fsdp2 = runs("lm", "fsdp2") / "checkpoints" / f"step_{STEPS:08d}"
+    r = subprocess.run([str(BIN / "scaleforge"), "ds-universal", str(fsdp2)], capture_output=True, text=True,
+                       env=ds_env, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {fsdp2}: not a complete DeepSpeed checkpoint (parallel.engine=deepspeed)"], r.stderr
+    r = subprocess.run([str(BIN / "scaleforge"), "ds-universal", str(run)], capture_output=True, text=True,
+                       env=ds_env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith(f"{ckpt / 'universal'}"), r.stdout + r.stderr
+    r = subprocess.run(one, capture_output=True, text=True, env={**ds_env, "OMP_NUM_THREADS": "2"}, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "at step 10, resharded from 2 to 1 processes" in r.stdout
+    ref, got = records(runs("lm", "zero2")), records(run)
+    assert [g["step"] for g in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref[10:], got[10:]):  # weights and optimizer states carried over: every later step agrees
+        assert abs(b["loss"] - a["loss"]) / a["loss"] < 1e-5, (a["step"], a["loss"], b["loss"])
