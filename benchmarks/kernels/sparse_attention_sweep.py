@@ -45,12 +45,13 @@ CONFIGS = [
     Cfg(128, 64, 8, 3, True), Cfg(128, 64, 8, 2, True), Cfg(128, 64, 4, 3, True), Cfg(128, 128, 8, 2, True),
     Cfg(128, 128, 8, 3, True), Cfg(128, 32, 4, 3, True), Cfg(64, 64, 4, 3, True), Cfg(128, 64, 8, 1, True),
     Cfg(128, 64, 8, 3, False), Cfg(128, 64, 8, 3, True, 64), Cfg(128, 64, 8, 3, True, 32),
+    Cfg(128, 64, 8, 1, True, 0, True), Cfg(128, 128, 8, 1, True, 0, True),
 ]
 TH_CONFIGS = [OP.ThresholdConfig(*c) for c in ((16, 12, 1024, 16), (16, 12, 2048, 16), (16, 12, 512, 8),
                                              (8, 16, 1024, 16), (4, 24, 1024, 8), (32, 8, 512, 16))]  # fmt: skip
 DEC_CONFIGS = [OP.DecodeConfig(*c) for c in ((False, 0, 64, 1), (True, 0, 32, 2), (True, 0, 64, 2), (True, 16, 32, 2),
                                           (True, 32, 16, 3), (True, 64, 16, 2))]  # fmt: skip
-SMOKE_CONFIGS = [Cfg(16, 16, 1, 1, True), Cfg(32, 16, 1, 1, False, 16)]
+SMOKE_CONFIGS = [Cfg(16, 16, 1, 1, True), Cfg(32, 16, 1, 1, False, 16), Cfg(16, 16, 1, 1, True, 0, True)]
 KM_CONFIGS = [OP.KMeansConfig(*c) for c in ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
                                             (128, 64, 8, 3), (64, 128, 4, 3))]  # fmt: skip
 
@@ -59,7 +60,8 @@ def name(c) -> str:
     if c is None:
         return "autotuned"
     rest = f" +{c.rest_m}" if c.rest_m else ""
-    return f"{c.block_m}{rest}x{c.block_n} w{c.num_warps} s{c.num_stages} {'bits' if c.lookup_bits else 'cmp'}"
+    pre = " prefetch" if c.prefetch else ""
+    return f"{c.block_m}{rest}x{c.block_n} w{c.num_warps} s{c.num_stages} {'bits' if c.lookup_bits else 'cmp'}{pre}"
 
 
 def timed(fn, budget_ms: float = 250.0) -> float:
@@ -121,8 +123,8 @@ def tile_config(c, d):
         return c
     if DEV != "cuda":
         return OP._interpreter_config()
-    block_m, bits, rest_m = OP._query_block(d)
-    return Cfg(block_m, 0, 0, 0, bits, rest_m)
+    block_m, bits, rest_m, prefetch = OP._query_block(d)
+    return Cfg(block_m, 0, 0, 0, bits, rest_m, prefetch)
 
 
 def attention_sweep(args, configs, peak_mm):

@@ -73,17 +73,19 @@ def test_block_sparse_merges_query_clusters_with_equal_maps():
     assert sizes.sum(-1).eq(70).all() and torch.equal(rows[0, 0, 1], ~row.to(DEVICE))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_block_sparse_remainder_launch(causal):
+@pytest.mark.parametrize("causal,prefetch", [(False, False), (True, False), (False, True)])
+def test_block_sparse_remainder_launch_and_prefetch(causal, prefetch):
     """A configuration with rest_m: full BLOCK_M tiles in one launch, each cluster's remaining rows in a second
-    launch of smaller tiles; the two together cover every row once."""
+    launch of smaller tiles; the two together cover every row once. With prefetch, the full-tile loop's
+    register double buffering."""
     from scaleforge.kernels.sparse_attention import op
 
     gen = torch.Generator().manual_seed(13)
     q, k, v = (torch.randn(1, 2, 90, 32, generator=gen).to(DEVICE) for _ in range(3))
     qs, ks = _sizes(1, 2, 3, 90, gen), _sizes(1, 2, 8, 90, gen)
     bm = (torch.rand(1, 2, 3, 8, generator=gen) < 0.6).to(DEVICE)
-    out = op.launch_block_sparse(q, k, v, qs, ks, bm, causal, 32**-0.5, op.BlockSparseConfig(32, 16, 1, 1, True, 16))
+    cfg = op.BlockSparseConfig(32, 16, 1, 1, True, 16, prefetch)
+    out = op.launch_block_sparse(q, k, v, qs, ks, bm, causal, 32**-0.5, cfg)
     assert rel_err(out, R.block_sparse_attention_ref(q, k, v, qs, ks, bm, causal)) < TOL[torch.float32] * 2
 
 

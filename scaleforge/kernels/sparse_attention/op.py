@@ -29,7 +29,8 @@ class BlockSparseConfig(NamedTuple):
     key loop, and how a key lane finds its cluster (a bitmap of cluster starts with a prefix sum, or
     BLOCK_N² compares against the next cluster starts). ``rest_m`` > 0: a second launch with rest_m-row
     tiles covers the rows past each cluster's last full BLOCK_M tile (less padding than one partial
-    BLOCK_M tile per cluster)."""
+    BLOCK_M tile per cluster). ``prefetch``: the full-tile loop loads the next tile's K / V before this
+    tile's math (register double buffering) instead of relying on the compiler's pipelining."""
 
     block_m: int
     block_n: int
@@ -37,6 +38,7 @@ class BlockSparseConfig(NamedTuple):
     num_stages: int
     lookup_bits: bool
     rest_m: int = 0
+    prefetch: bool = False
 
 
 # The GPU configurations the autotuner times (per head dim, causal flag, query tile and lookup); BLOCK_M and
@@ -45,14 +47,14 @@ _FWD_TUNE = [
     triton.Config({"BLOCK_N": n, "STAGES": st}, num_warps=w)
     for n, w, st in ((64, 4, 3), (64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 4, 3))
 ]
-_block_sparse_fwd_tuned = triton.autotune(_FWD_TUNE, key=["BLOCK_D", "CAUSAL", "BLOCK_M", "LOOKUP_BITS"])(
+_block_sparse_fwd_tuned = triton.autotune(_FWD_TUNE, key=["BLOCK_D", "CAUSAL", "BLOCK_M", "LOOKUP_BITS", "PREFETCH"])(
     _block_sparse_fwd_kernel)
 
 
-def _query_block(d: int) -> tuple[int, bool, int]:
-    """(BLOCK_M, lookup_bits, rest_m) on GPU: 128-row query tiles (the tile of dense flash attention on H100)
-    up to head dim 128, 64 above (registers)."""
-    return (128 if d <= 128 else 64), True, 0
+def _query_block(d: int) -> tuple[int, bool, int, bool]:
+    """(BLOCK_M, lookup_bits, rest_m, prefetch) on GPU: 128-row query tiles (the tile of dense flash attention
+    on H100) up to head dim 128, 64 above (registers)."""
+    return (128 if d <= 128 else 64), True, 0, False
 
 
 def _interpreter_config() -> BlockSparseConfig:
@@ -145,8 +147,8 @@ def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scal
     cq, ck = block_map.shape[-2:]
     if config is None and triton_interpreting():
         config = _interpreter_config()
-    block_m, bits, rest_m = (config.block_m, config.lookup_bits, config.rest_m) if config is not None \
-        else _query_block(d)  # fmt: skip
+    block_m, bits, rest_m, prefetch = (config.block_m, config.lookup_bits, config.rest_m, config.prefetch) \
+        if config is not None else _query_block(d)  # fmt: skip
     q_sizes, block_map = _merge_equal_rows(q_sizes, block_map)
     kcum, kdelta, ktile_c0, words = _key_tables(k_sizes, block_map, k.shape[2], bits)
     out = _backend.new_output(q.shape, q.dtype, q.device)
@@ -160,7 +162,7 @@ def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scal
                 v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                 h, d, cq, ck, t_max, ktile_c0.shape[1], words.shape[-1], scale)  # fmt: skip
         common = dict(CAUSAL=causal, BLOCK_M=tile_m, BLOCK_D=next_pow2(d), PREC=dot_precision(), LOOKUP_BITS=bits,
-                      IDX64=idx64, HEAD_PAD=next_pow2(d) != d)  # fmt: skip
+                      IDX64=idx64, HEAD_PAD=next_pow2(d) != d, PREFETCH=prefetch)  # fmt: skip
         if config is None:
             torch.library.wrap_triton(_block_sparse_fwd_tuned)[(t_max, b * h)](*args, **common)
         else:

@@ -38,13 +38,38 @@ def _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, v0, lanes, vmask, CK, NKT, NW,
 
 
 @triton.jit
+def _load_kv(kbase, vbase, cols, sks, svs, dcols, dmask, IDX64: tl.constexpr, HEAD_PAD: tl.constexpr):
+    # the K and V rows of one full key tile (every lane a key)
+    cols_o = cols.to(tl.int64) if IDX64 else cols
+    if HEAD_PAD:
+        k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=dmask[None, :], other=0.0)
+        v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :], mask=dmask[None, :], other=0.0)
+    else:
+        k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :])
+        v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :])
+    return k, v
+
+
+@triton.jit
+def _full_tile(q, k, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    # one online-softmax step over a full key tile: every score finite, so no masking
+    s = dot_f32acc(q, tl.trans(k), PREC) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot_f32acc(p.to(v.dtype), v, PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, O, TILE_CL, TILE_START, Q_OFF, KCUM, KDELTA, KTILE_C0, BITS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
     H, D, CQ, CK, T, NKT, NW, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, STAGES: tl.constexpr, LOOKUP_BITS: tl.constexpr, IDX64: tl.constexpr,
-    HEAD_PAD: tl.constexpr,
+    HEAD_PAD: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # One program per (query tile, batch*head). A query tile is BLOCK_M rows of one query cluster (the tile
     # table maps program -> cluster and first row; -1 marks unused programs of the upper-bound grid). The key
@@ -85,25 +110,26 @@ def _block_sparse_fwd_kernel(
     vbase = V + b * svb + h * svh
     lanes = tl.arange(0, BLOCK_N)
     n_full = 0 if CAUSAL else n_keys // BLOCK_N
-    for it in tl.range(0, n_full, num_stages=STAGES):
-        cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, lanes < BLOCK_N, CK, NKT, NW,
-                          BLOCK_N, LOOKUP_BITS, False)  # fmt: skip
-        cols_o = cols.to(tl.int64) if IDX64 else cols
-        if HEAD_PAD:
-            k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=dmask[None, :], other=0.0)
-        else:
-            k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :])
-        s = dot_f32acc(q, tl.trans(k), PREC) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if HEAD_PAD:
-            v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :], mask=dmask[None, :], other=0.0)
-        else:
-            v = tl.load(vbase + cols_o[:, None] * svs + dcols[None, :])
-        acc = acc * alpha[:, None] + dot_f32acc(p.to(v.dtype), v, PREC)
-        m_i = m_new
+    if PREFETCH:
+        # the next tile's K / V loads issued before this tile's math, so their latency overlaps it (register
+        # double buffering, independent of the compiler's pipelining; the last one re-reads the last tile)
+        if n_full > 0:
+            cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, 0, lanes, lanes < BLOCK_N, CK, NKT, NW, BLOCK_N,
+                              LOOKUP_BITS, False)  # fmt: skip
+            k, v = _load_kv(kbase, vbase, cols, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
+            for it in range(0, n_full):
+                nxt = tl.minimum(it + 1, n_full - 1) * BLOCK_N
+                cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, nxt, lanes, lanes < BLOCK_N, CK, NKT, NW,
+                                  BLOCK_N, LOOKUP_BITS, False)  # fmt: skip
+                k_next, v_next = _load_kv(kbase, vbase, cols, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
+                m_i, l_i, acc = _full_tile(q, k, v, m_i, l_i, acc, qk_scale, PREC)
+                k, v = k_next, v_next
+    else:
+        for it in tl.range(0, n_full, num_stages=STAGES):
+            cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, lanes < BLOCK_N, CK, NKT, NW,
+                              BLOCK_N, LOOKUP_BITS, False)  # fmt: skip
+            k, v = _load_kv(kbase, vbase, cols, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
+            m_i, l_i, acc = _full_tile(q, k, v, m_i, l_i, acc, qk_scale, PREC)
     for it in tl.range(n_full, tl.cdiv(n_keys, BLOCK_N), num_stages=STAGES):
         vmask = it * BLOCK_N + lanes < n_keys
         cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, vmask, CK, NKT, NW, BLOCK_N,
