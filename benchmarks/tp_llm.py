@@ -1,4 +1,4 @@
-"""Tensor parallelism of the LM against tp = 1, through the real launcher.
+"""Tensor parallelism of the LM and of NVILA's LLM against tp = 1, through the real launcher.
 
     python benchmarks/tp_llm.py --check          # 2 GPUs: tp=2 losses vs tp=1 over 20 steps (bf16)
     python benchmarks/tp_llm.py --bench          # 2 GPUs: lm_1b tokens/s, tp=2 vs FSDP2 alone
@@ -12,7 +12,8 @@ within bf16 tolerance (relative 2e-2; tp=2 sums partial matmuls in another order
 Rows: tp=2 with megatron-core's layers (model.kernels=torch), tp=2 with model.kernels=triton (our
 RMSNorm and SwiGLU kernels on the sequence / feature slices; the loss through the vocabulary-parallel head
 instead of the fused linear + cross-entropy) and tp=2 with parallel.compile=true (each block of megatron
-layers compiled), all against the same tp=1 run. On CPU (--smoke) tp=2 runs
+layers compiled), all against the same tp=1 run; and NVILA (nvila_tiny, micro-batch 2) at tp=2 against tp=1:
+the LLM split, the vision tower and projector replicated over tp. On CPU (--smoke) tp=2 runs
 on the torch.distributed equivalents of megatron's layers, in fp32 (tolerance 1e-4).
 --bench: lm_1b (seq 2048, bf16) on 2 GPUs, FSDP2 over 2 ranks against tp=2 (FSDP2 over 1 rank), eager and
 compiled, same global batch; medians over the steps after warm-up; ``--layers N``
@@ -54,30 +55,37 @@ def run(config: str, nproc: int, overrides: list[str]) -> list[dict]:
 
 
 def check(smoke: bool, steps: int) -> bool:
-    base = [f"trainer.max_steps={steps}", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
-            "parallel.mixed_precision=bf16" if not smoke else "parallel.mixed_precision=fp32",
-            "model.seq_len=128"]
+    precision = "parallel.mixed_precision=" + ("fp32" if smoke else "bf16")
     tolerance = 1e-4 if smoke else 2e-2
-    ref = run("lm_tiny.yaml", 1, base + ["parallel.tp=1"])
-    rows = {"tp=2": run("lm_tiny.yaml", 2, base + ["parallel.tp=2"])}
+    lm = [f"trainer.max_steps={steps}", "trainer.global_batch_size=8", "trainer.micro_batch_size=4", precision,
+          "model.seq_len=128"]
+    legs = {"tp=2": ("lm_tiny.yaml", lm, ["parallel.tp=2"])}
     if not smoke:  # the triton kernels run on GPUs only; compiling on CPU takes minutes
-        rows["tp=2 triton"] = run("lm_tiny.yaml", 2, base + ["parallel.tp=2", "model.kernels=triton"])
-        rows["tp=2 compiled"] = run("lm_tiny.yaml", 2, base + ["parallel.tp=2", "parallel.compile=true"])
-    if DRY_RUN or ref is None:
-        return ref is not None and all(r is not None for r in rows.values())
-    failed = [name for name, r in rows.items() if r is None]
-    rows = {name: r for name, r in rows.items() if r is not None}
-    print(f"{'step':>4} {'loss tp=1':>10} " + " ".join(f"{name:>14} {'rel diff':>9}" for name in rows))
+        legs["tp=2 triton"] = ("lm_tiny.yaml", lm, ["parallel.tp=2", "model.kernels=triton"])
+        legs["tp=2 compiled"] = ("lm_tiny.yaml", lm, ["parallel.tp=2", "parallel.compile=true"])
+    nvila = [f"trainer.max_steps={steps}", "trainer.global_batch_size=8", "trainer.micro_batch_size=2", precision]
+    legs["nvila tp=2"] = ("nvila_tiny.yaml", nvila, ["parallel.tp=2"])
+    refs = {cfg: run(cfg, 1, base + ["parallel.tp=1"]) for cfg, base, _ in legs.values()}
+    rows = {name: run(cfg, 2, base + extra) for name, (cfg, base, extra) in legs.items()}
+    if DRY_RUN:
+        return all(r is not None for r in (*refs.values(), *rows.values()))
+    failed = [name for name, r in rows.items() if r is None or refs[legs[name][0]] is None]
     worst = 0.0
-    for i, a in enumerate(ref):
-        line = f"{a['step']:>4} {a['loss']:>10.5f}"
-        for recs in rows.values():
-            b = recs[i]
-            rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
-            worst = max(worst, rel)
-            line += f" {b['loss']:>14.5f} {rel:>9.2e}"
-        print(line)
-    ok = not failed and len(ref) == steps and all(len(r) == steps for r in rows.values()) and worst < tolerance
+    for cfg, ref in refs.items():
+        mine = {name: r for name, r in rows.items() if legs[name][0] == cfg and name not in failed}
+        if not mine:
+            continue
+        print(f"{cfg}: per-step loss at tp=1 (1 process) and tp=2 (2 processes), same global batch")
+        print(f"{'step':>4} {'loss tp=1':>10} " + " ".join(f"{name:>14} {'rel diff':>9}" for name in mine))
+        for i, a in enumerate(ref):
+            line = f"{a['step']:>4} {a['loss']:>10.5f}"
+            for recs in mine.values():
+                b = recs[i]
+                rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
+                worst = max(worst, rel)
+                line += f" {b['loss']:>14.5f} {rel:>9.2e}"
+            print(line)
+    ok = not failed and all(len(r) == steps for r in (*refs.values(), *rows.values())) and worst < tolerance
     print(f"worst relative difference {worst:.2e}: {'PASS' if ok else 'FAIL'} (tolerance {tolerance:g})"
           + (f"; failed to run: {', '.join(failed)}" if failed else ""))
     return ok
