@@ -105,9 +105,9 @@ def account(block: torch.nn.Module, x: torch.Tensor, extra: tuple, shared: tuple
     return rows
 
 
-def block_account(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: int = 1, kernels: str = "torch",
-                  device: str = "cpu", seed: int = 0) -> list[Saved]:
-    """One Llama-style block (head_dim = dim / heads, no GQA, no bias) in bf16, BF16 or COAT mode."""
+def _block(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: int, kernels: str, device: str, seed: int = 0):
+    """One Llama-style block (head_dim = dim / heads, no GQA, no bias) in bf16, BF16 or COAT mode, with its
+    input x and the (cos, sin, mask) it takes after x."""
     from scaleforge import fp8 as coat
     from scaleforge.models.llm.model import AttentionMask, LLMModelConfig, TransformerBlock, rope_cos_sin, rope_inv_freq
 
@@ -122,9 +122,15 @@ def block_account(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: in
         if mode == "coat":
             coat.convert_to_coat(block)
         x = torch.randn(batch, seq, dim, dtype=torch.bfloat16, requires_grad=True)
-        pos = torch.arange(seq).expand(batch, seq)
-        cos, sin = rope_cos_sin(rope_inv_freq(cfg, x.device), pos, torch.bfloat16)
-    return account(block, x, (cos, sin, AttentionMask(causal=True)), shared=(cos, sin))
+        cos, sin = rope_cos_sin(rope_inv_freq(cfg, x.device), torch.arange(seq).expand(batch, seq), torch.bfloat16)
+    return block, x, (cos, sin, AttentionMask(causal=True))
+
+
+def block_account(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: int = 1, kernels: str = "torch",
+                  device: str = "cpu", seed: int = 0) -> list[Saved]:
+    """:func:`account` of one block (:func:`_block`)."""
+    block, x, extra = _block(mode, dim, ffn, heads, seq, batch, kernels, device, seed)
+    return account(block, x, extra, shared=extra[:2])
 
 
 def count_launches(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: int = 1, kernels: str = "torch",
@@ -133,19 +139,8 @@ def count_launches(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: i
     (each a kernel launch on a GPU, or more) on CPU, where the FP8 blocks run the torch references."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from scaleforge import fp8 as coat
-    from scaleforge.models.llm.model import AttentionMask, LLMModelConfig, TransformerBlock, rope_cos_sin, rope_inv_freq
-
-    cfg = LLMModelConfig(preset=None, vocab_size=256, dim=dim, n_layers=1, n_heads=heads, ffn_hidden=ffn,
-                         rope_theta=10000.0, max_seq_len=max(seq, 2048), norm_eps=1e-5, qkv_bias=False,
-                         tied_embeddings=False, seq_len=seq, kernels=kernels).resolved()
-    with torch.device(device):
-        block = TransformerBlock(cfg, 0).to(torch.bfloat16)
-        if mode == "coat":
-            coat.convert_to_coat(block)
-        x = torch.randn(batch, seq, dim, dtype=torch.bfloat16, requires_grad=True)
-        cos, sin = rope_cos_sin(rope_inv_freq(cfg, x.device), torch.arange(seq).expand(batch, seq), torch.bfloat16)
-    run = lambda: block(x, cos, sin, AttentionMask(causal=True)).sum().backward()  # noqa: E731
+    block, x, extra = _block(mode, dim, ffn, heads, seq, batch, kernels, device)
+    run = lambda: block(x, *extra).sum().backward()  # noqa: E731
     run()  # warm-up (autotuning, compilation)
     counts: dict[str, int] = {}
     if device == "cuda":
