@@ -42,18 +42,16 @@ from scaleforge.kernels.sparse_attention import op as OP  # noqa: E402
 PEAK = 989.4
 Cfg = OP.BlockSparseConfig
 CONFIGS = [
-    Cfg(128, 64, 8, 3, True), Cfg(128, 64, 8, 2, True), Cfg(128, 64, 4, 3, True), Cfg(128, 128, 8, 2, True),
-    Cfg(128, 128, 8, 3, True), Cfg(128, 32, 4, 3, True), Cfg(64, 64, 4, 3, True), Cfg(128, 64, 8, 1, True),
-    Cfg(128, 64, 8, 3, False), Cfg(128, 64, 8, 3, True, 64), Cfg(128, 64, 8, 3, True, 32),
-    Cfg(128, 64, 8, 1, True, 0, True), Cfg(128, 128, 8, 1, True, 0, True),
+    Cfg(128, 64, 8, 3, True), Cfg(128, 64, 8, 2, True), Cfg(128, 128, 8, 2, True), Cfg(128, 32, 4, 3, True),
+    Cfg(64, 64, 4, 3, True), Cfg(128, 64, 8, 1, True), Cfg(128, 64, 8, 3, False), Cfg(128, 64, 8, 3, True, 64),
+    Cfg(128, 64, 8, 3, True, 32), Cfg(128, 64, 8, 1, True, 0, True), Cfg(128, 128, 8, 1, True, 0, True),
 ]
-TH_CONFIGS = [OP.ThresholdConfig(*c) for c in ((16, 12, 1024, 16), (16, 12, 2048, 16), (16, 12, 512, 8),
-                                             (8, 16, 1024, 16), (4, 24, 1024, 8), (32, 8, 512, 16))]  # fmt: skip
-DEC_CONFIGS = [OP.DecodeConfig(*c) for c in ((False, 0, 64, 1), (True, 0, 32, 2), (True, 0, 64, 2), (True, 16, 32, 2),
-                                          (True, 32, 16, 3), (True, 64, 16, 2))]  # fmt: skip
+KM_CONFIGS = [OP.KMeansConfig(*c) for c in ((64, 64, 4, 2), (128, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3))]
+TH_CONFIGS = [OP.ThresholdConfig(*c) for c in ((16, 12, 1024, 16), (16, 12, 2048, 16), (8, 16, 1024, 16),
+                                             (32, 8, 512, 16))]  # fmt: skip
+DEC_CONFIGS = [OP.DecodeConfig(*c) for c in ((False, 0, 64, 1), (True, 0, 32, 2), (True, 0, 64, 2),
+                                          (True, 16, 32, 2))]  # fmt: skip
 SMOKE_CONFIGS = [Cfg(16, 16, 1, 1, True), Cfg(32, 16, 1, 1, False, 16), Cfg(16, 16, 1, 1, True, 0, True)]
-KM_CONFIGS = [OP.KMeansConfig(*c) for c in ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
-                                            (128, 64, 8, 3), (64, 128, 4, 3))]  # fmt: skip
 
 
 def name(c) -> str:
@@ -100,8 +98,12 @@ def correctness(args, configs):
         ref = R.block_sparse_attention_ref(q.float(), k.float(), v.float(), qs, ks, bm, causal)
         low = R.block_sparse_attention_ref(q, k, v, qs, ks, bm, causal).float()
         bound = 2 * (low - ref).abs().max().item() + 1e-3
-        for c in (configs if not causal else configs[:1]) + [None]:  # causal: the default and the autotuned
-            out = OP.launch_block_sparse(q, k, v, qs, ks, bm, causal, d**-0.5, c)
+        for c in configs + [None] if not causal else configs[:1]:  # causal: one configuration (compile time)
+            try:
+                out = OP.launch_block_sparse(q, k, v, qs, ks, bm, causal, d**-0.5, c)
+            except Exception as e:  # noqa: BLE001  (a configuration that does not compile: shown, the rest go on)
+                check(f"config {name(c)} causal={causal}", False, f"{type(e).__name__}: {str(e)[:300]}")
+                continue
             err = (out.float() - ref).abs().max().item()
             ok = math.isfinite(err) and err <= bound
             check(f"config {name(c)} causal={causal}", ok, f"max err {err:.2e} <= {bound:.2e}")
@@ -152,9 +154,15 @@ def attention_sweep(args, configs, peak_mm):
             cell = results.setdefault((label, sparsity), {})
             for c in configs + [None]:
                 fn = lambda: OP.launch_block_sparse(qq, kk, vv, qs, ks, bm, False, args.head_dim**-0.5, c)  # noqa: E731
+                try:
+                    out = fn()
+                except Exception as e:  # noqa: BLE001
+                    check(f"{label} {name(c)}", False, f"{type(e).__name__}: {str(e)[:300]}")
+                    continue
                 if sparsity == 0.0:
-                    err = rel_err(fn(), dense)
+                    err = rel_err(out, dense)
                     check(f"{label} all blocks = SDPA, {name(c)}", err < 2e-2, f"rel err {err:.1e}")
+                del out
                 t = timed(fn)
                 tf = flops / t / 1e9
                 cell[name(c)] = t_sdpa / t
@@ -165,12 +173,12 @@ def attention_sweep(args, configs, peak_mm):
     log("|---|---|---|---|---|")
     for (label, sparsity), cell in results.items():
         best = max((n for n in cell if n != "autotuned"), key=cell.get)
-        log(f"| {label} | {sparsity:.0%} | {best} | {cell[best]:.2f}x | {cell['autotuned']:.2f}x |")
-    names = [name(c) for c in configs]
+        log(f"| {label} | {sparsity:.0%} | {best} | {cell[best]:.2f}x | {cell.get('autotuned', 0):.2f}x |")
+    names = [n for n in map(name, configs + [None]) if all(n in cell for cell in results.values())]
     gmean = {n: math.exp(sum(math.log(cell[n]) for cell in results.values()) / len(results)) for n in names}
-    best = max(gmean, key=gmean.get)
+    best = max((n for n in gmean if n != "autotuned"), key=gmean.get)
     log(f"\nbest overall (geometric mean of speed-ups over all cells): {best} ({gmean[best]:.2f}x); "
-        f"autotuned {math.exp(sum(math.log(c['autotuned']) for c in results.values()) / len(results)):.2f}x")
+        f"autotuned {gmean.get('autotuned', float('nan')):.2f}x")
 
 
 def kmeans_part(args):
@@ -187,6 +195,11 @@ def kmeans_part(args):
     log("|---|---|---|---|---|")
     want = OP.launch_kmeans_assign(k, kc0)
     for c in KM_CONFIGS if DEV == "cuda" else [None]:
+        try:
+            OP.launch_kmeans_assign(q, qc0, c)
+        except Exception as e:  # noqa: BLE001
+            check(f"kmeans assign {c}", False, f"{type(e).__name__}: {str(e)[:300]}")
+            continue
         tq = bench(lambda: OP.launch_kmeans_assign(q, qc0, c))
         tk = bench(lambda: OP.launch_kmeans_assign(k, kc0, c))
         same = float((OP.launch_kmeans_assign(k, kc0, c) == want).float().mean())
@@ -277,6 +290,11 @@ def decode_part(args):
         log(f"| {s} | kept tokens | {float(mask.float().mean()):.2%} | |")
         want = SA.topp_mask(wf, 0.85, backend="torch")
         for c in TH_CONFIGS if DEV == "cuda" else [None]:
+            try:
+                OP.launch_topp_threshold(wf, 0.85, 0, c)
+            except Exception as e:  # noqa: BLE001
+                check(f"top-p threshold {c}", False, f"{type(e).__name__}: {str(e)[:300]}")
+                continue
             got = wf >= OP.launch_topp_threshold(wf, 0.85, 0, c)[:, None]
             agree = float((got == want).float().mean())
             check(f"top-p threshold {c} at {s}", agree > 0.999 and bool(((wf * got).sum(-1) >= 0.85 - 1e-5).all()),
@@ -286,7 +304,11 @@ def decode_part(args):
         ref = R.sparse_decode_ref(q.float(), k.float(), v.float(), mask)
         for c in DEC_CONFIGS if DEV == "cuda" else [OP.DecodeConfig(False, 0, 16, 1), None]:
             fn = lambda: OP.launch_sparse_decode(q, k, v, mask, d**-0.5, c)  # noqa: E731
-            err = rel_err(fn(), ref)
+            try:
+                err = rel_err(fn(), ref)
+            except Exception as e:  # noqa: BLE001
+                check(f"sparse decode {c}", False, f"{type(e).__name__}: {str(e)[:300]}")
+                continue
             check(f"sparse decode {c} at {s}", err < 2e-2, f"rel err {err:.1e}")
             log(f"| {s} | sparse decode {c} | {bench(fn):.4f} | {graph_bench(fn):.4f} |")
         check(f"sparse decode {s}", rel_err(SA.sparse_decode_attention(q, k, v, mask), ref) < 2e-2, "vs reference")
@@ -307,6 +329,7 @@ def main() -> int:
         args.q_clusters, args.k_clusters, args.iters, args.contexts = 4, 6, 2, [64]
         args.sparsities = [0.0, 0.5]
     parts = {p.strip() for p in args.only.split(",")}
+    t0 = time.perf_counter()
     if "attn" in parts:
         bf16, _ = matmul_rooflines(args.smoke)
         log(f"\n## 0. Rooflines: bf16 datasheet {PEAK} TFLOP/s; measured 8192³ bf16 matmul {bf16 / 1e12:.0f} TFLOP/s")
@@ -316,6 +339,7 @@ def main() -> int:
         run_step("kmeans", lambda: kmeans_part(args))
     if "decode" in parts:
         run_step("decode", lambda: decode_part(args))
+    log(f"\nsweep time: {time.perf_counter() - t0:.0f} s")
     finish()
     return 0 if not FAILURES else 1
 
