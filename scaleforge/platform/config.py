@@ -119,7 +119,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     fsdp_group_size: int = 1  # consecutive FSDP units of the recipe's plan sharded as one group
     fp8: str = "none"  # none | coat
-    tp: int = 1  # tensor-parallel size (megatron-core layers + sequence parallelism; innermost mesh dimension)
+    tp: int = 1  # tensor-parallel size (megatron-core layers on CUDA, their torch.distributed equivalents on CPU; + sequence parallelism; innermost mesh dimension)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 

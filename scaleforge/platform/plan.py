@@ -85,12 +85,11 @@ def make_plan(cfg: JobConfig, layout: Layout, recipe: Recipe) -> Plan:
     mem = engine.model_state_memory(cfg, layout, model, plan, _tp_per_device(model, recipe, layout.tp))
     fp8 = cfg.parallel.fp8
     fp8_kw = {"fp8": fp8} if fp8 != "none" and fp8 in recipe.activation_fp8_modes else {}
+    tp_kw = {"tp": layout.tp} if layout.tp > 1 else {}
     act = recipe.activation_bytes(layout.micro_batch_size, cfg.parallel.activation_checkpointing == "full",
-                                  compiled=cfg.parallel.compile, **fp8_kw)
+                                  compiled=cfg.parallel.compile, **fp8_kw, **tp_kw)
     if act is not None:
-        # Sequence parallelism splits over tp what the tp layers do not (norms, residual stream): the
-        # activations per device are about 1/tp of tp = 1's (Korthikanti et al., 2022).
-        mem["activations"] = act / layout.tp / 2**30
+        mem["activations"] = act / 2**30
     mem["total"] = sum(mem.values())
     if act is not None and layout.grad_accum == 1 and "grads (fp32)" in mem:
         # Without accumulation, full activations and full gradients never coexist: the peak is at the

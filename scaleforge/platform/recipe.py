@@ -181,12 +181,14 @@ class Recipe(ABC):
     activation_fp8_modes: tuple[str, ...] = ()
 
     def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool,
-                         compiled: bool = False, fp8: str = "none") -> int | None:
+                         compiled: bool = False, fp8: str = "none", tp: int = 1) -> int | None:
         """Peak activation memory of one micro-batch on one device (for the dry-run memory estimate);
         None when the recipe has no model of it. ``compiled``: ``parallel.compile`` is on, so the
         compiled units save what AOTAutograd's partitioner keeps, usually less than eager autograd.
         ``fp8``: one of :attr:`activation_fp8_modes` (the plan passes no other), e.g. ``"coat"``'s
-        FP8-saved activations."""
+        FP8-saved activations. ``tp``: ``parallel.tp``, passed only when > 1 (to recipes with a
+        tensor-parallel plan): what one tp rank keeps (sequence parallelism splits the tensor-parallel
+        part's activations over the tp ranks; modules outside it keep theirs whole)."""
         return None
 
     def describe(self, model: nn.Module) -> dict[str, Any]:

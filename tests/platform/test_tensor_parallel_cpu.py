@@ -8,7 +8,8 @@ engine code. Two processes at tp = 2 against the plain model in each process, on
   to a multiple of tp):
   summed loss, item count and every parameter's gradient (the rank's slice) equal the plain model's within
   fp32 rounding;
-- an NVILA run through ``launch`` at tp = 2 trains, checkpoints and exports.
+- an NVILA run through ``launch`` at tp = 2 trains, checkpoints and exports;
+- NVILA's dry-run plan at tp = 2 splits the LLM's activations, not the (replicated) vision tower's.
 """
 from __future__ import annotations
 
@@ -100,3 +101,17 @@ def test_nvila_trains_checkpoints_and_exports_at_tp2_through_launch(run_env, tmp
     llm = {k: v for f in (out / "llm").glob("*.safetensors") for k, v in load_file(f).items()}
     assert llm["model.embed_tokens.weight"].shape == (272, 128)  # gathered over tp: the full vocabulary
     assert llm["model.layers.0.self_attn.q_proj.weight"].shape == (128, 128)
+
+
+def test_nvila_plan_at_tp2_splits_the_llm_activations_but_not_the_vision_towers():
+    from scaleforge.models import get_recipe_class, recipe_config_class
+    from scaleforge.platform.config import derive_layout, load_config
+    from scaleforge.platform.plan import make_plan
+
+    act = {}
+    for tp in (1, 2):
+        cfg = load_config("nvila_tiny.yaml", [f"parallel.tp={tp}"], recipe_config=recipe_config_class)
+        plan = make_plan(cfg, derive_layout(cfg, 2), get_recipe_class("nvila")(cfg.model, cfg))
+        act[tp] = plan.memory["activations"]
+    # the replicated vision tower encodes the same media on every tp rank: more than half of tp = 1's
+    assert act[1] / 2 < act[2] < act[1]

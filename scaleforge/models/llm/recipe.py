@@ -161,7 +161,7 @@ class LLMRecipe(Recipe):
     activation_fp8_modes = ("coat",)
 
     def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool,
-                         compiled: bool = False, fp8: str = "none") -> int:
+                         compiled: bool = False, fp8: str = "none", tp: int = 1) -> int:
         """Activation memory of one micro-batch, measured rather than guessed: probe forwards of this
         architecture (real width, 1-2 layers, small vocabularies, ``probe`` tokens, bf16, on CPU)
         give the bytes autograd saves per token for one block and per token per vocabulary entry
@@ -208,7 +208,7 @@ class LLMRecipe(Recipe):
         per_vocab = (wide_vocab - base) / probe / 256
         tokens = micro_batch_size * c.seq_len
         logits = tokens * c.vocab_size * (per_vocab + (2 if compiled else 4 + 2))  # saved + transient gradient
-        if c.kernels == "triton":  # fused head: one chunk of bf16 logits, plus dx and dweight kept for backward
+        if c.kernels == "triton" and tp == 1:  # fused head: one chunk of bf16 logits, plus dx and dweight kept for backward
             from scaleforge.kernels.fused_linear_cross_entropy import default_chunk
 
             logits = 2 * (default_chunk(tokens, c.dim, c.vocab_size) * c.vocab_size + tokens * c.dim + c.vocab_size * c.dim)
@@ -216,7 +216,10 @@ class LLMRecipe(Recipe):
             blocks = tokens * (c.n_layers * 2 * c.dim + per_block)
         else:
             blocks = tokens * c.n_layers * per_block
-        return int(blocks + logits + tokens * 2 * c.dim)
+        # tp > 1: sequence parallelism splits what the tp layers do not (norms, residual stream), the head
+        # splits the vocabulary (no fused head: the vocabulary-parallel one): about 1/tp of tp = 1's
+        # (Korthikanti et al., 2022)
+        return int((blocks + logits + tokens * 2 * c.dim) / tp)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         c = self.cfg

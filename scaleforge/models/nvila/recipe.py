@@ -193,11 +193,13 @@ class NVILARecipe(Recipe):
         return 3.0 * (llm_fwd + vit_fwd + proj_fwd) / n
 
     def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool,
-                         compiled: bool = False) -> int | None:
+                         compiled: bool = False, tp: int = 1) -> int | None:
         """bf16 activations of one micro-batch of nominal samples packed in one row (Korthikanti et
         al.'s ~34*s*d bytes per transformer layer without recomputation, 2*s*d with full
         recomputation plus one layer's full set), for the LLM over the packed row and the ViT over the
-        tiles; plus the fp32 logits of one loss chunk (or the whole row) x 2 for the softmax grad."""
+        tiles; plus the fp32 logits of one loss chunk (or the whole row) x 2 for the softmax grad. Under
+        tensor parallelism (``tp``) the LLM's activations and logits are split over the tp ranks, the ViT's
+        (replicated: every tp rank encodes the same media) are not."""
         cfg = self.cfg
         llm = cfg.llm.resolved()
         tiles, _, tokens = self._nominal_sample()
@@ -212,7 +214,7 @@ class NVILARecipe(Recipe):
 
         chunk = cfg.loss_chunk if cfg.loss_chunk > 0 else s
         logits = 2 * 4 * min(chunk, s) * llm.vocab_size
-        return stack(s, llm.dim, llm.n_layers) + stack(t, cfg.vision.hidden_size, cfg.vision.num_used_layers) + logits
+        return (stack(s, llm.dim, llm.n_layers) + logits) // tp + stack(t, cfg.vision.hidden_size, cfg.vision.num_used_layers)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
