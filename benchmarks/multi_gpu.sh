@@ -17,7 +17,8 @@
 #   MODE=dry bash benchmarks/multi_gpu.sh     # any machine: every script exists and parses its arguments; the
 #                                             # launch-based rows run `launch --dry-run` (config and plan checks)
 #   MODE=smoke bash benchmarks/multi_gpu.sh   # CPU: tiny configs, 2 gloo processes, a few steps
-# Knobs: NGPU (default: every visible GPU), LAYERS, STEPS, WARMUP, NVILA_MICRO (default 4), OUT (logs,
+# Knobs: NGPU (default: every visible GPU), LAYERS, STEPS, WARMUP, NVILA_MICRO (default 4), PEERS_ROWS (compare.py
+# rows, default 1,5,6,7,11; row 0, ours, always runs), OUT (logs,
 # default multi_gpu_logs/<section>.log), PYTHON (default python3). Exit status 1 when any command failed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -82,8 +83,10 @@ section_peers() {
     bench benchmarks/peers/compare.py --smoke --nproc "$N"
     return
   fi
+  # rows (compare.py's numbering): 0 ours, 1 ours with model.kernels=triton, 5 / 6 the naive GPT script eager /
+  # compiled, 7 the naive script on lm_1b's Llama dims, 11 torchtitan (its wheels: benchmarks/peers/torchtitan_wheels.sh)
   bench benchmarks/peers/compare.py --nproc "$N" --steps "$(steps 30)" --warmup "$(warmup 10)" \
-    --json "$OUT/peers.json" ${L:+--layers $L}
+    --only "${PEERS_ROWS:-1,5,6,7,11}" --json "$OUT/peers.json" ${L:+--layers $L}
 }
 
 section_sana() {

@@ -159,7 +159,10 @@ def dry_run(args) -> int:
     peers' scripts by ``benchmarks/argcheck.py`` (exists, arguments parse)."""
     failed = 0
     config = "lm_tiny.yaml" if args.smoke else "lm_1b.yaml"
-    for name, script, extra, mb_spec in ROWS:
+    keep = {0} | {int(i) for i in args.only.split(",")} if args.only else set(range(len(ROWS)))
+    for i, (name, script, extra, mb_spec) in enumerate(ROWS):
+        if i not in keep:
+            continue
         mb = str(row_micro_batch(args, mb_spec))
         if script == "ours":
             cmd = [sys.executable, str(ROOT / "benchmarks/lm_train.py"), "--config", config, "--nproc", str(args.nproc),
