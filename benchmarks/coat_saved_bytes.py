@@ -15,6 +15,7 @@ COAT 13.33 U = 26.7 B (coat.md §3).
   python benchmarks/coat_saved_bytes.py --kernels triton               # bf16 baseline on the fused kernels
   python benchmarks/coat_saved_bytes.py --dim 1024 --ffn 2752 --heads 8 --seq 64 --summary
   python benchmarks/coat_saved_bytes.py --seq 2048 --kernels triton --count-launches   # kernels per block (GPU)
+  python benchmarks/coat_saved_bytes.py --sana 1.6b --seq 1024 --summary  # a SANA-1.6B block at 1024 px
 ``--kernels triton`` selects the model's fused-kernel paths (fused RMSNorm, SwiGLU); on CPU they need
 ``TRITON_INTERPRET=1``, which the script sets itself. Runs on CUDA when available (``--device``).
 """
@@ -133,6 +134,28 @@ def block_account(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: in
     return account(block, x, extra, shared=extra[:2])
 
 
+def sana_block_account(mode: str, preset: str, seq: int, batch: int = 1, device: str = "cpu") -> tuple[list[Saved], int]:
+    """:func:`account` of one SANA block of ``preset`` over ``seq`` latent tokens (a square latent) and the
+    preset's caption tokens; the text and the timestep modulation are shared by all blocks. Returns the rows
+    and the hidden size."""
+    from scaleforge import fp8 as coat
+    from scaleforge.models.sana.model import SanaTransformer, preset_arch
+
+    torch.manual_seed(0)
+    arch = preset_arch(preset, depth=1)
+    side = int(round(seq ** 0.5))
+    with torch.device(device):
+        model = SanaTransformer(arch).to(torch.bfloat16)
+        if mode == "coat":
+            coat.convert_to_coat(model.blocks)
+        latents = torch.randn(batch, arch.in_channels, side, side, dtype=torch.bfloat16)
+        text = torch.randn(batch, arch.text_len, arch.caption_channels, dtype=torch.bfloat16)
+        with torch.no_grad():
+            x, _, t0, y, mask, hw = model.embed(latents, torch.rand(batch), text, None)
+    x = x.requires_grad_()
+    return account(model.blocks[0], x, (t0, y, mask, hw), shared=(t0, y)), arch.hidden_size
+
+
 def count_launches(mode: str, dim: int, ffn: int, heads: int, seq: int, batch: int = 1, kernels: str = "torch",
                    device: str = "cpu") -> dict[str, int]:
     """Ops one block's forward + backward runs, by name: device kernels on CUDA (torch.profiler), aten ops
@@ -180,6 +203,8 @@ def main() -> None:
     ap.add_argument("--kernels", default="torch", choices=("torch", "triton"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="bf16,coat")
+    ap.add_argument("--sana", default=None, metavar="PRESET",
+                    help="instead of the LLM block: one SANA block of this preset (e.g. 1.6b) over --seq latent tokens")
     ap.add_argument("--summary", action="store_true", help="only the per-layer totals")
     ap.add_argument("--count-launches", action="store_true",
                     help="instead: ops per block forward + backward (CUDA kernels on a GPU, aten ops on CPU)")
@@ -198,12 +223,16 @@ def main() -> None:
         return
     totals = {}
     for mode in args.modes.split(","):
-        rows = block_account(mode, args.dim, args.ffn, args.heads, args.seq, args.batch, args.kernels, args.device)
+        if args.sana:
+            rows, args.dim = sana_block_account(mode, args.sana, args.seq, args.batch, args.device)
+        else:
+            rows = block_account(mode, args.dim, args.ffn, args.heads, args.seq, args.batch, args.kernels,
+                                 args.device)
         totals[mode] = sum(r.nbytes for r in rows)
         if args.summary:
             continue
-        print(f"\n## {mode}: dim {args.dim}, ffn {args.ffn}, heads {args.heads}, {tokens} tokens, "
-              f"kernels={args.kernels}, {args.device}")
+        what = f"SANA {args.sana} block" if args.sana else f"dim {args.dim}, ffn {args.ffn}, heads {args.heads}"
+        print(f"\n## {mode}: {what}, {tokens} tokens, kernels={args.kernels}, {args.device}")
         print(f"{'module':<28} | {'op (autograd node)':<44} | {'shape':<20} | {'dtype':<14} | {'MiB':>8} | kind")
         for r in rows:
             print(f"{r.module:<28} | {r.op[:44]:<44} | {str(r.shape):<20} | {str(r.dtype)[6:]:<14} | "

@@ -137,6 +137,14 @@ def act(x: torch.Tensor, name: str) -> torch.Tensor:
     return _run(ACTIVATIONS[name], (x,), ())
 
 
+def act_then(x: torch.Tensor, name: str, fn: Callable[..., torch.Tensor], *rest: torch.Tensor) -> torch.Tensor:
+    """``fn(act(x), *rest)`` with only x saved (FP8 1 x 16 groups) and ``rest`` (the consumer's weights) as is:
+    for a consumer that would keep act(x) in bf16 for its own backward (SANA's depthwise conv: 2 B per element
+    on top of act's 1.25), act(x) and fn are recomputed from x's codes in backward instead."""
+    act_fn = ACTIVATIONS[name]
+    return _run(lambda x, *r: fn(act_fn(x), *r), (x,), rest)
+
+
 def glu(a: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
     """``act(a) * b`` (SwiGLU with silu, GeGLU with gelu) with a and b saved in FP8: 2 x 1.25 bytes per element
     where autograd keeps a, act(a) and b in bf16 (6 bytes). SwiGLU is the kernel library's ``swiglu`` (one

@@ -74,6 +74,23 @@ def test_activation_block(name):
     _compare(lambda x: coat.act(x, name), coat.ACTIVATIONS[name], [_rand(5, 33)], exact_grad=name == "relu")
 
 
+def test_act_then_consumer_block_saves_only_the_fp8_input():
+    """act(x) followed by a consumer with weights (SANA's depthwise conv): the same output, gradients for x and
+    the consumer's weight and bias from x's codes, and only x's codes (+ the weights) kept for backward, where
+    autograd keeps x and act(x) (the conv's input) in bf16."""
+    x, w, b = _rand(2, 16, 32), _rand(32, 1, 3, 3, seed=1) * 0.3, _rand(32, seed=2)
+
+    def conv(a, w, b):
+        return F.conv2d(a.transpose(1, 2).reshape(2, 32, 4, 4), w, b, padding=1, groups=32).flatten(2).transpose(1, 2)
+
+    errs = _compare(lambda x, w, b: coat.act_then(x, "silu", conv, w, b), lambda x, w, b: conv(F.silu(x), w, b),
+                    [x, w, b])
+    assert errs[1] > 0 and errs[2] == 0  # the weight's gradient reads act(x) from the codes; the bias's does not
+    n = x.numel()
+    assert _saved_bytes(lambda x: coat.act_then(x, "silu", conv, w, b), x) == n + n // 16 * 4 + w.numel() * 2 + b.numel() * 2
+    assert _saved_bytes(lambda x: conv(F.silu(x), w, b), x) >= 4 * n
+
+
 @pytest.mark.parametrize("name", ["silu", "gelu"])
 def test_glu_block(name):
     """SwiGLU against the kernel library's swiglu (the fused-kernel BF16 path: silu and product in fp32),

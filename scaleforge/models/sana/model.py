@@ -182,13 +182,17 @@ def _kernels():
 # ---------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
+class RMSNorm(coat.FP8Block):
+    """The q/k RMSNorm. COAT mode: the kernel library's norm with its input saved in FP8 (the same function)."""
+
     def __init__(self, dim: int, eps: float = QK_NORM_EPS):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return coat.norm(x, self.weight, eps=self.eps)
         return rms_norm_ref(x, self.weight, self.eps)
 
 
@@ -276,7 +280,8 @@ def depthwise_conv3x3_tokens(h: torch.Tensor, hw: tuple[int, int], weight: torch
 
 class MixFFN(coat.FP8Block):
     """GLUMBConv: 1x1 -> SiLU -> depthwise 3x3 -> x * SiLU(gate) -> 1x1 (GLU after the depthwise conv).
-    COAT mode: the SiLU and GLU inputs are saved in FP8 (the depthwise conv's input stays bf16)."""
+    COAT mode: the SiLU and GLU inputs are saved in FP8, and the depthwise conv's input (SiLU's output) is not
+    saved at all: recomputed in backward from SiLU's FP8-saved input (``coat.act_then``)."""
 
     def __init__(self, arch: SanaArch):
         super().__init__()
@@ -286,15 +291,25 @@ class MixFFN(coat.FP8Block):
         self.point_conv = nn.Linear(hd, c, bias=False)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        b, n, _ = x.shape
         h = self.inverted_conv(x)
-        h = coat.act(h, "silu") if self.fp8 else F.silu(h)
-        h = h.transpose(1, 2).reshape(b, -1, hw[0], hw[1])
-        h = self.depth_conv(h).flatten(2).transpose(1, 2)
+        if self.fp8:  # the conv's bf16 input is recomputed in backward from SiLU's FP8-saved input
+            conv = self.depth_conv
+            h = coat.act_then(h, "silu", lambda a, w, bias: self._conv(a, hw, w, bias), conv.weight, conv.bias)
+        else:
+            b = h.shape[0]
+            h = F.silu(h).transpose(1, 2).reshape(b, -1, hw[0], hw[1])
+            h = self.depth_conv(h).flatten(2).transpose(1, 2)
         h, gate = h.chunk(2, dim=-1)
         if self.fp8:
             return self.point_conv(coat.glu(gate, h, "silu"))
         return self.point_conv(h * F.silu(gate))
+
+    @staticmethod
+    def _conv(h: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The depthwise 3x3 conv on tokens (B, H*W, C) through their (B, C, H, W) view."""
+        b = h.shape[0]
+        h = h.transpose(1, 2).reshape(b, -1, hw[0], hw[1])
+        return F.conv2d(h, weight, bias, padding=1, groups=h.shape[1]).flatten(2).transpose(1, 2)
 
 
 def _modulated_ln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
