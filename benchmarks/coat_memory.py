@@ -219,6 +219,15 @@ def loss_curve(args, mode: str, device) -> list[float]:
     return losses
 
 
+def _failed_anywhere(failed: bool, device) -> bool:
+    """Under torchrun: whether any rank failed this point (so that all ranks go on to the same next one)."""
+    if torch.distributed.get_world_size() == 1:
+        return failed
+    flag = torch.tensor([float(failed)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama2-7b-cut", choices=sorted(MODELS))
@@ -264,16 +273,19 @@ def main() -> None:
     print(" | ".join(f"{c:>13}" for c in cols))
     for mode in args.modes.split(","):
         for micro in map(int, args.micro.split(",")):
+            r, why = None, None
             try:
                 r = measure(args, mode, micro, device)
             except torch.OutOfMemoryError:
-                print(f"{mode:>13} | {micro:>13} | OOM")
-                break
+                why = f"{micro:>13} | OOM"
             except ImportError as e:
-                print(f"{mode:>13} | unavailable ({e})")
-                break
+                why = f"unavailable ({e})"
             except Exception as e:  # one failing mode must not hide the others' rows
-                print(f"{mode:>13} | {micro:>13} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                why = f"{micro:>13} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if _failed_anywhere(why is not None, device) and why is None:
+                why = f"{micro:>13} | failed on another rank (OOM there?)"
+            if why is not None:  # every rank ends this mode's list together
+                print(f"{mode:>13} | {why}", flush=True)
                 break
             print(" | ".join(f"{r[c]:>13.3f}" if isinstance(r[c], float) else f"{r[c]:>13}" for c in cols), flush=True)
     if args.loss_steps:
