@@ -89,6 +89,25 @@ def test_block_sparse_remainder_launch_and_prefetch(causal, prefetch):
     assert rel_err(out, R.block_sparse_attention_ref(q, k, v, qs, ks, bm, causal)) < TOL[torch.float32] * 2
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_with_permutations_equals_permuting(causal):
+    """q_perm / k_perm: inputs and output in token order, the same result as permuting q, k, v into cluster
+    order and the output back; bad permutation arguments are refused."""
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(1, 2, 61, 32, generator=gen).to(DEVICE) for _ in range(3))
+    ql, kl = (torch.randint(0, n, (1, 2, 61), generator=gen).to(DEVICE) for n in (4, 9))
+    qp, qs = SA.cluster_permutation(ql, 4)
+    kp, ks = SA.cluster_permutation(kl, 9)
+    bm = (torch.rand(1, 2, 4, 9, generator=gen) < 0.6).to(DEVICE)
+    want = SA.unpermute(SA.block_sparse_attention(SA.permute(q, qp), SA.permute(k, kp), SA.permute(v, kp), qs, ks, bm,
+                                                  causal=causal, backend="triton"), qp)  # fmt: skip
+    for backend in ("triton", "torch"):
+        got = SA.block_sparse_attention(q, k, v, qs, ks, bm, causal=causal, q_perm=qp, k_perm=kp, backend=backend)
+        assert rel_err(got, want) < TOL[torch.float32] * 2
+    with pytest.raises(ValueError, match="q_perm"):
+        SA.block_sparse_attention(q, k, v, qs, ks, bm, q_perm=qp, backend="triton")
+
+
 def test_block_sparse_all_blocks_is_dense_attention():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 41, 64, generator=gen).to(DEVICE) for _ in range(3))

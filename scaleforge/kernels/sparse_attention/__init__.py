@@ -51,24 +51,37 @@ def _check_qkv(q, k, v):
 
 
 def block_sparse_attention(q, k, v, q_sizes, k_sizes, block_map, *, causal: bool = False,
-                           scale: float | None = None, backend: str | None = None) -> torch.Tensor:  # fmt: skip
+                           scale: float | None = None, q_perm: torch.Tensor | None = None,
+                           k_perm: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:  # fmt: skip
     """Variable-block-sparse attention: q (B, H, Sq, D) in contiguous query clusters of ``q_sizes`` (B, H, Cq)
     tokens, k / v (B, H, Sk, D) in key clusters of ``k_sizes`` (B, H, Ck); ``block_map`` (B, H, Cq, Ck) bool
-    selects the key clusters each query cluster attends to. ``causal``: also j <= i (positions as given).
-    Rows that see no key give 0. -> (B, H, Sq, D) in q's dtype."""
+    selects the key clusters each query cluster attends to. With ``q_perm`` (B, H, Sq) and ``k_perm``
+    (B, H, Sk) (both or neither; e.g. from :func:`cluster_permutation`), q, k, v and the output stay in token
+    order and the clusters are contiguous in the permuted order: the same result as permuting the inputs
+    and un-permuting the output, without moving them in memory. ``causal``: also j <= i (positions in the
+    cluster order). Rows that see no key give 0. -> (B, H, Sq, D) in q's dtype."""
     _check_qkv(q, k, v)
     b, h = q.shape[:2]
     if block_map.shape[:2] != (b, h) or q_sizes.shape != (b, h, block_map.shape[2]) or \
             k_sizes.shape != (b, h, block_map.shape[3]):  # fmt: skip
         raise ValueError(f"block_sparse_attention: block_map {tuple(block_map.shape)} must be (B, H, Cq, Ck) with "
                          f"q_sizes (B, H, Cq) {tuple(q_sizes.shape)} and k_sizes (B, H, Ck) {tuple(k_sizes.shape)}")
+    if (q_perm is None) != (k_perm is None) or (q_perm is not None and (
+            q_perm.shape != q.shape[:3] or k_perm.shape != k.shape[:3])):  # fmt: skip
+        raise ValueError(f"block_sparse_attention: q_perm / k_perm must be given together, shaped (B, H, Sq) = "
+                         f"{tuple(q.shape[:3])} and (B, H, Sk) = {tuple(k.shape[:3])}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve(backend) == "torch":
-        return ref.block_sparse_attention_ref(q, k, v, q_sizes, k_sizes, block_map, causal, scale)
+        if q_perm is None:
+            return ref.block_sparse_attention_ref(q, k, v, q_sizes, k_sizes, block_map, causal, scale)
+        out = ref.block_sparse_attention_ref(permute(q, q_perm), permute(k, k_perm), permute(v, k_perm), q_sizes,
+                                             k_sizes, block_map, causal, scale)  # fmt: skip
+        return unpermute(out, q_perm)
     check_triton_device(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _op.block_sparse_attention_op(q, k, v, q_sizes.contiguous(), k_sizes.contiguous(),
-                                         block_map.to(torch.bool).contiguous(), bool(causal), scale)  # fmt: skip
+                                         block_map.to(torch.bool).contiguous(), bool(causal), scale, q_perm,
+                                         k_perm)  # fmt: skip
 
 
 def kmeans(x: torch.Tensor, num_clusters: int, *, init: torch.Tensor | None = None, iters: int = 50,

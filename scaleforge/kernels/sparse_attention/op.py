@@ -47,7 +47,8 @@ _FWD_TUNE = [
     triton.Config({"BLOCK_N": n, "STAGES": st}, num_warps=w)
     for n, w, st in ((64, 4, 3), (64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 4, 3))
 ]
-_block_sparse_fwd_tuned = triton.autotune(_FWD_TUNE, key=["BLOCK_D", "CAUSAL", "BLOCK_M", "LOOKUP_BITS", "PREFETCH"])(
+_block_sparse_fwd_tuned = triton.autotune(
+    _FWD_TUNE, key=["BLOCK_D", "CAUSAL", "BLOCK_M", "LOOKUP_BITS", "PREFETCH", "PERM"])(
     _block_sparse_fwd_kernel)
 
 
@@ -139,10 +140,11 @@ def _merge_equal_rows(q_sizes: torch.Tensor, block_map: torch.Tensor) -> tuple[t
 
 
 def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scale: float,
-                        config: BlockSparseConfig | None = None) -> torch.Tensor:  # fmt: skip
+                        config: BlockSparseConfig | None = None, q_perm=None, k_perm=None) -> torch.Tensor:  # fmt: skip
     """The forward launch: with ``config`` None the interpreter's fixed configuration, or on GPU the host's
     BLOCK_M and lookup with the autotuned rest; an explicit ``config`` runs the plain kernel with it
-    (benchmarks/kernels/sparse_attention_sweep.py times each)."""
+    (benchmarks/kernels/sparse_attention_sweep.py times each). ``q_perm`` / ``k_perm`` (B, H, S): q, k, v and
+    the output in token order, the clusters in the order the permutations give (both or neither)."""
     b, h, sq, d = q.shape
     cq, ck = block_map.shape[-2:]
     if config is None and triton_interpreting():
@@ -154,15 +156,17 @@ def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scal
     out = _backend.new_output(q.shape, q.dtype, q.device)
     idx64 = max(t.shape[2] * t.stride(2) for t in (q, k, v, out)) >= 2**31
     q_off = _offsets(q_sizes)
+    perm = q_perm is not None
+    qp, kp = (q_perm.to(torch.int32).contiguous(), k_perm.to(torch.int32).contiguous()) if perm else (q_off, q_off)
     parts = [(block_m, False)] if not rest_m else [(block_m, False), (rest_m, True)]
     for tile_m, rest in parts:
         tile_cl, tile_start, t_max = _query_tiles(q_sizes, sq, tile_m, block_m if rest_m else 0, rest)
-        args = (q, k, v, out, tile_cl, tile_start, q_off, kcum, kdelta, ktile_c0, words,
+        args = (q, k, v, out, tile_cl, tile_start, q_off, kcum, kdelta, ktile_c0, words, qp, kp,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                h, d, cq, ck, t_max, ktile_c0.shape[1], words.shape[-1], scale)  # fmt: skip
+                h, d, cq, ck, t_max, ktile_c0.shape[1], words.shape[-1], sq, k.shape[2], scale)  # fmt: skip
         common = dict(CAUSAL=causal, BLOCK_M=tile_m, BLOCK_D=next_pow2(d), PREC=dot_precision(), LOOKUP_BITS=bits,
-                      IDX64=idx64, HEAD_PAD=next_pow2(d) != d, PREFETCH=prefetch)  # fmt: skip
+                      IDX64=idx64, HEAD_PAD=next_pow2(d) != d, PREFETCH=prefetch, PERM=perm)  # fmt: skip
         if config is None:
             torch.library.wrap_triton(_block_sparse_fwd_tuned)[(t_max, b * h)](*args, **common)
         else:
@@ -173,9 +177,10 @@ def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scal
 
 @kernel_op("scaleforge::block_sparse_attention")
 def block_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sizes: torch.Tensor,
-                              k_sizes: torch.Tensor, block_map: torch.Tensor, causal: bool,
-                              scale: float) -> torch.Tensor:  # fmt: skip
-    return launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal, scale)
+                              k_sizes: torch.Tensor, block_map: torch.Tensor, causal: bool, scale: float,
+                              q_perm: torch.Tensor | None = None,
+                              k_perm: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    return launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal, scale, None, q_perm, k_perm)
 
 
 class KMeansConfig(NamedTuple):

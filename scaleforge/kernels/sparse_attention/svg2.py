@@ -54,7 +54,7 @@ def svg2_attention(q, k, v, cfg: SVG2Config, state: SVG2State | None = None, *, 
     """SVG2 attention of q, k, v (B, H, S, D) (non-causal). ``state`` carries the centroids between calls
     (warm start) and receives the step's density. -> (B, H, S, D) in q's dtype."""
     from scaleforge.kernels.sparse_attention import (
-        block_sparse_attention, cluster_permutation, kmeans, permute, topp_budget, unpermute,
+        block_sparse_attention, cluster_permutation, kmeans, topp_budget,
     )  # fmt: skip
 
     state = SVG2State() if state is None else state
@@ -70,6 +70,6 @@ def svg2_attention(q, k, v, cfg: SVG2Config, state: SVG2State | None = None, *, 
     block_map = topp_budget(q_cent, k_cent, k_sizes, cfg.top_p, cfg.min_key_fraction, backend=backend)
     pairs = (q_sizes.float()[..., :, None] * k_sizes.float()[..., None, :] * block_map).sum()
     state.stats["density"] = pairs / (q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])  # a tensor: no sync
-    out = block_sparse_attention(permute(q, q_perm), permute(k, k_perm), permute(v, k_perm), q_sizes, k_sizes,
-                                 block_map, backend=backend)  # fmt: skip
-    return unpermute(out, q_perm)
+    # the permutation is applied inside the kernel's loads and stores (q, k, v never move in memory)
+    return block_sparse_attention(q, k, v, q_sizes, k_sizes, block_map, q_perm=q_perm, k_perm=k_perm,
+                                  backend=backend)  # fmt: skip

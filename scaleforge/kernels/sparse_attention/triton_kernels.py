@@ -38,6 +38,16 @@ def _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, v0, lanes, vmask, CK, NKT, NW,
 
 
 @triton.jit
+def _token_keys(KPERM, bh, SK, cols, vmask, PERM: tl.constexpr, MASKED: tl.constexpr):
+    # positions in the cluster order -> token positions (PERM), or the same positions
+    if PERM:
+        if MASKED:
+            return tl.load(KPERM + bh * SK + cols, mask=vmask, other=0)
+        return tl.load(KPERM + bh * SK + cols)
+    return cols
+
+
+@triton.jit
 def _load_kv(kbase, vbase, cols, sks, svs, dcols, dmask, IDX64: tl.constexpr, HEAD_PAD: tl.constexpr):
     # the K and V rows of one full key tile (every lane a key)
     cols_o = cols.to(tl.int64) if IDX64 else cols
@@ -64,12 +74,12 @@ def _full_tile(q, k, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, TILE_CL, TILE_START, Q_OFF, KCUM, KDELTA, KTILE_C0, BITS,
+    Q, K, V, O, TILE_CL, TILE_START, Q_OFF, KCUM, KDELTA, KTILE_C0, BITS, QPERM, KPERM,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-    H, D, CQ, CK, T, NKT, NW, scale,
+    H, D, CQ, CK, T, NKT, NW, SQ, SK, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, STAGES: tl.constexpr, LOOKUP_BITS: tl.constexpr, IDX64: tl.constexpr,
-    HEAD_PAD: tl.constexpr, PREFETCH: tl.constexpr,
+    HEAD_PAD: tl.constexpr, PREFETCH: tl.constexpr, PERM: tl.constexpr,
 ):  # fmt: skip
     # One program per (query tile, batch*head). A query tile is BLOCK_M rows of one query cluster (the tile
     # table maps program -> cluster and first row; -1 marks unused programs of the upper-bound grid). The key
@@ -81,7 +91,10 @@ def _block_sparse_fwd_kernel(
     # iteration, so each loop is software-pipelined over STAGES iterations. Rows that see no key give 0.
     # Softmax in base 2 (the scale folded with log2 e), normalized once at the end. HEAD_PAD (D < BLOCK_D)
     # masks the head dim; without it the loads carry no column mask, so they stay 16-byte vectors, which
-    # Triton needs to make them asynchronous copies and pipeline them.
+    # Triton needs to make them asynchronous copies and pipeline them. PERM: q, k, v and the output are in
+    # token order and QPERM / KPERM (B*H, S) give the cluster order: a tile reads its rows and keys through
+    # them and writes its rows back in place, so nothing is permuted or un-permuted in memory (positions in
+    # the cluster order, as the tables and the causal test use, map to token positions only at the loads).
     qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Inductor passes Python floats as fp64
     t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -97,7 +110,11 @@ def _block_sparse_fwd_kernel(
     dcols = tl.arange(0, BLOCK_D)
     dmask = (dcols < D) if HEAD_PAD else dcols >= 0
     # per-element offsets in int32 unless a tensor is too large for them (IDX64); the bases are int64
-    rows_o = rows.to(tl.int64) if IDX64 else rows
+    if PERM:
+        rows_t = tl.load(QPERM + bh * SQ + rows, mask=rmask, other=0)
+    else:
+        rows_t = rows
+    rows_o = rows_t.to(tl.int64) if IDX64 else rows_t
     q = tl.load(Q + b * sqb + h * sqh + rows_o[:, None] * sqs + dcols[None, :],
                 mask=(rmask[:, None] & dmask[None, :]) if HEAD_PAD else rmask[:, None], other=0.0)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -116,25 +133,29 @@ def _block_sparse_fwd_kernel(
         if n_full > 0:
             cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, 0, lanes, lanes < BLOCK_N, CK, NKT, NW, BLOCK_N,
                               LOOKUP_BITS, False)  # fmt: skip
-            k, v = _load_kv(kbase, vbase, cols, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
+            keys = _token_keys(KPERM, bh, SK, cols, lanes < BLOCK_N, PERM, False)
+            k, v = _load_kv(kbase, vbase, keys, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
             for it in range(0, n_full):
                 nxt = tl.minimum(it + 1, n_full - 1) * BLOCK_N
                 cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, nxt, lanes, lanes < BLOCK_N, CK, NKT, NW,
                                   BLOCK_N, LOOKUP_BITS, False)  # fmt: skip
-                k_next, v_next = _load_kv(kbase, vbase, cols, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
+                keys = _token_keys(KPERM, bh, SK, cols, lanes < BLOCK_N, PERM, False)
+                k_next, v_next = _load_kv(kbase, vbase, keys, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
                 m_i, l_i, acc = _full_tile(q, k, v, m_i, l_i, acc, qk_scale, PREC)
                 k, v = k_next, v_next
     else:
         for it in tl.range(0, n_full, num_stages=STAGES):
             cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, lanes < BLOCK_N, CK, NKT, NW,
                               BLOCK_N, LOOKUP_BITS, False)  # fmt: skip
-            k, v = _load_kv(kbase, vbase, cols, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
+            keys = _token_keys(KPERM, bh, SK, cols, lanes < BLOCK_N, PERM, False)
+            k, v = _load_kv(kbase, vbase, keys, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
             m_i, l_i, acc = _full_tile(q, k, v, m_i, l_i, acc, qk_scale, PREC)
     for it in tl.range(n_full, tl.cdiv(n_keys, BLOCK_N), num_stages=STAGES):
         vmask = it * BLOCK_N + lanes < n_keys
         cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, vmask, CK, NKT, NW, BLOCK_N,
                           LOOKUP_BITS, True)  # fmt: skip
-        cols_o = cols.to(tl.int64) if IDX64 else cols
+        cols_t = _token_keys(KPERM, bh, SK, cols, vmask, PERM, True)
+        cols_o = cols_t.to(tl.int64) if IDX64 else cols_t
         kv_mask = (vmask[:, None] & dmask[None, :]) if HEAD_PAD else vmask[:, None]
         k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=kv_mask, other=0.0)
         s = dot_f32acc(q, tl.trans(k), PREC) * qk_scale
