@@ -98,7 +98,10 @@ class SiglipVisionEmbeddings(nn.Module):
         return x + self.position_embedding.weight.unsqueeze(0)
 
 
-class SiglipAttention(nn.Module):
+class SiglipAttention(coat.FP8Block):
+    """Bidirectional multi-head attention. COAT mode: ``out_proj`` keeps SDPA's bf16 output (which SDPA's fused
+    kernels save anyway) instead of an FP8 copy of it."""
+
     def __init__(self, cfg: SiglipConfig, device=None):
         super().__init__()
         d = cfg.hidden_size
@@ -118,7 +121,10 @@ class SiglipAttention(nn.Module):
         # SDPA dispatches to flash / memory-efficient kernels on GPU; bidirectional, no mask.
         o = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)),
                                            heads(self.v_proj(x)))
-        return self.out_proj(o.transpose(1, 2).reshape(b, n, d))
+        o2 = o.transpose(1, 2).reshape(b, n, d)
+        if self.fp8 and o2.untyped_storage().data_ptr() == o.untyped_storage().data_ptr():
+            coat.kept_for_backward(o2)  # a view of SDPA's output, not a copy
+        return self.out_proj(o2)
 
 
 class SiglipMLP(coat.FP8Block):
@@ -133,10 +139,11 @@ class SiglipMLP(coat.FP8Block):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class SiglipLayerNorm(nn.LayerNorm):
+class SiglipLayerNorm(nn.LayerNorm, coat.FP8Block):
     """``nn.LayerNorm`` (same parameters); one fused kernel (``scaleforge.kernels.layer_norm``) when ``kernels``
     is ``"triton"`` on GPU, eager (inside ``torch.compile`` Inductor fuses ``nn.LayerNorm``'s code with its
-    neighbours: ``fused_elementwise_on``)."""
+    neighbours: ``fused_elementwise_on``). COAT mode: the kernel library's norm with its input saved in FP8
+    and its max|y| handed to the q/k/v (or fc1) FP8 linears."""
 
     def __init__(self, dim: int, eps: float, device=None, kernels: str = "torch"):
         super().__init__(dim, eps=eps, device=device)
@@ -145,6 +152,8 @@ class SiglipLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from scaleforge.models.llm.model import fused_elementwise_on
 
+        if self.fp8:
+            return coat.norm(x, self.weight, self.bias, self.eps, rms=False)
         if fused_elementwise_on(self.kernels, x):
             from scaleforge.kernels import layer_norm
 

@@ -236,7 +236,10 @@ class LinearSelfAttention(nn.Module):
         return o
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(coat.FP8Block):
+    """Attention of the image tokens to the caption tokens. COAT mode: ``proj`` keeps SDPA's bf16 output (which
+    SDPA's fused kernels save anyway) instead of an FP8 copy of it."""
+
     def __init__(self, arch: SanaArch):
         super().__init__()
         c = arch.hidden_size
@@ -259,7 +262,10 @@ class CrossAttention(nn.Module):
         v = v.view(b, -1, self.heads, hd).transpose(1, 2)
         attn_mask = None if mask_bias is None else mask_bias.to(q.dtype)[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+        o2 = o.transpose(1, 2).reshape(b, n, c)
+        if self.fp8 and o2.untyped_storage().data_ptr() == o.untyped_storage().data_ptr():
+            coat.kept_for_backward(o2)  # a view of SDPA's output, not a copy
+        return self.proj(o2)
 
 
 def depthwise_conv3x3_tokens(h: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor,
