@@ -169,6 +169,25 @@ def test_models_take_the_fp8_path_only_when_converted(dtype):
                for p in model.parameters())
 
 
+def test_ps3_blocks_take_the_fp8_path_when_converted():
+    """PS3's timm-style Mlp (erf GELU) and text MLP (functional GELU, no nn.GELU to swap) are FP8 blocks."""
+    from scaleforge.models.ps3.text import TextMlp
+    from scaleforge.models.ps3.vision import Mlp
+
+    for mlp in (Mlp(32, 64), TextMlp(32, 64, tanh=False)):
+        mlp = mlp.to(BF16)
+        x = _rand(3, 32)
+        ref = mlp(x)
+        assert coat.convert_to_coat(mlp)["fp8_blocks"] == 1
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = mlp(x.requires_grad_())
+        assert 0 < _rel(out, ref) < 0.1  # the FP8 linears' rounding
+        acts = [t for t in saved if not isinstance(t, nn.Parameter)]
+        assert not [t for t in acts if t.dtype == BF16 and t.shape[-1] == 64]  # no bf16 GELU input
+        assert [t for t in acts if t.dtype == torch.float8_e4m3fn and t.shape[-1] == 64]
+
+
 def _saved_bytes(fn, *inputs):
     """Bytes autograd keeps for backward while fn's output is alive (each storage counted once)."""
     seen = {}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleforge import fp8 as coat
 from scaleforge.models.nvila.siglip import init_linear_and_layernorm
 from scaleforge.models.ps3.config import PS3TextConfig
 from scaleforge.models.ps3.vision import Mlp
@@ -32,7 +33,9 @@ class TextAttention(nn.Module):
         return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
 
 
-class TextMlp(nn.Module):
+class TextMlp(coat.FP8Block):
+    """c_fc -> GELU -> c_proj. COAT mode: the GELU input saved in FP8."""
+
     def __init__(self, d: int, hidden: int, tanh: bool):
         super().__init__()
         self.c_fc = nn.Linear(d, hidden)
@@ -40,7 +43,10 @@ class TextMlp(nn.Module):
         self.approximate = "tanh" if tanh else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        h = self.c_fc(x)
+        if self.fp8:
+            return self.c_proj(coat.act(h, "gelu_tanh" if self.approximate == "tanh" else "gelu"))
+        return self.c_proj(F.gelu(h, approximate=self.approximate))
 
 
 class ResidualAttentionBlock(nn.Module):

@@ -29,14 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleforge import fp8 as coat
 from scaleforge.models.nvila.siglip import init_linear_and_layernorm
 from scaleforge.models.ps3.config import PS3VisionConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-class Mlp(nn.Module):
-    """timm's ``Mlp``: fc1 -> GELU (erf) -> [norm] -> fc2."""
+class Mlp(coat.FP8Block):
+    """timm's ``Mlp``: fc1 -> GELU (erf) -> [norm] -> fc2. COAT mode: the GELU input saved in FP8."""
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int | None = None, norm: bool = False,
                  norm_eps: float = 1e-5):
@@ -46,10 +47,14 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(d_hidden, d_out or d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(F.gelu(self.fc1(x))))
+        h = self.fc1(x)
+        return self.fc2(self.norm(coat.act(h, "gelu") if self.fp8 else F.gelu(h)))
 
 
-class Attention(nn.Module):
+class Attention(coat.FP8Block):
+    """Multi-head attention with a K/V cache. COAT mode: ``proj`` keeps SDPA's bf16 output (which SDPA's fused
+    kernels save anyway) instead of an FP8 copy of it."""
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -62,7 +67,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         kk, vv = (torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)) if cache is not None else (k, v)
         o = F.scaled_dot_product_attention(q, kk, vv)
-        return self.proj(o.transpose(1, 2).reshape(b, n, d)), (k, v)
+        o2 = o.transpose(1, 2).reshape(b, n, d)
+        if self.fp8 and o2.untyped_storage().data_ptr() == o.untyped_storage().data_ptr():
+            coat.kept_for_backward(o2)  # a view of SDPA's output, not a copy
+        return self.proj(o2), (k, v)
 
 
 class Block(nn.Module):
