@@ -73,18 +73,18 @@ def test_block_sparse_merges_query_clusters_with_equal_maps():
     assert sizes.sum(-1).eq(70).all() and torch.equal(rows[0, 0, 1], ~row.to(DEVICE))
 
 
-@pytest.mark.parametrize("causal,prefetch", [(False, False), (True, False), (False, True)])
-def test_block_sparse_remainder_launch_and_prefetch(causal, prefetch):
+@pytest.mark.parametrize("causal,prefetch,bits", [(False, False, True), (True, False, False), (False, True, True)])
+def test_block_sparse_remainder_launch_and_prefetch(causal, prefetch, bits):
     """A configuration with rest_m: full BLOCK_M tiles in one launch, each cluster's remaining rows in a second
     launch of smaller tiles; the two together cover every row once. With prefetch, the full-tile loop's
-    register double buffering."""
+    register double buffering; without bits, the lanes find their clusters by comparisons."""
     from scaleforge.kernels.sparse_attention import op
 
     gen = torch.Generator().manual_seed(13)
     q, k, v = (torch.randn(1, 2, 90, 32, generator=gen).to(DEVICE) for _ in range(3))
     qs, ks = _sizes(1, 2, 3, 90, gen), _sizes(1, 2, 8, 90, gen)
     bm = (torch.rand(1, 2, 3, 8, generator=gen) < 0.6).to(DEVICE)
-    cfg = op.BlockSparseConfig(32, 16, 1, 1, True, 16, prefetch)
+    cfg = op.BlockSparseConfig(32, 16, 1, 1, bits, 16, prefetch)
     out = op.launch_block_sparse(q, k, v, qs, ks, bm, causal, 32**-0.5, cfg)
     assert rel_err(out, R.block_sparse_attention_ref(q, k, v, qs, ks, bm, causal)) < TOL[torch.float32] * 2
 
@@ -223,6 +223,10 @@ def test_twilight_select_and_sparse_decode_match_reference(dtype):
     out = SA.sparse_decode_attention(q, k, v, mask, backend="triton")
     ref = R.sparse_decode_ref(q.float(), k.float(), v.float(), mask)
     assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype] * 2
+    from scaleforge.kernels.sparse_attention import op  # the scan over all positions (the other decode config)
+
+    scan = op.launch_sparse_decode(q, k, v, mask.contiguous(), d**-0.5, op.DecodeConfig(False, 0, 16, 1))
+    assert rel_err(scan, ref) < TOL[dtype] * 2
     none = mask.clone()
     none[0, 1] = False  # a head with no selected token gives 0, the others are unchanged
     out_none = SA.sparse_decode_attention(q, k, v, none, backend="triton")
