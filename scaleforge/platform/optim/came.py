@@ -114,11 +114,6 @@ class _Layout:
         if shard_dims and self.mesh.size(shard_dims[0]) > 1:
             self.pg = self.mesh.get_group(shard_dims[0])
 
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.pg is not None:
-            dist.all_reduce(t, group=self.pg)
-        return t
-
     def wrap(self, local: torch.Tensor, global_shape: tuple[int, ...], sharded: bool) -> torch.Tensor:
         """A state tensor: a DTensor like the parameter (dim 0 sharded) or replicated, for DCP."""
         if self.mesh is None:
