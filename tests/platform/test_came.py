@@ -180,5 +180,7 @@ def test_fused_update_on_gpu_matches_eager():
         return [p.detach() for p in ps]
 
     start = [p.cuda() for p in _params()]
+    # fused kernels round differently; in the 8-bit moment that can flip a quantization level (1/255 of a block's
+    # range): within 1% of the update, the 8-bit state's own error against fp32 is 2% (test above)
     for a, b, p0 in zip(run(True), run(False), start):
-        assert ((a - b).norm() / (b - p0).norm()).item() < 1e-4
+        assert ((a - b).norm() / (b - p0).norm()).item() < 1e-2
