@@ -258,6 +258,19 @@ def _field_type(schema: type, name: str) -> Any:
     return None
 
 
+_YAML11_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n"}
+
+
+def _keep_yaml11_words(cli: DictConfig, overrides: list[str]) -> None:
+    """YAML 1.1 reads ``run.name=off`` as the bool False, which a str field would then hold as "False". Keep such
+    words as the text the user typed: the schema's bool fields still convert "off"/"yes" to bools, and str fields
+    get the word itself."""
+    for ov in overrides:
+        key, _, text = ov.partition("=")
+        if text.strip().lower() in _YAML11_BOOL_WORDS and isinstance(OmegaConf.select(cli, key), bool):
+            OmegaConf.update(cli, key, text.strip(), merge=False)
+
+
 def load_config(
     path: str | os.PathLike | None,
     overrides: list[str] = (),
@@ -273,6 +286,7 @@ def load_config(
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         first = str(e).strip().splitlines()
         raise ConfigError(f"bad override (not valid YAML after '='): {' '.join(l.strip() for l in first[:3])}") from None
+    _keep_yaml11_words(cli, overrides)
     try:
         raw = OmegaConf.merge(base, cli)
     except (OmegaConfBaseException, TypeError, ValueError) as e:

@@ -19,3 +19,17 @@ def test_coat_memory_smoke(model):
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("bf16", "1"), ("bf16", "2"), ("coat", "1"), ("coat", "2")]
     assert all(float(r[-1]) > 0 for r in rows)  # tokens/s
     assert ("loss (mean of the last" in p.stdout) == (model == "lm_1b")
+
+
+def test_torchao_filter_skips_dims_not_divisible_by_16():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("coat_memory", ROOT / "benchmarks" / "coat_memory.py")
+    cm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cm)
+    keep = cm.SANA_KEEP
+    assert cm._ao_eligible(torch.nn.Linear(2240, 2240), "blocks.0.attn.qkv", keep)
+    assert not cm._ao_eligible(torch.nn.Linear(300, 2240), "blocks.0.cross.kv", keep)  # SANA's caption width
+    assert not cm._ao_eligible(torch.nn.Linear(2240, 2240), "caption_projection.linear_1", keep)

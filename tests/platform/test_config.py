@@ -145,3 +145,10 @@ def test_malformed_overrides_are_config_errors():
 def test_source_shards_may_be_one_pattern():
     cfg = load("data.kind=webdataset", "data.sources=[{name: a, shards: 'x-{0..3}.tar'}]")
     assert cfg.data.sources[0].shards == ["x-{0..3}.tar"]
+
+
+def test_yaml11_words_stay_text_in_str_fields():
+    cfg = load("run.name=off", "parallel.compile=yes")
+    assert cfg.run.name == "off"  # not the str of YAML 1.1's bool False
+    assert cfg.parallel.compile is True  # bool fields still take on/off/yes/no
+    assert load("parallel.compile=off").parallel.compile is False
