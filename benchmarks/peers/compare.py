@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -106,7 +107,17 @@ def run_script(args, script: str, extra: list[str], micro_batch: int) -> dict:
     for line in log.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    return {"error": (log.strip().splitlines() or ["no output"])[-1][-400:] if rc else "no RESULT line"}
+    if rc:  # the failure's own lines, not torchrun's summary banner
+        print("\n".join(log.strip().splitlines()[-40:]), file=sys.stderr, flush=True)
+    return {"error": _error_line(log) if rc else "no RESULT line"}
+
+
+def _error_line(log: str) -> str:
+    """The last exception line of a failed run (torchrun ends with a '====' banner and a summary)."""
+    lines = [l.strip() for l in log.strip().splitlines() if l.strip()]
+    raised = [l for l in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", l) and "ChildFailedError" not in l]
+    plain = [l for l in lines if l.strip("=-* ")]
+    return ((raised or plain or ["no output"])[-1])[-400:]
 
 
 #: ours on one GPU as a demanding user runs it: fused linear + CE, one FSDP group, no reshard after forward

@@ -33,3 +33,4 @@ def test_torchao_filter_skips_dims_not_divisible_by_16():
     assert cm._ao_eligible(torch.nn.Linear(2240, 2240), "blocks.0.attn.qkv", keep)
     assert not cm._ao_eligible(torch.nn.Linear(300, 2240), "blocks.0.cross.kv", keep)  # SANA's caption width
     assert not cm._ao_eligible(torch.nn.Linear(2240, 2240), "caption_projection.linear_1", keep)
+    assert not cm._ao_eligible(torch.nn.Linear(2240, 4480), "blocks.3.cross_attn.kv_linear", keep)  # 300 tokens

@@ -38,3 +38,13 @@ def test_naive_fsdp2_trains_tiny():
     res = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[7:])
     assert res["arch"] == arch and res["tokens_per_s_per_gpu"] > 0 and "error" not in res
     assert 4.0 < res["final_loss"] < 7.0  # ~ln(256) for random tokens: the loss is computed, not NaN
+
+
+def test_failed_row_is_named_by_its_exception_not_torchruns_banner():
+    from compare import _error_line
+
+    log = ("Traceback (most recent call last):\n  File \"x.py\", line 1\nImportError: cannot import name 'X' from "
+           "'torch.distributed.fsdp'\nE1206 failed (exitcode: 1)\ntorch.distributed.elastic.multiprocessing.errors"
+           ".ChildFailedError: \n" + "=" * 60 + "\nRoot Cause (first observed failure):\n  exitcode  : 1\n" + "=" * 60)
+    assert _error_line(log) == "ImportError: cannot import name 'X' from 'torch.distributed.fsdp'"
+    assert _error_line("step 3\nloss nan\n" + "=" * 20) == "loss nan"
