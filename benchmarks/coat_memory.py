@@ -34,6 +34,7 @@ steps' peak. The LM's loss is its head's summed cross-entropy (``model(ids, labe
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -192,9 +193,13 @@ def optimizer_bytes(opt) -> float:
 
 def measure(args, mode: str, micro: int, device) -> dict:
     cuda = device.type == "cuda"
+    # the previous point's model and optimizer sit in reference cycles (FSDP's hooks): collect them first, or
+    # their memory counts towards this point's peak
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    leftover = torch.cuda.memory_allocated() / GIB if cuda else 0.0
     model, opt = build(args.model, args.layers, args.seq, mode, device, args.kernels)
     weights = sum(t.numel() * t.element_size() for p in model.parameters()
                   for t in [getattr(p, "_local_tensor", p)]) / GIB
@@ -212,7 +217,7 @@ def measure(args, mode: str, micro: int, device) -> dict:
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
-    out = dict(mode=mode, micro=micro, weights=weights, optimizer=optimizer_bytes(opt), **marks,
+    out = dict(mode=mode, micro=micro, leftover=leftover, weights=weights, optimizer=optimizer_bytes(opt), **marks,
                tokens_per_s=micro * args.seq / dt,
                peak_alloc=torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
                peak_reserved=torch.cuda.max_memory_reserved() / GIB if cuda else float("nan"))
@@ -291,7 +296,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {args.model} layers={args.layers or 'preset'} seq={args.seq} kernels={args.kernels} on {world} x {name} "
           f"(FSDP2 over {world}; per-GPU figures)")
-    cols = ("mode", "micro", "peak_alloc", "peak_reserved", "weights", "optimizer", "grads", "activations",
+    cols = ("mode", "micro", "leftover", "peak_alloc", "peak_reserved", "weights", "optimizer", "grads", "activations",
             "saved", "peak_fwd", "peak_bwd", "peak_opt", "opt_ms", "tokens_per_s")
     print(" | ".join(f"{c:>13}" for c in cols))
     for mode in args.modes.split(","):

@@ -36,8 +36,8 @@ for section in "$@"; do
       # on one GPU: PEER_ROWS of compare.py (row 0 always runs; 1,2,3,4,6,8,11 for the full picture, ~9 min)
       python3 benchmarks/peers/compare.py --nproc 1 --steps ${STEPS:-20} --warmup ${WARMUP:-8} --timeout 170 \
           --only ${PEER_ROWS:-1,4,6} --json "$OUT/peers.json" 2>&1 | tee "$OUT/peers.log" ;;
-    torchtitan)  # compare.py's row 11 alone (its RESULT line: tokens/s/GPU, MFU, peak memory), when time is short
-      timeout 200 torchrun --standalone --nproc-per-node 1 benchmarks/peers/torchtitan_lm_1b.py --steps ${STEPS:-20} \
+    torchtitan)  # compare.py's row 11 alone (torchtitan 0.2.2; its RESULT line: tokens/s/GPU, MFU, peak memory)
+      timeout 200 torchrun --standalone --nproc-per-node 1 benchmarks/peers/torchtitan022_lm_1b.py --steps ${STEPS:-20} \
           --warmup ${WARMUP:-8} 2>&1 | tail -40 | tee "$OUT/torchtitan.log" ;;
     sana-1gpu)  # SANA-1.6B at 1024 px through launch, compiled, no AC: as configured (CAME-8bit with its update compiled,
       # EMA; two more steps profiled: timeline summary and operator tables) and with CAME eager (optim.fused=false); SANA_ALL=1

@@ -84,7 +84,7 @@ section_peers() {
     return
   fi
   # rows (compare.py's numbering): 0 ours, 1 ours with model.kernels=triton, 5 / 6 the naive GPT script eager /
-  # compiled, 7 the naive script on lm_1b's Llama dims, 11 torchtitan (its wheels: benchmarks/peers/torchtitan_wheels.sh)
+  # compiled, 7 the naive script on lm_1b's Llama dims, 11 torchtitan 0.2.2 (its wheels: benchmarks/peers/torchtitan_wheels.sh)
   bench benchmarks/peers/compare.py --nproc "$N" --steps "$(steps 30)" --warmup "$(warmup 10)" \
     --only "${PEERS_ROWS:-1,5,6,7,11}" --json "$OUT/peers.json" ${L:+--layers $L}
 }

@@ -14,7 +14,9 @@ Rows (every one a separate process, so each starts from a cold allocator):
 - ``naive FSDP2, GPT 0.94B`` eager and compiled, ``naive FSDP2, Llama (lm_1b dims)`` compiled (also at the
   tuned rows' largest micro-batch: the same-batch comparison) and ``our model in the naive loop`` (+ ``torchao
   float8``): ``benchmarks/peers/naive_fsdp2.py``;
-- ``torchtitan``: torchtitan's own trainer on lm_1b's model, ``benchmarks/peers/torchtitan_lm_1b.py``.
+- ``torchtitan``: torchtitan's own trainer on lm_1b's model: 0.2.2 (``benchmarks/peers/torchtitan022_lm_1b.py``,
+  the release that runs on torch 2.11) and 0.3.0 (``benchmarks/peers/torchtitan_lm_1b.py``, newer torch only);
+  one process holds one of them, so each row runs where its version is the importable one.
 
 Columns: tokens/s/GPU, MFU against 989 TFLOP/s and against the bf16 matmul ceiling measured at the start
 (8192^3), peak memory, and two ratios to ours: tokens/s (same model rows) and FLOP rate (MFU; the GPT row
@@ -137,6 +139,7 @@ ROWS = [
     ("our model in the naive loop, compiled", "naive_fsdp2.py", ["--arch", "ours", "--compile"], None),
     ("our model in the naive loop, compiled + torchao float8", "naive_fsdp2.py", ["--arch", "ours", "--compile", "--float8"],
      None),
+    ("torchtitan 0.2.2, lm_1b model (compiled)", "torchtitan022_lm_1b.py", [], None),
     ("torchtitan 0.3.0, lm_1b model (compiled)", "torchtitan_lm_1b.py", [], None),
 ]
 
@@ -154,9 +157,10 @@ def print_targets(rows: list[dict]) -> None:
         return
     best = max(ours, key=lambda r: r["mfu"])
     print(f"\nbest of ours: {best['stack']} (micro-batch {best['micro_batch']}), MFU {100 * best['mfu']:.1f}%")
-    for name, key, target in (("naive FSDP2, GPT 0.94B, compiled", "mfu", 1.15),
-                              ("torchtitan 0.3.0, lm_1b model (compiled)", "tokens_per_s_per_gpu", 1.0)):
-        peer = next((r for r in rows if r["stack"] == name and "error" not in r), None)
+    for prefix, key, target in (("naive FSDP2, GPT 0.94B, compiled", "mfu", 1.15),
+                                ("torchtitan", "tokens_per_s_per_gpu", 1.0)):
+        peer = next((r for r in rows if r["stack"].startswith(prefix) and "error" not in r), None)
+        name = peer["stack"] if peer else prefix
         if peer is None:
             print(f"target vs {name}: not measured (row missing or failed)")
             continue
@@ -220,7 +224,7 @@ def main() -> None:
         if i not in keep:
             continue
         if args.smoke:  # CPU: eager only; float8 and torchtitan need a GPU
-            if script == "torchtitan_lm_1b.py" or "--float8" in extra:
+            if script.startswith("torchtitan") or "--float8" in extra:
                 continue
             extra = [e for e in extra if e != "--compile"]
         mb = row_micro_batch(args, mb_spec)
