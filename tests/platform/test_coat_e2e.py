@@ -1,5 +1,5 @@
 """parallel.fp8=coat end to end through `launch --nproc 2` (gloo, CPU, torch reference kernels): the tiny LM,
-NVILA and SANA train within 2% of their BF16 runs' losses; the FP8 optimizer states resume bit for bit (also
+NVILA, SANA and PS3 train within 2% of their BF16 runs' losses; the FP8 optimizer states resume bit for bit (also
 after SIGKILL) and reshard 2 -> 1; unsupported combinations fail in the launcher, naming the key."""
 import os
 import shutil
@@ -76,7 +76,7 @@ def test_lm_coat_reshards_two_to_one(lm_coat, tmp_path, env):
         assert abs(got[s] - ref[s]) / ref[s] < 1e-3, (s, got[s], ref[s])
 
 
-@pytest.mark.parametrize("config", ["nvila_tiny.yaml", "sana_tiny.yaml"])
+@pytest.mark.parametrize("config", ["nvila_tiny.yaml", "sana_tiny.yaml", "ps3_tiny.yaml"])
 def test_recipe_coat_within_2_percent_of_bf16(config, tmp_path, env):
     short = ["trainer.max_steps=3", "checkpoint.save_final=false"]
     r = launch(env, tmp_path, config, "coat", *COAT, *short)
