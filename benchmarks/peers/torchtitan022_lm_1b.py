@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import IterableDataset
 
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer
@@ -58,6 +57,7 @@ from torchtitan.train import Trainer
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from flops import flops_per_token, mfu  # noqa: E402
+from random_tokens import RandomTokens, TokenIdsOnly  # noqa: E402
 
 SPEC_NAME = "scaleforge_lm_1b"
 #: the parameters of scaleforge's lm_1b (tests/benchmarks/test_peers.py counts the same model)
@@ -80,42 +80,22 @@ def _model_args(d: dict, multiple_of: int) -> TransformerModelArgs:
 MODEL_ARGS = {"lm_1b": _model_args(LM_1B, multiple_of=256), "tiny": _model_args(TINY, multiple_of=64)}
 
 
-class RandomTokenizer(BaseTokenizer):
+class RandomTokenizer(TokenIdsOnly, BaseTokenizer):
     """Stands in for a tokenizer: the data below are token ids already."""
 
     def __init__(self, vocab_size: int):
         super().__init__()
         self.vocab_size = vocab_size
 
-    def encode(self, *args, **kwargs) -> list[int]:
-        raise NotImplementedError("random tokens only")
-
-    def decode(self, *args, **kwargs) -> str:
-        raise NotImplementedError("random tokens only")
-
-    def get_vocab_size(self) -> int:
-        return self.vocab_size
-
 
 def build_random_tokenizer(job_config: JobConfig) -> RandomTokenizer:
     return RandomTokenizer(MODEL_ARGS[job_config.model.flavor].vocab_size)
 
 
-class _RandomTokens(IterableDataset):
-    def __init__(self, vocab: int, seq: int, rank: int):
-        self.vocab, self.seq, self.rank = vocab, seq, rank
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(1 + self.rank)
-        while True:
-            ids = torch.randint(0, self.vocab, (self.seq + 1,), generator=g)
-            yield {"input": ids[:-1]}, ids[1:]  # the sample layout of torchtitan's own text datasets
-
-
 def build_random_dataloader(dp_world_size: int, dp_rank: int, tokenizer: BaseTokenizer, job_config: JobConfig,
                             **kwargs) -> ParallelAwareDataloader:
     return ParallelAwareDataloader(
-        _RandomTokens(tokenizer.get_vocab_size(), job_config.training.seq_len, dp_rank), dp_rank=dp_rank,
+        RandomTokens(tokenizer.get_vocab_size(), job_config.training.seq_len, dp_rank), dp_rank=dp_rank,
         dp_world_size=dp_world_size, batch_size=job_config.training.local_batch_size, num_workers=0)
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import IterableDataset
 
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.loss import CrossEntropyLoss
@@ -45,12 +44,13 @@ from torchtitan.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flops import flops_per_token, mfu  # noqa: E402
+from random_tokens import RandomTokens, TokenIdsOnly  # noqa: E402
 
 LM_1B = dict(n_layers=16, dim=2048, n_heads=16, vocab=50304, ffn=5632, seq=2048)
 TINY = dict(n_layers=2, dim=64, n_heads=4, vocab=256, ffn=192, seq=64)
 
 
-class RandomTokenizer(BaseTokenizer):
+class RandomTokenizer(TokenIdsOnly, BaseTokenizer):
     """Stands in for a tokenizer: the data below are token ids already."""
 
     @dataclass(kw_only=True, slots=True)
@@ -61,26 +61,6 @@ class RandomTokenizer(BaseTokenizer):
         super().__init__()
         self.vocab_size = config.vocab_size
 
-    def encode(self, *args, **kwargs) -> list[int]:
-        raise NotImplementedError("random tokens only")
-
-    def decode(self, *args, **kwargs) -> str:
-        raise NotImplementedError("random tokens only")
-
-    def get_vocab_size(self) -> int:
-        return self.vocab_size
-
-
-class _RandomTokens(IterableDataset):
-    def __init__(self, vocab: int, seq: int, rank: int):
-        self.vocab, self.seq, self.rank = vocab, seq, rank
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(1 + self.rank)
-        while True:
-            ids = torch.randint(0, self.vocab, (self.seq + 1,), generator=g)
-            yield {"input": ids[:-1], "positions": torch.arange(self.seq)}, ids[1:]
-
 
 class RandomTokenDataLoader(ParallelAwareDataloader):
     @dataclass(kw_only=True, slots=True)
@@ -89,8 +69,9 @@ class RandomTokenDataLoader(ParallelAwareDataloader):
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, tokenizer: BaseTokenizer,
                  seq_len: int, local_batch_size: int, snapshot_every_n_steps: int | None = 1, **kwargs):
-        super().__init__(_RandomTokens(tokenizer.get_vocab_size(), seq_len, dp_rank), dp_rank=dp_rank,
-                         dp_world_size=dp_world_size, batch_size=local_batch_size, num_workers=0)
+        data = RandomTokens(tokenizer.get_vocab_size(), seq_len, dp_rank, positions=True)
+        super().__init__(data, dp_rank=dp_rank, dp_world_size=dp_world_size, batch_size=local_batch_size,
+                         num_workers=0)
 
 
 def _model(d: dict) -> Llama3Model.Config:

@@ -48,3 +48,14 @@ def test_failed_row_is_named_by_its_exception_not_torchruns_banner():
            ".ChildFailedError: \n" + "=" * 60 + "\nRoot Cause (first observed failure):\n  exitcode  : 1\n" + "=" * 60)
     assert _error_line(log) == "ImportError: cannot import name 'X' from 'torch.distributed.fsdp'"
     assert _error_line("step 3\nloss nan\n" + "=" * 20) == "loss nan"
+
+
+def test_random_tokens_are_shifted_pairs_seeded_by_rank():
+    from random_tokens import RandomTokens
+
+    x, y = next(iter(RandomTokens(50, 16, rank=0)))
+    assert sorted(x) == ["input"] and x["input"].shape == y.shape == (16,)
+    assert int(x["input"].max()) < 50
+    x1, _ = next(iter(RandomTokens(50, 16, rank=1, positions=True)))
+    assert not x1["input"].equal(x["input"]) and x1["positions"].tolist() == list(range(16))
+    assert next(iter(RandomTokens(50, 16, rank=0)))[0]["input"].equal(x["input"])
