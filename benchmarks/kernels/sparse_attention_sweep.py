@@ -2,13 +2,16 @@
 defaults in scaleforge/kernels/sparse_attention/op.py). Prints markdown tables:
 
 0. the rooflines: the bf16 datasheet peak (989 TFLOP/s) and a measured 8192³ bf16 matmul.
-1. every block-sparse forward configuration (BLOCK_M x BLOCK_N, warps, pipeline stages, lane lookup) checked
+1. every block-sparse forward configuration (BLOCK_M x BLOCK_N, warps, pipeline stages, how a key lane finds
+   its key: "bits" / "cmp" lane lookups or "table", the per-token key index table) checked
    against the fp32 reference on a small bf16 problem (causal and not): a broken configuration shows FAIL.
 2. every configuration, and the autotuned default, on the Wan 2.1 1.3B (12 heads x 32,760 x 128) and trimmed
    HunyuanVideo (24 x --hunyuan-tokens x 128) shapes at 0 / 50 / 90 / 95% sparsity of a random 300 x 1000
    cluster map (clusters from k-means of clustered tokens): ms, TFLOP/s of the executed blocks, % of the
    datasheet and of the measured matmul, speed-up over SDPA's flash backend, and the query-tile row use (rows
-   / BLOCK_M x tiles: a tile holds one query cluster, or a run of clusters with the same map row); then the
+   / BLOCK_M x tiles: a tile holds one query cluster, or a run of clusters with the same map row); per shape
+   one more row, the index-table kernel (128x64, 8 warps, 3 stages) on the identity layout with all blocks (one cluster per
+   head, KIDX = arange): what the kernel's loop structure reaches without any sparsity bookkeeping; then the
    best configuration per cell and overall.
 3. k-means: the assignment kernel's configurations, one Lloyd round split into assignment and update, the
    warm SVG2 step (2 rounds on Q (300) and K (1000) + permutation + top-p budget) against dense attention
@@ -42,16 +45,25 @@ from scaleforge.kernels.sparse_attention import op as OP  # noqa: E402
 PEAK = 989.4
 Cfg = OP.BlockSparseConfig
 CONFIGS = [
-    Cfg(128, 64, 8, 3, True), Cfg(128, 64, 8, 2, True), Cfg(128, 128, 8, 2, True), Cfg(128, 32, 4, 3, True),
-    Cfg(64, 64, 4, 3, True), Cfg(128, 64, 8, 1, True), Cfg(128, 64, 8, 3, False), Cfg(128, 64, 8, 3, True, 64),
-    Cfg(128, 64, 8, 3, True, 32), Cfg(128, 64, 8, 1, True, 0, True), Cfg(128, 128, 8, 1, True, 0, True),
+    # the per-lane cluster lookup (bitmap + prefix sum), its best configurations of the earlier sweeps
+    Cfg(128, 64, 8, 3, True), Cfg(128, 128, 8, 2, True), Cfg(128, 64, 8, 1, True, 0, True),
+    # the key index table (index_table=True; lookup_bits unused)
+    Cfg(128, 64, 8, 3, False, 0, False, True), Cfg(128, 64, 8, 2, False, 0, False, True),
+    Cfg(128, 64, 8, 4, False, 0, False, True), Cfg(128, 128, 8, 2, False, 0, False, True),
+    Cfg(128, 64, 4, 3, False, 0, False, True), Cfg(128, 64, 8, 3, False, 64, False, True),
+    Cfg(128, 64, 8, 1, False, 0, True, True), Cfg(128, 128, 8, 1, False, 0, True, True),
 ]
 KM_CONFIGS = [OP.KMeansConfig(*c) for c in ((64, 64, 4, 2), (128, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3))]
 TH_CONFIGS = [OP.ThresholdConfig(*c) for c in ((16, 12, 1024, 16), (16, 12, 2048, 16), (8, 16, 1024, 16),
                                              (32, 8, 512, 16))]  # fmt: skip
+BUDGET_TH_CONFIGS = [OP.ThresholdConfig(*c) for c in ((16, 12, 1024, 16), (16, 12, 1024, 4), (16, 12, 256, 4),
+                                                     (16, 12, 256, 2), (8, 16, 256, 2), (16, 12, 128, 1))]  # fmt: skip
 DEC_CONFIGS = [OP.DecodeConfig(*c) for c in ((False, 0, 64, 1), (True, 0, 32, 2), (True, 0, 64, 2),
                                           (True, 16, 32, 2))]  # fmt: skip
-SMOKE_CONFIGS = [Cfg(16, 16, 1, 1, True), Cfg(32, 16, 1, 1, False, 16), Cfg(16, 16, 1, 1, True, 0, True)]
+SMOKE_CONFIGS = [Cfg(16, 16, 1, 1, True), Cfg(32, 16, 1, 1, False, 16), Cfg(16, 16, 1, 1, True, 0, True),
+                 Cfg(16, 16, 1, 1, False, 0, False, True), Cfg(32, 16, 1, 1, False, 16, True, True)]
+IDENTITY = "128x64 w8 s3 table, identity layout, all blocks (KIDX = arange)"
+IDENTITY_CFG = Cfg(128, 64, 8, 3, False, 0, False, True)
 
 
 def name(c) -> str:
@@ -59,7 +71,8 @@ def name(c) -> str:
         return "autotuned" if c is None else "autotuned, token order + permutations"
     rest = f" +{c.rest_m}" if c.rest_m else ""
     pre = " prefetch" if c.prefetch else ""
-    return f"{c.block_m}{rest}x{c.block_n} w{c.num_warps} s{c.num_stages} {'bits' if c.lookup_bits else 'cmp'}{pre}"
+    keys = "table" if c.index_table else "bits" if c.lookup_bits else "cmp"
+    return f"{c.block_m}{rest}x{c.block_n} w{c.num_warps} s{c.num_stages} {keys}{pre}"
 
 
 def timed(fn, budget_ms: float = 250.0) -> float:
@@ -98,7 +111,8 @@ def correctness(args, configs):
         ref = R.block_sparse_attention_ref(q.float(), k.float(), v.float(), qs, ks, bm, causal)
         low = R.block_sparse_attention_ref(q, k, v, qs, ks, bm, causal).float()
         bound = 2 * (low - ref).abs().max().item() + 1e-3
-        for c in configs + [None] if not causal else configs[:1]:  # causal: one configuration (compile time)
+        # causal: the first configuration of each key path (compile time)
+        for c in configs + [None] if not causal else [configs[0], next(c for c in configs if c.index_table)]:
             try:
                 out = OP.launch_block_sparse(q, k, v, qs, ks, bm, causal, d**-0.5, c)
             except Exception as e:  # noqa: BLE001  (a configuration that does not compile: shown, the rest go on)
@@ -125,8 +139,8 @@ def tile_config(c, d):
         return c
     if DEV != "cuda":
         return OP._interpreter_config()
-    block_m, bits, rest_m, prefetch = OP._query_block(d)
-    return Cfg(block_m, 0, 0, 0, bits, rest_m, prefetch)
+    block_m, bits, rest_m, prefetch, table = OP._query_block(d)
+    return Cfg(block_m, 0, 0, 0, bits, rest_m, prefetch, table)
 
 
 def attention_sweep(args, configs, peak_mm):
@@ -147,6 +161,7 @@ def attention_sweep(args, configs, peak_mm):
         qq, kk, vv = SA.permute(q, qp), SA.permute(k, kp), SA.permute(v, kp)
         dense = sdpa_flash(qq, kk, vv)
         t_sdpa = timed(lambda: sdpa_flash(q, k, v))
+        identity_row(label, h, s, q, k, v, t_sdpa, args.head_dim, peak_mm)
         for sparsity in args.sparsities:
             bm = random_map(1, h, qc.shape[2], kc.shape[2], 1 - sparsity, gen)
             flops = 4 * args.head_dim * float((qs.float()[..., :, None] * ks.float()[..., None, :] * bm).sum())
@@ -185,6 +200,25 @@ def attention_sweep(args, configs, peak_mm):
     best = max((n for n in gmean if not n.startswith("autotuned")), key=gmean.get)
     log(f"\nbest overall (geometric mean of speed-ups over all cells): {best} ({gmean[best]:.2f}x); "
         f"autotuned {gmean.get('autotuned', float('nan')):.2f}x")
+
+
+def identity_row(label, h, s, q, k, v, t_sdpa, d, peak_mm):
+    """The index-table kernel with one query and one key cluster per head, all selected: every row reads the
+    identity as its key index table, so the tiles and the loop are those of dense flash attention."""
+    one = torch.full((1, h, 1), s, dtype=torch.int32, device=DEV)
+    bm = torch.ones(1, h, 1, 1, dtype=torch.bool, device=DEV)
+    cfg = IDENTITY_CFG if DEV == "cuda" else None
+    fn = lambda: OP.launch_block_sparse(q, k, v, one, one, bm, False, d**-0.5, cfg)  # noqa: E731
+    try:
+        err = rel_err(fn(), sdpa_flash(q, k, v))
+    except Exception as e:  # noqa: BLE001
+        check(f"{label} {IDENTITY}", False, f"{type(e).__name__}: {str(e)[:300]}")
+        return
+    check(f"{label} {IDENTITY} = SDPA", err < 2e-2, f"rel err {err:.1e}")
+    t = timed(fn)
+    tf = 4 * d * h * float(s) * s / t / 1e9
+    log(f"| {label} ({h}x{s}) | 0% | {IDENTITY} | {t:.2f} | {tf:.0f} | {tf / PEAK:.0%} | {tf / peak_mm:.0%} | "
+        f"{t_sdpa:.2f} | {t_sdpa / t:.2f}x | {row_use(one, bm, tile_config(cfg, d)):.0%} |")
 
 
 def kmeans_part(args):
@@ -231,6 +265,23 @@ def kmeans_part(args):
     for label, fn in rows:
         t = bench(fn, warmup=2, rep=20)
         log(f"| {label} | {t:.3f} | {t / t_attn:.1%} |")
+    budget_threshold_configs(qc0, kc0, h, s)
+
+
+def budget_threshold_configs(qc0, kc0, h, s):
+    """The budget's threshold search on its own shape (B*H*Cq rows of Ck weights: many short rows, unlike
+    Twilight's few long ones), per launch configuration, against the default's thresholds."""
+    sizes = torch.full((1, h, kc0.shape[2]), s // kc0.shape[2], device=DEV)
+    w = R.cluster_weights(qc0, kc0, sizes).reshape(-1, kc0.shape[2]).float().contiguous()
+    n_min = math.ceil(0.1 * w.shape[1])
+    want = OP.launch_topp_threshold(w, 0.9, n_min)
+    log(f"\n| budget threshold config ({w.shape[0]} rows x {w.shape[1]}) | ms | thresholds = default |")
+    log("|---|---|---|")
+    for c in BUDGET_TH_CONFIGS if DEV == "cuda" else [None]:
+        t = bench(lambda: OP.launch_topp_threshold(w, 0.9, n_min, c), warmup=2, rep=20)
+        same = bool(torch.equal(OP.launch_topp_threshold(w, 0.9, n_min, c), want))
+        check(f"budget threshold {c}", same, "thresholds differ from the default configuration's")
+        log(f"| {c} | {t:.3f} | {same} |")
     try:
         from flash_kmeans import batch_kmeans_Euclid
     except ImportError:

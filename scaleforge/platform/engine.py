@@ -348,8 +348,9 @@ class FSDP2Engine(Engine):
         and allocator fragmentation not included): fp32 parameters, gradients and optimizer state
         (the optimizer's registry entry counts each trainable shape: AdamW 8 B per parameter, adamw_fp8
         ~2.2) sharded over dp_shard; the compute-dtype parameters of the root (never resharded after
-        forward) plus two FSDP groups in flight (the current one and the prefetched one), and the
-        unsharded gradients of one group before its reduce-scatter."""
+        forward) plus two FSDP groups in flight (the current one and the prefetched one), the
+        unsharded gradients of one group before its reduce-scatter, and the EMA's fp32 shadow when
+        ``optim.ema_decay`` > 0."""
         total, trainable = count_params(model, plan.frozen)
         unit_sizes = [sum(per_device(p) for u in group for p in u.parameters())
                       for group in fsdp_groups(plan.fsdp_units, cfg.parallel.fsdp_group_size)]
@@ -358,12 +359,15 @@ class FSDP2Engine(Engine):
         root, largest = local_total - sum(unit_sizes), max(unit_sizes, default=0)
         compute_bytes = 2 if cfg.parallel.mixed_precision in ("bf16", "fp16") else 4
         shard, gib = layout.dp_shard, 2**30
-        return {
+        mem = {
             "params (fp32)": 4 * local_total / shard / gib,
             "grads (fp32)": 4 * local_trainable / shard / gib,
             f"optimizer ({cfg.optim.name})": optimizer_bytes(model, plan.frozen, cfg.optim.name, per_device) / shard / gib,
             "unsharded units": (compute_bytes * (root + 2 * largest) + compute_bytes * largest) / gib,
         }
+        if cfg.optim.ema_decay > 0:  # ShardedEMA: an fp32 shadow of every trainable shard
+            mem["ema (fp32)"] = 4 * local_trainable / shard / gib
+        return mem
 
     # -- step pieces ------------------------------------------------------------------------------
     def trainable_params(self) -> Iterator[nn.Parameter]:

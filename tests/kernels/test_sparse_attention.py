@@ -25,10 +25,24 @@ def _sizes(b, h, c, s, gen, empty=True):
     return out.to(DEVICE)
 
 
+def _launch(q, k, v, qs, ks, bm, causal=False, table=True, qp=None, kp=None):
+    """The interpreter configuration with the key index table (the default) or the per-lane lookup."""
+    from scaleforge.kernels.sparse_attention import op
+
+    cfg = op._interpreter_config()._replace(lookup_bits=not table, index_table=table)
+    return op.launch_block_sparse(q, k, v, qs, ks, bm, causal, q.shape[-1] ** -0.5, cfg, qp, kp)
+
+
+def _random_perms(b, h, s, gen):
+    return torch.stack([torch.randperm(s, generator=gen) for _ in range(b * h)]).reshape(b, h, s).to(DEVICE)
+
+
+@pytest.mark.parametrize("table", [True, False], ids=["table", "lookup"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("sq,sk,d,causal", [(37, 37, 64, False), (97, 53, 64, False), (45, 45, 128, True),
-                                            (23, 23, 24, True)])
-def test_block_sparse_attention_matches_reference(dtype, sq, sk, d, causal):
+                                            (23, 23, 24, True), (51, 75, 128, False)])
+def test_block_sparse_attention_matches_reference(dtype, sq, sk, d, causal, table):
+    """Each key path against the reference, in cluster order and in token order through permutations."""
     gen = torch.Generator().manual_seed(sq * 7 + d)
     b, h, cq, ck = 2, 2, 5, 7
     if causal:
@@ -37,22 +51,55 @@ def test_block_sparse_attention_matches_reference(dtype, sq, sk, d, causal):
     q_sizes, k_sizes = _sizes(b, h, cq, sq, gen), _sizes(b, h, ck, sk, gen)
     block_map = (torch.rand(b, h, cq, ck, generator=gen) < 0.5).to(DEVICE)
     block_map[0, 0, 1] = False  # a query cluster with no key cluster: its rows give 0
-    out = SA.block_sparse_attention(q, k, v, q_sizes, k_sizes, block_map, causal=causal, backend="triton")
+    block_map[1, 0, 2] = k_sizes[1, 0] > 0  # a query cluster that selects every key
+    out = _launch(q, k, v, q_sizes, k_sizes, block_map, causal, table)
     ref = R.block_sparse_attention_ref(q.float(), k.float(), v.float(), q_sizes, k_sizes, block_map, causal)
     assert out.dtype == dtype and out.shape == q.shape
     assert rel_err(out, ref) < TOL[dtype] * 2
     if dtype == torch.float16:  # flash-attention rule: within 2x the error of the reference run in fp16
         low = R.block_sparse_attention_ref(q, k, v, q_sizes, k_sizes, block_map, causal).float()
         assert (out.float() - ref).abs().max() <= 2 * (low - ref).abs().max() + 1e-3
+    qp, kp = _random_perms(b, h, sq, gen), _random_perms(b, h, sk, gen)
+    tok = _launch(SA.unpermute(q, qp), SA.unpermute(k, kp), SA.unpermute(v, kp), q_sizes, k_sizes, block_map, causal,
+                  table, qp, kp)  # fmt: skip
+    assert rel_err(SA.permute(tok, qp), ref) < TOL[dtype] * 2
 
 
-def test_block_sparse_key_tiles_span_many_small_clusters():
+def test_key_index_table_lists_the_selected_keys():
+    """KIDX row = the token positions (through k_perm) of the row's selected, non-empty key clusters in cluster
+    order; a row that selects every key is left unwritten and read from KFULL (k_perm, or the identity)."""
+    from scaleforge.kernels.sparse_attention import op
+
+    gen = torch.Generator().manual_seed(15)
+    b, h, cq, ck, sk = 1, 2, 4, 30, 70  # clusters of ~2 keys: a 16-position group crosses many starts
+    ks = _sizes(b, h, ck, sk, gen)
+    bm = (torch.rand(b, h, cq, ck, generator=gen) < 0.6).to(DEVICE)
+    bm[0, 1, 3] = True
+    kp = _random_perms(b, h, sk, gen).to(torch.int32).reshape(b * h, sk)
+    kcum, kdelta, c0, _ = op._key_tables(ks, bm, sk, False)
+    off = op._offsets(ks)
+    for perm in (kp, None):
+        kidx, kfull, sfull = op._key_index_table(kcum, kdelta, c0, perm, cq, sk)
+        for bh in range(b * h):
+            for r in range(cq):
+                row = bh * cq + r
+                pos = [j for c in range(ck) if bm[0, bh, r, c]
+                       for j in range(int(off[0, bh, c]), int(off[0, bh, c + 1]))]  # fmt: skip
+                want = torch.tensor(pos, dtype=torch.int32, device=DEVICE)
+                want = perm[bh, want.long()] if perm is not None else want
+                assert int(kcum[row, -1]) == len(pos)
+                got = kfull.reshape(-1)[bh * sfull: bh * sfull + sk] if len(pos) == sk else kidx[row, :len(pos)]
+                assert torch.equal(got, want), (bh, r)
+
+
+@pytest.mark.parametrize("table", [True, False], ids=["table", "lookup"])
+def test_block_sparse_key_tiles_span_many_small_clusters(table):
     """Key clusters of 0-3 tokens (more clusters than a key tile has lanes): a tile crosses many of them."""
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, 2, 50, 32, generator=gen).to(DEVICE) for _ in range(3))
     q_sizes, k_sizes = _sizes(1, 2, 3, 50, gen), _sizes(1, 2, 40, 50, gen)
     block_map = (torch.rand(1, 2, 3, 40, generator=gen) < 0.7).to(DEVICE)
-    out = SA.block_sparse_attention(q, k, v, q_sizes, k_sizes, block_map, backend="triton")
+    out = _launch(q, k, v, q_sizes, k_sizes, block_map, table=table)
     assert rel_err(out, R.block_sparse_attention_ref(q, k, v, q_sizes, k_sizes, block_map)) < TOL[torch.float32] * 2
 
 
@@ -91,6 +138,7 @@ def test_block_sparse_remainder_launch_and_prefetch(causal, prefetch, bits):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_sparse_with_permutations_equals_permuting(causal):
+    # the default path (the key index table); the lookup's permutations: test_block_sparse_attention_matches_reference
     """q_perm / k_perm: inputs and output in token order, the same result as permuting q, k, v into cluster
     order and the output back; bad permutation arguments are refused."""
     gen = torch.Generator().manual_seed(14)
@@ -108,14 +156,21 @@ def test_block_sparse_with_permutations_equals_permuting(causal):
         SA.block_sparse_attention(q, k, v, qs, ks, bm, q_perm=qp, backend="triton")
 
 
-def test_block_sparse_all_blocks_is_dense_attention():
+@pytest.mark.parametrize("table", [True, False], ids=["table", "lookup"])
+def test_block_sparse_all_blocks_is_dense_attention(table):
+    """All blocks: dense attention in the cluster order, and through permutations (the index table then reads
+    k_perm or the identity for every row)."""
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 41, 64, generator=gen).to(DEVICE) for _ in range(3))
     qs, ks = _sizes(1, 2, 4, 41, gen, empty=False), _sizes(1, 2, 6, 41, gen)
     full = torch.ones(1, 2, 4, 6, dtype=torch.bool, device=DEVICE)
+    qp, kp = _random_perms(1, 2, 41, gen), _random_perms(1, 2, 41, gen)
     for causal in (False, True):
-        out = SA.block_sparse_attention(q, k, v, qs, ks, full, causal=causal, backend="triton")
-        assert rel_err(out, F.scaled_dot_product_attention(q, k, v, is_causal=causal)) < 1e-5
+        dense = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        assert rel_err(_launch(q, k, v, qs, ks, full, causal, table), dense) < 1e-5
+        tok = _launch(SA.unpermute(q, qp), SA.unpermute(k, kp), SA.unpermute(v, kp), qs, ks, full, causal, table, qp,
+                      kp)  # fmt: skip
+        assert rel_err(SA.permute(tok, qp), dense) < 1e-5
 
 
 def test_block_sparse_rejects_bad_shapes():

@@ -367,6 +367,23 @@ def test_dry_run_total_counts_gradients_and_activations_together_only_with_accum
     assert two["total"] == pytest.approx(static + two["grads (fp32)"] + two["activations"])
 
 
+def test_dry_run_counts_the_ema_shadow():
+    """optim.ema_decay > 0 keeps an fp32 shadow of every trainable parameter: the plan counts it (as many bytes
+    as the fp32 gradients) and the total grows by it; without an EMA there is no such line."""
+    from scaleforge.models import get_recipe_class, recipe_config_class
+    from scaleforge.platform.config import derive_layout, load_config
+    from scaleforge.platform.plan import make_plan
+
+    def plan(decay: float):
+        cfg = load_config("lm_tiny.yaml", [f"optim.ema_decay={decay}"], recipe_config=recipe_config_class)
+        return make_plan(cfg, derive_layout(cfg, 2), get_recipe_class("llm")(cfg.model, cfg))
+
+    without, with_ema = plan(0.0), plan(0.999)
+    assert "ema (fp32)" not in without.memory
+    assert with_ema.memory["ema (fp32)"] == pytest.approx(with_ema.memory["grads (fp32)"], rel=1e-9)
+    assert with_ema.memory["total"] - without.memory["total"] == pytest.approx(with_ema.memory["ema (fp32)"])
+
+
 def test_dry_run_counts_fsdp_groups_in_flight():
     """parallel.fsdp_group_size=k: the plan holds two groups of k units unsharded (plus one group's
     unsharded gradients), so the 'unsharded units' term grows k-fold for equal blocks."""

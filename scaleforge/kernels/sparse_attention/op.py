@@ -1,6 +1,7 @@
 """The sparse-attention torch.library ops and their launches. Index tables (query tiles of each cluster, the
-selected key clusters of each query cluster, the selected tokens of each decode row) are built with torch ops
-from tensor shapes only, so no launch needs a host sync and torch.compile traces through."""
+selected key clusters of each query cluster and their per-token key index, the selected tokens of each decode
+row) are built with torch ops and small Triton kernels from tensor shapes only, so no launch needs a host sync
+and torch.compile traces through."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from scaleforge.kernels.sparse_attention.triton_kernels import (
     _compact_mask_kernel,
     _decode_combine_kernel,
     _int4_scores_kernel,
+    _key_index_kernel,
     _kmeans_assign_kernel,
     _sparse_decode_compact_kernel,
     _sparse_decode_kernel,
@@ -30,7 +32,9 @@ class BlockSparseConfig(NamedTuple):
     BLOCK_N² compares against the next cluster starts). ``rest_m`` > 0: a second launch with rest_m-row
     tiles covers the rows past each cluster's last full BLOCK_M tile (less padding than one partial
     BLOCK_M tile per cluster). ``prefetch``: the full-tile loop loads the next tile's K / V before this
-    tile's math (register double buffering) instead of relying on the compiler's pipelining."""
+    tile's math (register double buffering) instead of relying on the compiler's pipelining. ``index_table``:
+    a key tile reads its token positions from a per-row key index table (:func:`_key_index_table`) with one
+    contiguous load instead of the lane lookup (``lookup_bits`` then unused)."""
 
     block_m: int
     block_n: int
@@ -39,6 +43,7 @@ class BlockSparseConfig(NamedTuple):
     lookup_bits: bool
     rest_m: int = 0
     prefetch: bool = False
+    index_table: bool = False
 
 
 # The GPU configurations the autotuner times (per head dim, causal flag, query tile and lookup); BLOCK_M and
@@ -48,19 +53,22 @@ _FWD_TUNE = [
     for n, w, st in ((64, 4, 3), (64, 8, 2), (64, 8, 3), (64, 8, 4), (128, 8, 2), (128, 8, 3), (32, 4, 3))
 ]
 _block_sparse_fwd_tuned = triton.autotune(
-    _FWD_TUNE, key=["BLOCK_D", "CAUSAL", "BLOCK_M", "LOOKUP_BITS", "PREFETCH", "PERM"])(
+    _FWD_TUNE, key=["BLOCK_D", "CAUSAL", "BLOCK_M", "LOOKUP_BITS", "PREFETCH", "PERM", "KIDX_TABLE"])(
     _block_sparse_fwd_kernel)
 
 
-def _query_block(d: int) -> tuple[int, bool, int, bool]:
-    """(BLOCK_M, lookup_bits, rest_m, prefetch) on GPU: 128-row query tiles (the tile of dense flash attention
-    on H100) up to head dim 128, 64 above (registers)."""
-    return (128 if d <= 128 else 64), True, 0, False
+def _query_block(d: int) -> tuple[int, bool, int, bool, bool]:
+    """(BLOCK_M, lookup_bits, rest_m, prefetch, index_table) on GPU: 128-row query tiles (the tile of dense
+    flash attention on H100) up to head dim 128, 64 above (registers); keys through the bitmap lookup, the
+    configuration measured on the GPU (docs/benchmarks.md); the index table is selectable until the sweep
+    has timed it there."""
+    return (128 if d <= 128 else 64), True, 0, False, False
 
 
 def _interpreter_config() -> BlockSparseConfig:
-    """Small tiles in the interpreter (fewer lanes to emulate; it cannot autotune)."""
-    return BlockSparseConfig(16, 16, 1, 1, True)
+    """Small tiles in the interpreter (fewer lanes to emulate; it cannot autotune); the GPU default's key
+    index table."""
+    return BlockSparseConfig(16, 16, 1, 1, False, index_table=True)
 
 
 def _offsets(sizes: torch.Tensor) -> torch.Tensor:
@@ -126,6 +134,29 @@ def _key_tables(k_sizes: torch.Tensor, block_map: torch.Tensor, sk: int, bits: b
     return cum.contiguous(), delta.contiguous(), c0, words.contiguous()
 
 
+def _key_index_table(kcum: torch.Tensor, kdelta: torch.Tensor, ktile_c0: torch.Tensor, k_perm: torch.Tensor | None,
+                     cq: int, sk: int) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+    """The per-token key index of every merged query-cluster row, as FlashInfer builds from a block map (page
+    size 1): KIDX (B*H*Cq, Sk) int32, KIDX[row, v] the key of virtual position v in :func:`_key_tables`' order
+    (a token position, through ``k_perm`` (B*H, Sk) int32 when given); only the first KCUM[row, Ck] entries
+    of a row are written. Memory: 4 bytes x B*H*Cq x Sk, an upper bound fixed by the shapes so that no host
+    sync is needed (472 MB at 12 heads x 300 clusters x 32,760 keys). A row that selects every key is not
+    written: the attention kernel reads KFULL for it. -> (KIDX, KFULL, KFULL's row stride): KFULL is
+    ``k_perm`` (stride Sk) or arange(Sk) (stride 0). One Triton program per (row, 1,024 virtual positions)."""
+    rows = kcum.shape[0]
+    dev = kcum.device
+    kidx = torch.empty(rows, sk, dtype=torch.int32, device=dev)
+    perm = k_perm is not None
+    block = 1024 if not triton_interpreting() else min(1024, next_pow2(sk))
+    torch.library.wrap_triton(_key_index_kernel)[(rows, cdiv(sk, block))](
+        kcum, kdelta, ktile_c0, k_perm if perm else kcum, kidx, cq, kcum.shape[1] - 1, ktile_c0.shape[1], sk,
+        BLOCK=block, PERM=perm, num_warps=4,
+    )  # fmt: skip
+    if perm:
+        return kidx, k_perm, sk
+    return kidx, torch.arange(sk, dtype=torch.int32, device=dev), 0
+
+
 def _merge_equal_rows(q_sizes: torch.Tensor, block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Consecutive query clusters that select the same key clusters merged into one (their rows are
     contiguous): a query tile holds one cluster, so each cluster's last, partial tile wastes rows (half a tile
@@ -142,15 +173,21 @@ def _merge_equal_rows(q_sizes: torch.Tensor, block_map: torch.Tensor) -> tuple[t
 def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scale: float,
                         config: BlockSparseConfig | None = None, q_perm=None, k_perm=None) -> torch.Tensor:  # fmt: skip
     """The forward launch: with ``config`` None the interpreter's fixed configuration, or on GPU the host's
-    BLOCK_M and lookup with the autotuned rest; an explicit ``config`` runs the plain kernel with it
-    (benchmarks/kernels/sparse_attention_sweep.py times each). ``q_perm`` / ``k_perm`` (B, H, S): q, k, v and
-    the output in token order, the clusters in the order the permutations give (both or neither)."""
+    BLOCK_M, lookup and key index table with the autotuned rest; an explicit ``config`` runs the plain kernel
+    with it (benchmarks/kernels/sparse_attention_sweep.py times each). ``q_perm`` / ``k_perm`` (B, H, S): q, k,
+    v and the output in token order, the clusters in the order the permutations give (both or neither). The
+    index table holds token positions (composed with ``k_perm``), except causal with permutations: then
+    positions in the cluster order, which the causal test compares, mapped through ``k_perm`` at the loads."""
     b, h, sq, d = q.shape
     cq, ck = block_map.shape[-2:]
     if config is None and triton_interpreting():
         config = _interpreter_config()
-    block_m, bits, rest_m, prefetch = (config.block_m, config.lookup_bits, config.rest_m, config.prefetch) \
-        if config is not None else _query_block(d)  # fmt: skip
+    if config is not None:
+        block_m, bits, rest_m, prefetch = config.block_m, config.lookup_bits, config.rest_m, config.prefetch
+        table = config.index_table
+    else:
+        block_m, bits, rest_m, prefetch, table = _query_block(d)
+    bits = bits and not table
     q_sizes, block_map = _merge_equal_rows(q_sizes, block_map)
     kcum, kdelta, ktile_c0, words = _key_tables(k_sizes, block_map, k.shape[2], bits)
     out = _backend.new_output(q.shape, q.dtype, q.device)
@@ -158,15 +195,20 @@ def launch_block_sparse(q, k, v, q_sizes, k_sizes, block_map, causal: bool, scal
     q_off = _offsets(q_sizes)
     perm = q_perm is not None
     qp, kp = (q_perm.to(torch.int32).contiguous(), k_perm.to(torch.int32).contiguous()) if perm else (q_off, q_off)
+    kidx, kfull, sfull = kcum, kcum, 0  # placeholders: not read without the table
+    if table:
+        kidx, kfull, sfull = _key_index_table(kcum, kdelta, ktile_c0, kp.reshape(b * h, -1) if perm and not causal
+                                              else None, cq, k.shape[2])  # fmt: skip
     parts = [(block_m, False)] if not rest_m else [(block_m, False), (rest_m, True)]
     for tile_m, rest in parts:
         tile_cl, tile_start, t_max = _query_tiles(q_sizes, sq, tile_m, block_m if rest_m else 0, rest)
-        args = (q, k, v, out, tile_cl, tile_start, q_off, kcum, kdelta, ktile_c0, words, qp, kp,
+        args = (q, k, v, out, tile_cl, tile_start, q_off, kcum, kdelta, ktile_c0, words, qp, kp, kidx, kfull,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                h, d, cq, ck, t_max, ktile_c0.shape[1], words.shape[-1], sq, k.shape[2], scale)  # fmt: skip
+                h, d, cq, ck, t_max, ktile_c0.shape[1], words.shape[-1], sq, k.shape[2], sfull, scale)  # fmt: skip
         common = dict(CAUSAL=causal, BLOCK_M=tile_m, BLOCK_D=next_pow2(d), PREC=dot_precision(), LOOKUP_BITS=bits,
-                      IDX64=idx64, HEAD_PAD=next_pow2(d) != d, PREFETCH=prefetch, PERM=perm)  # fmt: skip
+                      IDX64=idx64, HEAD_PAD=next_pow2(d) != d, PREFETCH=prefetch, PERM=perm,
+                      KIDX_TABLE=table)  # fmt: skip
         if config is None:
             torch.library.wrap_triton(_block_sparse_fwd_tuned)[(t_max, b * h)](*args, **common)
         else:

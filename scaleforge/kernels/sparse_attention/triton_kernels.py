@@ -48,6 +48,26 @@ def _token_keys(KPERM, bh, SK, cols, vmask, PERM: tl.constexpr, MASKED: tl.const
 
 
 @triton.jit
+def _tile_keys(src, cum, KDELTA, KTILE_C0, BITS, KPERM, row, bh, v0, lanes, vmask, CK, NKT, NW, SK,
+               BLOCK_N: tl.constexpr, LOOKUP_BITS: tl.constexpr, KIDX_TABLE: tl.constexpr, PERM: tl.constexpr,
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    # (positions in the cluster order, token positions) of the lanes of the virtual key tile at v0. KIDX_TABLE:
+    # one contiguous load from the row's key index table src, which holds token positions, or, causal with
+    # permutations, cluster-order positions (the causal test compares those) mapped through KPERM here;
+    # otherwise each lane looks up its cluster. Without CAUSAL the first value is not used.
+    if KIDX_TABLE:
+        if MASKED:
+            cols = tl.load(src + v0 + lanes, mask=vmask, other=0)
+        else:
+            cols = tl.load(src + v0 + lanes)
+        if CAUSAL:
+            return cols, _token_keys(KPERM, bh, SK, cols, vmask, PERM, MASKED)
+        return cols, cols
+    cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, v0, lanes, vmask, CK, NKT, NW, BLOCK_N, LOOKUP_BITS, MASKED)
+    return cols, _token_keys(KPERM, bh, SK, cols, vmask, PERM, MASKED)
+
+
+@triton.jit
 def _load_kv(kbase, vbase, cols, sks, svs, dcols, dmask, IDX64: tl.constexpr, HEAD_PAD: tl.constexpr):
     # the K and V rows of one full key tile (every lane a key)
     cols_o = cols.to(tl.int64) if IDX64 else cols
@@ -73,13 +93,40 @@ def _full_tile(q, k, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
+def _key_index_kernel(KCUM, KDELTA, KTILE_C0, KPERM, KIDX, CQ, CK, NKT, SK, BLOCK: tl.constexpr,
+                      PERM: tl.constexpr):  # fmt: skip
+    # One program per (merged query-cluster row, BLOCK virtual key positions; rows on the grid's first axis,
+    # which has no 65,535 limit): KIDX[row, v] = the key of virtual position v, through KPERM with PERM. Only
+    # positions below the row's key count are written, and nothing for a row that selects every key (the
+    # attention kernel reads the identity or KPERM for it). A lane's cluster: the one at its 16-aligned
+    # position (KTILE_C0) plus the starts among the next 15 clusters that are <= v (a selected cluster holds
+    # >= 1 key, so 16 positions cross at most 15 starts), by a 4-step binary search on KCUM.
+    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    cum = KCUM + row * (CK + 1)
+    n = tl.load(cum + CK)
+    if (pid * BLOCK < n) & (n < SK):
+        vs = pid * BLOCK + tl.arange(0, BLOCK)
+        vmask = vs < n
+        c = tl.load(KTILE_C0 + row * NKT + vs // 16, mask=vmask, other=0)
+        for step in tl.static_range(4):
+            nxt = c + (8 >> step)
+            start = tl.load(cum + nxt, mask=vmask & (nxt <= CK), other=2147483647)
+            c = tl.where(start <= vs, nxt, c)
+        keys = vs + tl.load(KDELTA + row * CK + c, mask=vmask, other=0)
+        if PERM:
+            keys = tl.load(KPERM + (row // CQ) * SK + keys, mask=vmask, other=0)
+        tl.store(KIDX + row * SK + vs, keys, mask=vmask)
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, TILE_CL, TILE_START, Q_OFF, KCUM, KDELTA, KTILE_C0, BITS, QPERM, KPERM,
+    Q, K, V, O, TILE_CL, TILE_START, Q_OFF, KCUM, KDELTA, KTILE_C0, BITS, QPERM, KPERM, KIDX, KFULL,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-    H, D, CQ, CK, T, NKT, NW, SQ, SK, scale,
+    H, D, CQ, CK, T, NKT, NW, SQ, SK, sfull, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, STAGES: tl.constexpr, LOOKUP_BITS: tl.constexpr, IDX64: tl.constexpr,
-    HEAD_PAD: tl.constexpr, PREFETCH: tl.constexpr, PERM: tl.constexpr,
+    HEAD_PAD: tl.constexpr, PREFETCH: tl.constexpr, PERM: tl.constexpr, KIDX_TABLE: tl.constexpr,
 ):  # fmt: skip
     # One program per (query tile, batch*head). A query tile is BLOCK_M rows of one query cluster (the tile
     # table maps program -> cluster and first row; -1 marks unused programs of the upper-bound grid). The key
@@ -95,6 +142,9 @@ def _block_sparse_fwd_kernel(
     # token order and QPERM / KPERM (B*H, S) give the cluster order: a tile reads its rows and keys through
     # them and writes its rows back in place, so nothing is permuted or un-permuted in memory (positions in
     # the cluster order, as the tables and the causal test use, map to token positions only at the loads).
+    # KIDX_TABLE: a tile's keys come from the row's slice of the key index table KIDX (B*H*CQ, SK), one
+    # contiguous load, instead of the per-lane cluster lookup; a row that selects every key reads KFULL
+    # (the identity or KPERM, row stride sfull) instead, which nobody had to write.
     qk_scale = tl.cast(scale, tl.float32) * 1.4426950408889634  # Inductor passes Python floats as fp64
     t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -123,38 +173,38 @@ def _block_sparse_fwd_kernel(
     row = bh * CQ + cl
     cum = KCUM + row * (CK + 1)
     n_keys = tl.where(valid, tl.load(cum + CK), 0)
+    src = KIDX
+    if KIDX_TABLE:
+        src = tl.where(n_keys == SK, KFULL + bh * sfull, KIDX + row * SK)
     kbase = K + b * skb + h * skh
     vbase = V + b * svb + h * svh
     lanes = tl.arange(0, BLOCK_N)
+    full = lanes < BLOCK_N
     n_full = 0 if CAUSAL else n_keys // BLOCK_N
     if PREFETCH:
         # the next tile's K / V loads issued before this tile's math, so their latency overlaps it (register
         # double buffering, independent of the compiler's pipelining; the last one re-reads the last tile)
         if n_full > 0:
-            cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, 0, lanes, lanes < BLOCK_N, CK, NKT, NW, BLOCK_N,
-                              LOOKUP_BITS, False)  # fmt: skip
-            keys = _token_keys(KPERM, bh, SK, cols, lanes < BLOCK_N, PERM, False)
+            _, keys = _tile_keys(src, cum, KDELTA, KTILE_C0, BITS, KPERM, row, bh, 0, lanes, full, CK, NKT, NW, SK,
+                                 BLOCK_N, LOOKUP_BITS, KIDX_TABLE, PERM, CAUSAL, False)  # fmt: skip
             k, v = _load_kv(kbase, vbase, keys, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
             for it in range(0, n_full):
                 nxt = tl.minimum(it + 1, n_full - 1) * BLOCK_N
-                cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, nxt, lanes, lanes < BLOCK_N, CK, NKT, NW,
-                                  BLOCK_N, LOOKUP_BITS, False)  # fmt: skip
-                keys = _token_keys(KPERM, bh, SK, cols, lanes < BLOCK_N, PERM, False)
+                _, keys = _tile_keys(src, cum, KDELTA, KTILE_C0, BITS, KPERM, row, bh, nxt, lanes, full, CK, NKT,
+                                     NW, SK, BLOCK_N, LOOKUP_BITS, KIDX_TABLE, PERM, CAUSAL, False)  # fmt: skip
                 k_next, v_next = _load_kv(kbase, vbase, keys, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
                 m_i, l_i, acc = _full_tile(q, k, v, m_i, l_i, acc, qk_scale, PREC)
                 k, v = k_next, v_next
     else:
         for it in tl.range(0, n_full, num_stages=STAGES):
-            cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, lanes < BLOCK_N, CK, NKT, NW,
-                              BLOCK_N, LOOKUP_BITS, False)  # fmt: skip
-            keys = _token_keys(KPERM, bh, SK, cols, lanes < BLOCK_N, PERM, False)
+            _, keys = _tile_keys(src, cum, KDELTA, KTILE_C0, BITS, KPERM, row, bh, it * BLOCK_N, lanes, full, CK,
+                                 NKT, NW, SK, BLOCK_N, LOOKUP_BITS, KIDX_TABLE, PERM, CAUSAL, False)  # fmt: skip
             k, v = _load_kv(kbase, vbase, keys, sks, svs, dcols, dmask, IDX64, HEAD_PAD)
             m_i, l_i, acc = _full_tile(q, k, v, m_i, l_i, acc, qk_scale, PREC)
     for it in tl.range(n_full, tl.cdiv(n_keys, BLOCK_N), num_stages=STAGES):
         vmask = it * BLOCK_N + lanes < n_keys
-        cols = _lane_keys(cum, KDELTA, KTILE_C0, BITS, row, it * BLOCK_N, lanes, vmask, CK, NKT, NW, BLOCK_N,
-                          LOOKUP_BITS, True)  # fmt: skip
-        cols_t = _token_keys(KPERM, bh, SK, cols, vmask, PERM, True)
+        cols, cols_t = _tile_keys(src, cum, KDELTA, KTILE_C0, BITS, KPERM, row, bh, it * BLOCK_N, lanes, vmask, CK,
+                                  NKT, NW, SK, BLOCK_N, LOOKUP_BITS, KIDX_TABLE, PERM, CAUSAL, True)  # fmt: skip
         cols_o = cols_t.to(tl.int64) if IDX64 else cols_t
         kv_mask = (vmask[:, None] & dmask[None, :]) if HEAD_PAD else vmask[:, None]
         k = tl.load(kbase + cols_o[:, None] * sks + dcols[None, :], mask=kv_mask, other=0.0)

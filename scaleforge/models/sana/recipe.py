@@ -20,6 +20,7 @@ attention head dim, Hd = 2.5 C, Ct caption channels, Cin = 32 p^2; multiply-add 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -313,6 +314,7 @@ class SanaRecipe(Recipe):
 
             raise ConfigError(f"model: {e}") from None
         self._encoders = None
+        self._activation_probes: dict[tuple[bool, str], tuple[Any, Any]] = {}
 
     # -- model ---------------------------------------------------------------------------------------
     def build_model(self, device: torch.device) -> nn.Module:
@@ -421,6 +423,114 @@ class SanaRecipe(Recipe):
             h = w = self.cfg.image_size // VAE_DOWNSAMPLE
         n = (h // self.arch.patch_size) * (w // self.arch.patch_size)
         return flops_per_sample(self.arch, n, self.arch.text_len)
+
+    activation_fp8_modes = ("coat",)
+
+    def activation_bytes(self, micro_batch_size: int, activation_checkpointing: bool,
+                         compiled: bool = False, fp8: str = "none", tp: int = 1) -> int:
+        """Activation memory of one micro-batch, measured rather than guessed: probe training forwards
+        (``forward_loss``) of this architecture at its real width and text length, with 1 and 2 blocks, on
+        two small square latent grids (the depthwise conv sees a real grid), on CPU in the compute dtype
+        (``parallel.mixed_precision``), counted by ``saved_tensor_bytes``. Two blocks minus one gives a
+        block's bytes, one block minus that the rest (embedders, caption projection and norm, final layer,
+        loss; the caption tokens every block reads are saved once, so they count here); both are linear in
+        the image tokens (linear self-attention, cross-attention to a fixed number of caption tokens,
+        token-wise MixFFN), so a + b * tokens per image is fitted on the two grids and extrapolated to
+        ``image_size``. With
+        activation checkpointing a block keeps only its input, plus one block's activations during
+        recompute.
+
+        ``compiled``: the blocks are compiled as the engine compiles them, with backend
+        ``aot_eager_decomp_partition`` (AOTAutograd's min-cut partitioner, no code generation), so the probe
+        counts what the compiled blocks save. ``fp8="coat"``: the probe model is converted as the engine
+        converts it (``convert_to_coat`` with the plan's ``fp8_keep``).
+
+        The probe runs the model's torch path (``model.kernels=torch``, the kernel library's torch
+        references): with ``model.kernels=triton`` the fused linear attention keeps bf16 q, k, v instead of
+        the reference's fp32 copies, so the estimate is somewhat high there. SANA has no tensor-parallel
+        plan, so ``tp`` is never more than 1."""
+        a = self.arch
+        # COAT runs eager (the config rejects parallel.compile with it)
+        per_image_block, per_image_rest = self._probe_activations(compiled and fp8 != "coat", fp8)
+        n = (self.cfg.image_size // VAE_DOWNSAMPLE // a.patch_size) ** 2
+        block, rest = per_image_block(n), per_image_rest(n)
+        if activation_checkpointing:
+            itemsize = torch.empty((), dtype=self._compute_dtype()).element_size()
+            blocks = a.depth * n * a.hidden_size * itemsize + block
+        else:
+            blocks = a.depth * block
+        return int(micro_batch_size * (blocks + rest))
+
+    def _compute_dtype(self) -> torch.dtype:
+        mp = getattr(getattr(self.job_cfg, "parallel", None), "mixed_precision", "bf16")
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(mp, torch.bfloat16)
+
+    def _probe_activations(self, compiled: bool, fp8: str):
+        """(block bytes, other bytes) per image as functions of the image tokens; measured once per
+        (compiled, fp8) and kept, since neither depends on the micro-batch or on checkpointing."""
+        key = (bool(compiled), fp8)
+        if key in self._activation_probes:
+            return self._activation_probes[key]
+        from scaleforge.kernels import use_backend
+        from scaleforge.platform.memory import saved_tensor_bytes
+
+        a, dtype = self.arch, self._compute_dtype()
+        arch = dataclasses.replace(a, depth=2)
+        with torch.device("meta"):
+            model = SanaTransformer(arch).to(dtype)
+        # what autograd saves does not depend on the values: uninitialised memory zeroed, no init pass
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                t.zero_()
+        model.set_kernels("torch")
+        if fp8 == "coat":
+            from scaleforge.fp8 import convert_to_coat
+
+            convert_to_coat(model, self.parallel_plan(model).fp8_keep)
+        blocks = model.blocks
+        if compiled:
+            for blk in blocks:
+                blk.compile(backend="aot_eager_decomp_partition")
+        params = list(model.parameters())
+        g = torch.Generator().manual_seed(0)
+
+        # two images: with one, some batched matmuls fold (B, heads) without the copy they save from two on
+        images = 2
+
+        def measure(depth: int, side: int) -> float:
+            hw = side * a.patch_size
+            mask = torch.ones(images, a.text_len)
+            mask[:, a.text_len // 2:] = 0  # padded caption tokens, as real captions have
+            batch = {"latents": torch.randn(images, a.in_channels, hw, hw, generator=g),
+                     "noise": torch.randn(images, a.in_channels, hw, hw, generator=g),
+                     "text_embeddings": torch.randn(images, a.text_len, a.caption_channels, generator=g),
+                     "text_mask": mask, "sigmas": torch.full((images,), 0.5),
+                     "drop_text": torch.zeros(images, dtype=torch.bool)}
+            # each grid compiles with static shapes (quicker than the symbolic recompile, same partition);
+            # past the recompile limit dynamo would run the blocks eagerly and the probe count eager bytes
+            dynamo = (torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64)
+                      if compiled else contextlib.nullcontext())
+            model.blocks = blocks[:depth]
+            try:
+                with use_backend("torch"), dynamo:
+                    return saved_tensor_bytes(lambda: self.forward_loss(model, batch).loss, params=params) / images
+            finally:
+                model.blocks = blocks
+
+        sides = (4, 8)
+        toks = [s * s for s in sides]
+        one = [measure(1, s) for s in sides]
+        two = [measure(2, s) for s in sides]
+        block = [t - o for t, o in zip(two, one)]
+        rest = [o - b for o, b in zip(one, block)]
+
+        def fit(ys: list[float]):
+            slope = (ys[1] - ys[0]) / (toks[1] - toks[0])
+            return lambda n: ys[0] + slope * (n - toks[0])
+
+        self._activation_probes[key] = (fit(block), fit(rest))
+        return self._activation_probes[key]
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         blocks = sum(p.numel() for p in model.blocks.parameters())
