@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the GPU figures of docs/benchmarks.md on a 2-GPU node (run from the repo root with the
 # package importable, e.g. PYTHONPATH=$PWD). Logs go to ${OUT:-gpu_logs}/. Sections: kernels lm lm-variants lm-profile host-overhead sana nvila
-# vs-liger peers sana-1gpu coat coat-loss coat-sana (the last six on one GPU).
+# vs-liger peers sana-1gpu coat coat-loss coat-sana sparse-sweep sana-depthwise (the last eight on one GPU).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -29,6 +29,9 @@ for section in "$@"; do
         echo "== SANA 1.6B, 1024px (32x32 latents), $n GPU(s), through launch"
         python3 benchmarks/sana_train.py --nproc $n --micro-batch 8 --steps 12 --warmup 4 --kernels torch triton --ac none --compile off on
       done 2>&1 | tee "$OUT/sana.log" ;;
+    sparse-sweep)  # every block-sparse launch configuration (the key index table among them), k-means, the budget's
+      # threshold search and Twilight decode stages (issue: SVG2 + Twilight), ~4 min on one H100
+      timeout 300 python3 benchmarks/kernels/sparse_attention_sweep.py 2>&1 | tee "$OUT/sparse_sweep.log" ;;
     sana-depthwise) python3 benchmarks/kernels/sana_depthwise.py 2>&1 | tee "$OUT/sana_depthwise.log" ;;
     vs-liger) python3 benchmarks/kernels/vs_liger.py --only ${LIGER_FAMILIES:-rms_norm,layer_norm,swiglu,flce} 2>&1 \
           | tee "$OUT/vs_liger.log" ;;
