@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -56,8 +55,7 @@ from torchtitan.train import Trainer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from flops import flops_per_token, mfu  # noqa: E402
-from random_tokens import RandomTokens, TokenIdsOnly  # noqa: E402
+from torchtitan_common import RandomTokens, TokenIdsOnly, print_result  # noqa: E402
 
 SPEC_NAME = "scaleforge_lm_1b"
 #: the parameters of scaleforge's lm_1b (tests/benchmarks/test_peers.py counts the same model)
@@ -189,16 +187,9 @@ def main() -> None:
         trainer.train()
     finally:
         trainer.close()
-    d = DIMS[flavor]
-    n_layers = MODEL_ARGS[flavor].n_layers
-    n_matmul = sum(p.numel() for n, p in trainer.model_parts[0].named_parameters() if "tok_embeddings" not in n)
-    fpt = flops_per_token(n_matmul, n_layers, d["n_heads"], d["dim"] // d["n_heads"], d["seq"])
-    tps = args.micro_batch * d["seq"] / statistics.median(times[args.warmup:])
-    res = {"stack": "torchtitan 0.2.2", "steps_timed": len(times), "params_matmul": n_matmul, "flops_per_token": fpt,
-           "tokens_per_s_per_gpu": tps, "mfu": mfu(tps, fpt),
-           "peak_mem_gib": max(peaks + [torch.cuda.max_memory_allocated()]) / 2**30}
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("RESULT " + json.dumps(res), flush=True)
+    dims = {**DIMS[flavor], "n_layers": MODEL_ARGS[flavor].n_layers}
+    print_result("torchtitan 0.2.2", trainer.model_parts[0], dims, args.micro_batch, times, args.warmup,
+                 max(peaks + [torch.cuda.max_memory_allocated()]))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

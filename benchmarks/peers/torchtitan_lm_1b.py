@@ -21,9 +21,6 @@ MFU by ``benchmarks/peers/flops.py`` and the peak of ``torch.cuda.max_memory_all
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -43,8 +40,7 @@ from torchtitan.models.llama3 import _build_llama3_layers, _EMBEDDING_INIT, _NOR
 from torchtitan.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flops import flops_per_token, mfu  # noqa: E402
-from random_tokens import RandomTokens, TokenIdsOnly  # noqa: E402
+from torchtitan_common import RandomTokens, TokenIdsOnly, print_result  # noqa: E402
 
 LM_1B = dict(n_layers=16, dim=2048, n_heads=16, vocab=50304, ffn=5632, seq=2048)
 TINY = dict(n_layers=2, dim=64, n_heads=4, vocab=256, ffn=192, seq=64)
@@ -131,15 +127,9 @@ def main() -> None:
 
     trainer.train_step = timed_step
     trainer.train()
-    n_matmul = sum(p.numel() for n, p in trainer.model_parts[0].named_parameters() if "tok_embeddings" not in n)
-    fpt = flops_per_token(n_matmul, dims["n_layers"], dims["n_heads"], dims["dim"] // dims["n_heads"], dims["seq"])
-    tps = args.micro_batch * dims["seq"] / statistics.median(times[args.warmup:])
-    res = {"stack": "torchtitan", "steps_timed": len(times), "params_matmul": n_matmul, "flops_per_token": fpt,
-           "tokens_per_s_per_gpu": tps, "mfu": mfu(tps, fpt),
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0}
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0.0
+    print_result("torchtitan", trainer.model_parts[0], dims, args.micro_batch, times, args.warmup, peak)
     trainer.close()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("RESULT " + json.dumps(res), flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

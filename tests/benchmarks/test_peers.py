@@ -50,8 +50,29 @@ def test_failed_row_is_named_by_its_exception_not_torchruns_banner():
     assert _error_line("step 3\nloss nan\n" + "=" * 20) == "loss nan"
 
 
+def test_torchtitan_result_line_counts_matmul_parameters_and_median_step(capsys, monkeypatch):
+    import json
+
+    import torch
+    from flops import flops_per_token, mfu
+    from torchtitan_common import print_result
+
+    model = torch.nn.ModuleDict({"tok_embeddings": torch.nn.Embedding(10, 8), "out": torch.nn.Linear(8, 10)})
+    dims = {"n_layers": 2, "n_heads": 2, "dim": 8, "seq": 16}
+    monkeypatch.setenv("RANK", "0")
+    print_result("titan", model, dims, 3, [9.0, 0.5, 0.25, 1.0], 1, 2 * 2**30)
+    res = json.loads(capsys.readouterr().out.removeprefix("RESULT "))
+    fpt = flops_per_token(8 * 10 + 10, 2, 2, 4, 16)
+    assert res["params_matmul"] == 90 and res["flops_per_token"] == fpt and res["steps_timed"] == 4
+    assert res["tokens_per_s_per_gpu"] == 3 * 16 / 0.5 and res["mfu"] == mfu(96.0, fpt)
+    assert res["stack"] == "titan" and res["peak_mem_gib"] == 2.0
+    monkeypatch.setenv("RANK", "1")
+    print_result("titan", model, dims, 3, [1.0, 1.0], 0, 0.0)
+    assert capsys.readouterr().out == ""
+
+
 def test_random_tokens_are_shifted_pairs_seeded_by_rank():
-    from random_tokens import RandomTokens
+    from torchtitan_common import RandomTokens
 
     x, y = next(iter(RandomTokens(50, 16, rank=0)))
     assert sorted(x) == ["input"] and x["input"].shape == y.shape == (16,)
