@@ -119,6 +119,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     fsdp_group_size: int = 1  # consecutive FSDP units of the recipe's plan sharded as one group
     fp8: str = "none"  # none | coat
+    fp8_all_gather: bool = False  # with fp8=coat: FSDP2 gathers the FP8 linears' weights as E4M3 codes (1 B/param)
     tp: int = 1  # tensor-parallel size (megatron-core layers on CUDA, their torch.distributed equivalents on CPU; + sequence parallelism; innermost mesh dimension)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -383,6 +384,9 @@ def check_fp8(cfg: JobConfig) -> None:
         raise ConfigError(f"parallel.tp={cfg.parallel.tp}: adamw_fp8's row groups follow FSDP2's dim-0 shards; "
                           "tensor-parallel column shards are not supported")
     if cfg.parallel.fp8 != "coat":
+        if cfg.parallel.fp8_all_gather:
+            raise ConfigError(f"parallel.fp8_all_gather=true needs parallel.fp8=coat (got {cfg.parallel.fp8!r}): "
+                              "only COAT's FP8 linears read FP8-gathered weights")
         return
     if cfg.parallel.engine != "fsdp2":
         raise ConfigError(f"parallel.engine={cfg.parallel.engine}: parallel.fp8=coat is implemented for fsdp2")

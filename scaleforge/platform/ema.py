@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scaleforge.platform.fp8_all_gather import plain_tensor
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+    return plain_tensor(t.to_local()) if hasattr(t, "to_local") else t
 
 
 class ShardedEMA:

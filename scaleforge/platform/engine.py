@@ -5,7 +5,8 @@
 ``parallel.dp_replicate > 1``); a DeepSpeed ZeRO engine implements the same methods (backward,
 clip, step, state dicts, full state dict for export).
 
-Order of the parallelize step (torchtitan's): build on meta -> freeze -> FP8 conversion (``parallel.fp8``) ->
+Order of the parallelize step (torchtitan's): build on meta -> freeze -> FP8 conversion (``parallel.fp8``; with
+``parallel.fp8_all_gather`` its linears' weights are wrapped to be gathered as FP8 codes) ->
 activation checkpointing ->
 per-block compile -> fully_shard per unit, then the root -> ``to_empty`` -> seeded ``init_weights`` (or
 load pretrained weights) -> optimizer over the trainable parameters.
@@ -25,6 +26,7 @@ from torch import nn
 from scaleforge.platform.config import ConfigError, JobConfig, Layout
 from scaleforge.platform.dist import DistInfo
 from scaleforge.platform.ema import ShardedEMA
+from scaleforge.platform.fp8_all_gather import wrap_fp8_linear_weights
 from scaleforge.platform.optim import build_optimizer, optimizer_state_bytes
 from scaleforge.platform.recipe import ParallelPlan, ParamGroupRule, Recipe
 from scaleforge.platform.schedule import build_lr_scheduler
@@ -296,6 +298,8 @@ class FSDP2Engine(Engine):
         pcfg, plan = self.cfg.parallel, self.plan
         if pcfg.fp8 == "coat":
             self.fp8_summary = apply_coat(model, plan)
+            if pcfg.fp8_all_gather:
+                self.fp8_summary["fp8_all_gathered_weights"] = wrap_fp8_linear_weights(model)
             if self.info.rank == 0:
                 print("parallel.fp8=coat: " + ", ".join(f"{v} {k}" for k, v in self.fp8_summary.items()), flush=True)
         ckpt_units = plan.checkpoint_units if plan.checkpoint_units is not None else plan.fsdp_units

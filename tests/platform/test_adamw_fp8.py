@@ -177,6 +177,14 @@ def test_unsupported_coat_combinations_name_the_key(override, key):
         _cfg("parallel.fp8=coat", override)
 
 
+def test_fp8_all_gather_without_coat_names_both_keys():
+    from scaleforge.platform.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"parallel.fp8_all_gather=true needs parallel.fp8=coat \(got 'none'\)"):
+        _cfg("parallel.fp8_all_gather=true")
+    assert _cfg("parallel.fp8=coat", "parallel.fp8_all_gather=true").parallel.fp8_all_gather
+
+
 def test_coat_is_one_key_on_the_tiny_config():
     """lm_tiny computes in fp32 with torch's fused AdamW: parallel.fp8=coat alone switches to adamw_fp8 with its
     fused update (optim.fused) and keeps fp32 compute for the non-FP8 ops."""

@@ -1,6 +1,7 @@
 """parallel.fp8=coat end to end through `launch --nproc 2` (gloo, CPU, torch reference kernels): the tiny LM,
 NVILA, SANA and PS3 train within 2% of their BF16 runs' losses; the FP8 optimizer states resume bit for bit (also
-after SIGKILL) and reshard 2 -> 1; unsupported combinations fail in the launcher, naming the key."""
+after SIGKILL) and reshard 2 -> 1; FP8 all-gather changes no loss; unsupported combinations fail in the launcher,
+naming the key."""
 import os
 import shutil
 import subprocess
@@ -74,6 +75,23 @@ def test_lm_coat_reshards_two_to_one(lm_coat, tmp_path, env):
     ref, got = losses(lm_coat), losses(tmp_path / "rs")
     for s in (4, 5, 6):  # same samples and states; only the reduction order differs
         assert abs(got[s] - ref[s]) / ref[s] < 1e-3, (s, got[s], ref[s])
+
+
+def test_fp8_all_gather_trains_bit_identically_and_shares_checkpoints(lm_coat, tmp_path, env):
+    """parallel.fp8_all_gather=true gathers the FP8 linears' weights as E4M3 codes; their linears requantize the
+    dequantized weight to the same codes and scale, so the run is the BF16-gather run bit for bit, and it
+    resumes from that run's checkpoint (the shards are saved as plain tensors either way)."""
+    ag = [*COAT, "parallel.fp8_all_gather=true", "trainer.max_steps=6", "checkpoint.interval=3"]
+    r = launch(env, tmp_path, "lm_tiny.yaml", "ag", *ag)
+    assert "14 fp8_linears, 1 high_precision_linears, 9 fp8_blocks, 14 fp8_all_gathered_weights" in r.stdout
+    assert losses(tmp_path / "ag") == losses(lm_coat)
+    for source, name, extra in ((lm_coat, "to_ag", ag), (tmp_path / "ag", "from_ag", ag[:1] + ag[2:])):
+        shutil.copytree(source, tmp_path / name)
+        ck = tmp_path / name / "checkpoints"
+        shutil.rmtree(ck / "step_00000006")
+        (ck / "latest").write_text("step_00000003\n")
+        r = launch(env, tmp_path, "lm_tiny.yaml", name, *extra)
+        assert "at step 3" in r.stdout and losses(tmp_path / name) == losses(lm_coat), name
 
 
 @pytest.mark.parametrize("config", ["nvila_tiny.yaml", "sana_tiny.yaml", "ps3_tiny.yaml"])

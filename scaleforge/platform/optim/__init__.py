@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import torch
 
+from scaleforge.platform.fp8_all_gather import plain_tensor
+
 OptimizerFactory = Callable[[list[dict[str, Any]], Any], torch.optim.Optimizer]
 #: bytes of optimizer state one parameter of a given (global) shape needs
 StateBytes = Callable[[tuple[int, ...]], int]
@@ -69,7 +71,7 @@ class ShardLocalAdamW(torch.optim.AdamW):
         has_complex = super()._init_group(group, *lists)
         for lst in lists:
             if isinstance(lst, list):
-                lst[:] = [getattr(t, "_local_tensor", t) for t in lst]
+                lst[:] = [plain_tensor(getattr(t, "_local_tensor", t)) for t in lst]
         return has_complex
 
 

@@ -27,6 +27,7 @@ import torch
 
 from scaleforge.kernels import FP8State, adamw_fp8_step, dequantize_fp8_state, quantize_fp8_state
 from scaleforge.kernels.reference.fp8 import adamw_update_
+from scaleforge.platform.fp8_all_gather import plain_tensor
 from scaleforge.platform.optim import register_optimizer
 
 GROUP = 128
@@ -52,7 +53,7 @@ def state_bytes(shape: torch.Size | tuple[int, ...]) -> int:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return getattr(t, "_local_tensor", t)
+    return plain_tensor(getattr(t, "_local_tensor", t))
 
 
 def _like_param(p: torch.Tensor, local: torch.Tensor, global_cols: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
+from scaleforge.platform.fp8_all_gather import plain_tensor
 from scaleforge.platform.optim import register_optimizer
 
 DEFAULT_BETAS = (0.9, 0.999, 0.9999)
@@ -86,7 +87,7 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
+    return plain_tensor(t.to_local()) if _is_dtensor(t) else t
 
 
 class _Layout:
