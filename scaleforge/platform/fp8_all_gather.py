@@ -68,7 +68,7 @@ class FP8AllGatherWeight(torch.Tensor):
         return tree_map_only(torch.Tensor, cls, out)
 
     def local_amax(self) -> torch.Tensor:
-        """max|w| of this shard in the compute dtype's rounding (fp32, 0 for an empty shard)."""
+        """max|w| of this shard, fp32 (0 for an empty shard); the caller rounds it to the compute dtype."""
         if self._data.numel() == 0:
             return torch.zeros((), dtype=torch.float32, device=self._data.device)
         return self._data.detach().abs().amax().float()
